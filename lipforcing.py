@@ -1,0 +1,997 @@
+"""
+lipforcing: a minimal reference implementation of Lip Forcing (few-step autoregressive diffusion
+for real-time lip synchronization), in pure PyTorch.
+
+Read bottom-up, one section at a time:
+  1. constants and helpers (checkpoints with their config inside, atomic writes)
+  2. audio front end (log-mel aligned to video frames)
+  3. SynthTalk, the procedural talking-face corpus every number here is measured on
+  4. media I/O (any video / audio in, H.264 + AAC mp4 out)
+  5. the video autoencoder (Wan/TAEHV layout: 4x time, 8x space, 16 channels)
+  6. SyncNet, the sync metrics (Sync-C / Sync-D as syncnet_python computes them), MouthNet
+  7. data: clip pools from SynthTalk or from a folder of real clips
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. constants and helpers
+
+SAMPLE_RATE = 16000                      # Hz, mono
+FPS = 25                                 # video frames per second
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS   # 640 audio samples per video frame
+MEL_HOP = 160                            # 100 Hz mel frames, as SyncNet's MFCCs
+MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP  # 4 mel frames per video frame
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a hidden temp path beside `path`; it replaces `path` only if the block succeeds.
+
+    The parent folder is created if missing. On any failure the temp file is removed and an
+    existing `path` is left untouched (same folder, so os.replace is an atomic rename). The
+    suffix is kept: ffmpeg and soundfile choose the format from it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, model, config, extra=None):
+    """Weights as safetensors; the dataclass config (and any extra info) as json metadata, so the
+    file alone rebuilds its model. Written atomically."""
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(asdict(config)), "config_class": type(config).__name__}
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def load_checkpoint(path, config_class, model_class, device="cpu"):
+    """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
+    Returns (model in eval mode, config, extra dict)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found; train it first (see README)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("config_class") != config_class.__name__:
+        raise ValueError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
+    known = {f.name for f in fields(config_class)}
+    config = config_class(**{k: v for k, v in json.loads(meta["config"]).items() if k in known})
+    model = model_class(config)
+    model.load_state_dict(load_file(path, device=str(device)))
+    return model.to(device).eval(), config, json.loads(meta.get("extra", "{}"))
+
+
+def seeded_rng(*keys):
+    """A numpy Generator determined by a tuple of ints: identical on every machine."""
+    return np.random.default_rng(list(keys))
+
+# -----------------------------------------------------------------------------
+# 2. audio front end: log-mel spectrogram in torch, 4 mel frames per video frame
+
+N_MELS = 40
+MEL_WIN = 400     # 25 ms analysis window
+MEL_FFT = 512
+
+
+def mel_filterbank(n_mels=N_MELS, n_fft=MEL_FFT, sr=SAMPLE_RATE, fmin=40.0, fmax=7600.0):
+    """Triangular filters on the HTK mel scale, (n_fft // 2 + 1, n_mels)."""
+    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
+    hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    edges = hz(np.linspace(mel(fmin), mel(fmax), n_mels + 2))
+    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    fb = np.maximum(0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
+    return torch.tensor(fb.T, dtype=torch.float32)
+
+
+_MEL_FB = mel_filterbank()
+
+
+def log_mel(audio):
+    """(..., T * 640) waveform -> (..., T * 4, N_MELS) log-mel.
+
+    Mel frame m is centred on sample 160 m + 80, so the 4 mel frames 4v .. 4v+3 tile exactly the
+    640 samples of video frame v: the audio of a frame never leaks into its neighbours' features
+    except through the 25 ms window. Zero padding (not reflection) keeps the features of a prefix
+    identical however much audio follows it, which streaming relies on."""
+    pad = (MEL_WIN - MEL_HOP) // 2                                       # 120 samples each side
+    x = F.pad(audio.float(), (pad, pad))
+    frames = x.unfold(-1, MEL_WIN, MEL_HOP)                              # (..., 4T, 400)
+    window = torch.hann_window(MEL_WIN, periodic=True, device=audio.device)
+    power = torch.fft.rfft(frames * window, n=MEL_FFT).abs().pow(2)      # (..., 4T, 257)
+    mel = power @ _MEL_FB.to(audio.device)                               # (..., 4T, N_MELS)
+    return torch.log(mel + 1e-6)
+
+# -----------------------------------------------------------------------------
+# 3. SynthTalk: a procedural talking-face corpus whose audio alone drives the mouth
+#
+# Speech is made from an articulatory trajectory: three mouth parameters per instant,
+#   open  (jaw / lip opening, 0 closed .. 1 wide)     <-> first formant F1
+#   width (0 rounded .. 1 spread)                      <-> second formant F2
+#   teeth (0 hidden .. 1 showing)                      <-> fricative noise, spread vowels
+# The audio is synthesised *from* that trajectory (formants from the articulators, voicing,
+# fricative noise, stop bursts, silence), and the mouth is drawn from the same trajectory. Head
+# motion, blinks and identity are drawn independently of the speech, so the only way a model can
+# get the mouth right is to listen.
+
+SPLITS = {"train": 1, "test": 2}
+TEST_CLIPS, TEST_SECONDS = 33, 10.0      # the fixed test split, as HDTF's 33 test clips
+CTRL_RATE = 200                          # Hz, articulatory control rate (5 ms)
+MOUTH_REST = (0.0, 0.4, 0.0)             # (open, width, teeth) with the lips closed at rest
+
+# phone -> (open, width, teeth, weight). weight is how firmly the articulators reach the target:
+# bilabials must close the lips, weak consonants (t, d, k, n, l) just follow their neighbours.
+VOWELS = {"a": (1.0, 0.45, 0.5), "e": (0.6, 0.75, 0.7), "i": (0.12, 1.0, 0.8), "o": (0.6, 0.2, 0.2),
+          "u": (0.12, 0.0, 0.0), "ae": (0.85, 0.85, 0.7), "uh": (0.7, 0.5, 0.4)}
+CONSONANTS = {  # kind, (open, width, teeth), weight
+    "p": ("stop", (0.0, 0.4, 0.0), 6.0), "b": ("voiced_stop", (0.0, 0.4, 0.0), 6.0),
+    "m": ("nasal", (0.0, 0.4, 0.0), 6.0),
+    "f": ("fricative", (0.05, 0.45, 0.9), 3.0), "s": ("fricative", (0.1, 0.75, 1.0), 3.0),
+    "sh": ("fricative", (0.15, 0.15, 0.8), 3.0),
+    "t": ("stop", (0.3, 0.5, 0.5), 0.05), "k": ("stop", (0.3, 0.5, 0.5), 0.05),
+    "d": ("voiced_stop", (0.3, 0.5, 0.5), 0.05), "n": ("nasal", (0.3, 0.5, 0.5), 0.05),
+    "l": ("approximant", (0.3, 0.5, 0.5), 0.05)}
+NOISE_BANDS = {"f": (1500, 7000, 0.12), "s": (4500, 7800, 0.35), "sh": (2000, 4500, 0.3),
+               "burst": (500, 7000, 0.3)}  # (low Hz, high Hz, amplitude)
+
+
+def synth_identity(rng):
+    """Draw a speaker: face geometry, colours, hair, eyes, brows, lips, background, and voice.
+    All continuous, so every seed is a distinct identity."""
+    u = lambda a, b: float(rng.uniform(a, b))
+    tone = u(0, 1)  # skin from light to dark, with a little hue jitter
+    skin = np.array([0.96, 0.80, 0.68]) * (1 - tone) + np.array([0.36, 0.23, 0.16]) * tone
+    skin = np.clip(skin + rng.normal(0, 0.025, 3), 0, 1)
+    hair_base = [(0.08, 0.06, 0.05), (0.35, 0.22, 0.12), (0.80, 0.65, 0.35), (0.55, 0.25, 0.10),
+                 (0.60, 0.60, 0.60)][rng.integers(5)]
+    iris = [(0.25, 0.45, 0.70), (0.30, 0.50, 0.25), (0.35, 0.20, 0.10)][rng.integers(3)]
+    return dict(
+        face_w=u(0.24, 0.31), face_h=u(0.31, 0.38), jaw=u(0.8, 1.0), skin=skin,
+        hair=np.clip(np.array(hair_base) + rng.normal(0, 0.04, 3), 0, 1),
+        hair_len=u(0.0, 0.35), hairline=u(-0.22, -0.14), hair_volume=u(1.0, 1.15),
+        eye_sep=u(0.085, 0.115), eye_y=u(-0.08, -0.03), eye_size=u(0.8, 1.2),
+        iris=np.clip(np.array(iris) + rng.normal(0, 0.04, 3), 0, 1),
+        brow_thick=u(0.6, 1.5), brow_tilt=u(-0.25, 0.25), brow_gap=u(0.045, 0.07),
+        lips=np.clip(skin * np.array([0.85, 0.5, 0.5]) + np.array([0.12, 0, 0.02]) + rng.normal(0, 0.03, 3), 0, 1),
+        mouth_w=u(0.085, 0.115), mouth_y=u(0.15, 0.19), lip_th=u(0.016, 0.026),
+        nose_len=u(0.04, 0.08),
+        bg_top=rng.uniform(0.1, 0.9, 3), bg_bottom=rng.uniform(0.1, 0.9, 3),
+        cloth=rng.uniform(0.05, 0.9, 3),
+        f0=u(85, 240), tract=u(0.85, 1.2), rate=u(0.8, 1.25))
+
+
+def synth_phones(rng, seconds, rate):
+    """Random speech-like phone sequence: [(phone, duration_s)], words of CV / CVC syllables
+    separated by pauses, filling `seconds`."""
+    vowels, cons = list(VOWELS), list(CONSONANTS)
+    seq, t = [("pause", rng.uniform(0.1, 0.4))], 0.0
+    t += seq[0][1]
+    while t < seconds:
+        for _ in range(rng.integers(1, 4)):                       # syllables in a word
+            onset = rng.random() < 0.8
+            parts = [rng.choice(cons)] if onset else []
+            parts += [rng.choice(vowels)]
+            if rng.random() < 0.3:
+                parts += [rng.choice(cons)]
+            for ph in parts:
+                if ph in VOWELS:
+                    d = rng.uniform(0.08, 0.22)
+                elif CONSONANTS[ph][0] == "fricative":
+                    d = rng.uniform(0.07, 0.14)
+                else:
+                    d = rng.uniform(0.05, 0.10)
+                seq.append((ph, d / rate))
+                t += d / rate
+        if rng.random() < 0.25:
+            d = rng.uniform(0.12, 0.5)
+            seq.append(("pause", d))
+            t += d
+    return seq
+
+
+def _gauss_smooth(x, sigma):
+    """Gaussian smoothing along axis 0 with edge padding; sigma in samples."""
+    r = int(3 * sigma) + 1
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    xp = np.pad(x, [(r, r)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+    return np.apply_along_axis(lambda c: np.convolve(c, k, mode="valid"), 0, xp)
+
+
+def synth_speech(rng, voice, n_frames):
+    """Speech for `n_frames` video frames from a voice (f0, tract, rate).
+
+    Returns (audio (n_frames * 640,) float32, mouth (n_frames, 3) float32): the mouth parameters
+    (open, width, teeth) at each video frame's centre, sampled from the same articulatory
+    trajectory that made the audio (offset 0)."""
+    seconds = n_frames / FPS
+    n_ctrl = int(math.ceil(seconds * CTRL_RATE)) + 1
+    target = np.tile(np.array(MOUTH_REST, np.float32), (n_ctrl, 1))
+    weight = np.full(n_ctrl, 2.0, np.float32)             # pauses hold the mouth at rest
+    voicing = np.zeros(n_ctrl, np.float32)                 # glottal source amplitude
+    noise = {k: np.zeros(n_ctrl, np.float32) for k in NOISE_BANDS}
+    t = 0.0
+    for ph, d in synth_phones(rng, seconds + 0.5, voice["rate"]):
+        a, b = int(t * CTRL_RATE), min(int((t + d) * CTRL_RATE), n_ctrl)
+        t += d
+        if a >= n_ctrl:
+            break
+        if ph == "pause":
+            continue
+        if ph in VOWELS:
+            target[a:b], weight[a:b], voicing[a:b] = VOWELS[ph], 1.0, 1.0
+            continue
+        kind, tgt, w = CONSONANTS[ph]
+        target[a:b], weight[a:b] = tgt, w
+        release = max(a, b - 2)                            # last 10 ms of a stop: the burst
+        if kind == "stop":
+            noise["burst"][release:b] = 1.0
+        elif kind == "voiced_stop":
+            voicing[a:b], noise["burst"][release:b] = 0.15, 0.6
+        elif kind == "nasal":
+            voicing[a:b] = 0.35
+        elif kind == "approximant":
+            voicing[a:b] = 0.6
+        else:
+            noise[ph][a:b] = 1.0
+            voicing[a:b] = 0.1 * (ph == "f")
+    # coarticulation: weighted Gaussian smoothing, so firm targets (closures) are reached and weak
+    # ones are pulled towards their neighbours
+    sigma = 0.022 * CTRL_RATE
+    art = _gauss_smooth(target * weight[:, None], sigma) / _gauss_smooth(weight[:, None], sigma)
+    voicing = _gauss_smooth(voicing, 0.006 * CTRL_RATE)
+    noise = {k: _gauss_smooth(v, 0.004 * CTRL_RATE) for k, v in noise.items()}
+
+    # voiced part: harmonics of f0 shaped by formants that follow the articulators
+    n = n_frames * SAMPLES_PER_FRAME
+    ts = np.arange(n) / SAMPLE_RATE
+    tc = np.arange(n_ctrl) / CTRL_RATE
+    slow = _gauss_smooth(rng.normal(0, 1, n_ctrl), 0.25 * CTRL_RATE) * 6
+    f0c = voice["f0"] * np.exp(0.08 * slow - 0.05 * (tc % 2.5))       # intonation + declination
+    f0 = np.interp(ts, tc, f0c)
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    tract = voice["tract"]
+    formants = np.stack([250 + 550 * art[:, 0], 800 + 1500 * art[:, 1], 2500 + 300 * art[:, 1]], 1) * tract
+    bandwidth, gain = np.array([90.0, 110.0, 170.0]), np.array([1.0, 0.6, 0.3])
+    y = np.zeros(n)
+    for k in range(1, int(4800 / f0c.min()) + 1):
+        fk = k * f0c[:, None]                                             # (n_ctrl, 1)
+        amp = (gain / (1 + ((fk - formants) / (bandwidth / 2)) ** 2)).sum(1) / math.sqrt(k)
+        amp *= (k * f0c < 4800) * voicing
+        y += np.interp(ts, tc, amp) * np.sin(k * phase)
+    y *= 0.2
+    # unvoiced part: band-limited noise (fricatives, stop bursts)
+    spec = np.fft.rfft(rng.normal(0, 1, n))
+    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
+    for k, (lo, hi, amp) in NOISE_BANDS.items():
+        band = np.fft.irfft(spec * ((freqs >= lo) & (freqs <= hi)), n)
+        y += 0.6 * amp * band * np.interp(ts, tc, noise[k])
+    y += rng.normal(0, 1e-3, n)                                           # room noise floor
+    centres = (np.arange(n_frames) + 0.5) / FPS
+    mouth = np.stack([np.interp(centres, tc, art[:, i]) for i in range(3)], 1)
+    return np.clip(y, -1, 1).astype(np.float32), mouth.astype(np.float32)
+
+
+def _ellipse(u, v, cx, cy, rx, ry, px, angle=0.0):
+    """Anti-aliased coverage in [0, 1] of an ellipse, from a first-order signed distance
+    (f / |grad f|), faded when thinner than a pixel. Broadcasts over leading (T, 1, 1) params."""
+    du, dv = u - cx, v - cy
+    rx, ry = np.maximum(rx, 1e-4), np.maximum(ry, 1e-4)
+    if angle:
+        c, s = math.cos(angle), math.sin(angle)
+        du, dv = c * du + s * dv, -s * du + c * dv
+    f = (du / rx) ** 2 + (dv / ry) ** 2 - 1
+    g = 2 * np.sqrt((du / rx ** 2) ** 2 + (dv / ry ** 2) ** 2) + 1e-6
+    cov = np.clip(0.5 - f / g / px, 0, 1)
+    return cov * np.clip(2 * np.minimum(rx, ry) / px, 0, 1)
+
+
+def _over(img, alpha, color):
+    """Alpha-composite a flat colour over img (T, H, W, 3) with coverage alpha (T, H, W)."""
+    a = alpha[..., None]
+    img *= 1 - a
+    img += a * np.asarray(color, np.float32)
+
+
+def render_face(ident, mouth, pose, blink, size):
+    """Draw frames (T, size, size, 3) uint8 of one identity.
+
+    mouth (T, 3) open/width/teeth; pose (T, 4) dx, dy, scale, roll; blink (T,) eyelid closure.
+    Shapes are analytic in face coordinates (the face centre at 0, y down, units of the frame
+    width at scale 1), so any resolution renders the same picture."""
+    T = len(mouth)
+    out = np.empty((T, size, size, 3), np.uint8)
+    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+    chunk = max(1, (1 << 18) // (size * size))              # bounded memory at any resolution
+    for s0 in range(0, T, chunk):
+        sl = slice(s0, min(T, s0 + chunk))
+        col = lambda a: np.asarray(a, np.float32)[sl].reshape(-1, 1, 1)
+        op, wd, th = col(mouth[:, 0]), col(mouth[:, 1]), col(mouth[:, 2])
+        dx, dy, sc, roll = (col(pose[:, i]) for i in range(4))
+        bl = col(blink)
+        n = len(op)
+        # background: a static vertical gradient (the camera does not move)
+        gy = grid[None, :, None, None]
+        img = np.broadcast_to(ident["bg_top"] * (1 - gy) + ident["bg_bottom"] * gy,
+                              (n, size, size, 3)).astype(np.float32).copy()
+        # face coordinates of each pixel: undo translation, scale and roll
+        x = (grid[None, None, :] - 0.5 - dx) / sc
+        y = (grid[None, :, None] - 0.5 - dy) / sc
+        c, s = np.cos(roll), np.sin(roll)
+        u, v = c * x + s * y, -s * x + c * y
+        px = 1.0 / (size * sc)                              # one pixel in face units
+        fw, fh, i = ident["face_w"], ident["face_h"], ident
+        jaw = 0.045 * op                                      # the chin drops as the mouth opens
+        _over(img, _ellipse(u, v, 0, 0.62, 0.42, 0.22, px), i["cloth"])                # shoulders
+        _over(img, _ellipse(u, v, 0, -0.04 + i["hair_len"] / 2, fw * 1.12 * i["hair_volume"],
+                            fh * 0.95 + i["hair_len"] / 2, px), i["hair"] * 0.85)        # hair behind
+        _over(img, np.clip(0.5 - (np.abs(u) - 0.12 * fw / 0.27) / px, 0, 1) * (v > 0.1), i["skin"] * 0.8)  # neck
+        lower = v > 0
+        face = np.where(lower, _ellipse(u, v, 0, 0, fw * i["jaw"], fh + jaw, px), _ellipse(u, v, 0, 0, fw, fh, px))
+        shade = 1 - 0.18 * np.clip((u / fw) ** 2 + (v / fh) ** 2, 0, 1)
+        a = face[..., None]
+        img *= 1 - a
+        img += a * (shade[..., None] * np.asarray(i["skin"], np.float32))
+        top = _ellipse(u, v, 0, -0.03, fw * 1.05 * i["hair_volume"], fh * 0.95 * i["hair_volume"], px)
+        _over(img, top * np.clip(0.5 - (v - i["hairline"] - 0.03 * (u / fw) ** 2) / px, 0, 1), i["hair"])
+        for side in (-1, 1):                                                              # eyes, brows
+            ex, ey, es = side * i["eye_sep"], i["eye_y"], i["eye_size"]
+            open_eye = np.maximum(1 - bl, 0.02)
+            white = _ellipse(u, v, ex, ey, 0.04 * es, 0.022 * es * open_eye, px)
+            _over(img, white, (0.95, 0.95, 0.93))
+            _over(img, white * _ellipse(u, v, ex, ey, 0.018 * es, 0.018 * es, px), i["iris"])
+            _over(img, white * _ellipse(u, v, ex, ey, 0.008 * es, 0.008 * es, px), (0.02, 0.02, 0.02))
+            _over(img, (1 - open_eye) * _ellipse(u, v, ex, ey, 0.042 * es, 0.024 * es, px), i["skin"] * 0.9)
+            _over(img, _ellipse(u, v, ex, ey - i["brow_gap"], 0.048, 0.008 * i["brow_thick"], px,
+                                angle=side * i["brow_tilt"]), i["hair"] * 0.8)
+        _over(img, 0.35 * _ellipse(u, v, 0, 0.02 + i["nose_len"] / 2, 0.022, i["nose_len"] / 2, px),
+              i["skin"] * 0.6)                                                            # nose
+        # mouth: lips, dark inner mouth, upper and lower teeth; all from (open, width, teeth)
+        my = i["mouth_y"] + 0.6 * jaw
+        rx = i["mouth_w"] * (0.75 + 0.5 * wd)
+        inner_ry = 0.06 * op
+        _over(img, _ellipse(u, v, 0, my, rx, i["lip_th"] + inner_ry, px), i["lips"])
+        inner = _ellipse(u, v, 0, my, rx * 0.82, inner_ry, px)
+        _over(img, inner, (0.25, 0.05, 0.06))
+        tooth_h = 0.02 * th
+        _over(img, inner * th * np.clip(0.5 - (v - (my - inner_ry + tooth_h)) / px, 0, 1), (0.97, 0.96, 0.9))
+        _over(img, inner * th * np.clip(0.5 + (v - (my + inner_ry - 0.6 * tooth_h)) / px, 0, 1), (0.9, 0.89, 0.84))
+        out[sl] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def synth_motion(rng, n_frames):
+    """Head pose (T, 4) = dx, dy, scale, roll as sums of slow sinusoids, and blinks (T,) in [0, 1].
+    Drawn independently of the speech."""
+    t = np.arange(n_frames) / FPS
+    pose = np.zeros((n_frames, 4), np.float32)
+    amp = (0.025, 0.02, 0.035, 0.06)
+    for j in range(4):
+        for _ in range(3):
+            f, ph = rng.uniform(0.05, 0.45), rng.uniform(0, 2 * np.pi)
+            pose[:, j] += amp[j] / 3 * np.sin(2 * np.pi * f * t + ph)
+    pose[:, 2] += 1.0
+    blink = np.zeros(n_frames, np.float32)
+    tb = rng.uniform(0.3, 3.0)
+    while tb < t[-1] + 1:
+        blink += np.exp(-0.5 * ((t - tb) / 0.05) ** 2)    # ~150 ms blink
+        tb += rng.uniform(1.5, 5.0)
+    return pose, np.clip(blink, 0, 1)
+
+
+@dataclass
+class Clip:
+    """One talking-face clip: frames (T, H, W, 3) uint8 at 25 fps, audio (T * 640,) float32 at
+    16 kHz, and for SynthTalk the ground-truth mouth (T, 3). Test clips also carry a second,
+    different driving audio with its own true mouth trajectory (for cross-dubbing)."""
+    frames: np.ndarray
+    audio: np.ndarray
+    mouth: np.ndarray = None
+    dub_audio: np.ndarray = None
+    dub_mouth: np.ndarray = None
+    name: str = ""
+
+
+def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=64):
+    """Clip `index` of a SynthTalk split, identical on every machine. Train and test identities
+    come from disjoint random streams. Test clips get a dub track spoken by another test speaker."""
+    sid = SPLITS[split]
+    ident = synth_identity(seeded_rng(sid, index, 0))
+    n = int(round(seconds * FPS))
+    audio, mouth = synth_speech(seeded_rng(sid, index, 1), ident, n)
+    pose, blink = synth_motion(seeded_rng(sid, index, 2), n)
+    frames = render_face(ident, mouth, pose, blink, size)
+    clip = Clip(frames, audio, mouth, name=f"synthtalk-{split}-{index:05d}")
+    if split == "test":
+        other = synth_identity(seeded_rng(sid, (index + 1) % TEST_CLIPS, 0))
+        clip.dub_audio, clip.dub_mouth = synth_speech(seeded_rng(sid, index, 3), other, n)
+    return clip
+
+# -----------------------------------------------------------------------------
+# 4. media I/O: any common video / audio in (through ffmpeg), H.264 + AAC mp4 out, atomically
+
+_SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}  # libsndfile reads these without ffmpeg
+_AUDIO_RE = re.compile(r"Stream #\d+:\d+\S*: Audio:")
+# mp3/m4a cover art shows up as a one-frame "Video" stream; it is not a video.
+_VIDEO_RE = re.compile(r"Stream #\d+:\d+\S*: Video:(?!.*attached pic)")
+
+
+class MediaError(ValueError):
+    """Bad media input. The message is one line: what is wrong and what to do."""
+
+
+def _ffmpeg():
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _last_line(text):
+    lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+def _check_file(path):
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"{path} does not exist: check the path and spelling")
+    if path.is_dir():
+        raise MediaError(f"{path} is a directory, not a media file: pass a file inside it")
+    return path
+
+
+def _probe(path):
+    """ffmpeg's stream listing for `path` (stderr of `ffmpeg -i`; it exits 1 without an output, that's fine)."""
+    p = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True)
+    return p.stderr.decode(errors="replace")
+
+
+def _not_media(path, info):
+    return MediaError(f"{path} could not be decoded ({_last_line(info)}): the file is corrupt or not audio/video")
+
+
+def has_audio(path):
+    """True if ffmpeg sees an audio stream in `path` (False for undecodable files)."""
+    return bool(_AUDIO_RE.search(_probe(_check_file(path))))
+
+
+# -----------------------------------------------------------------------------
+# audio
+
+def resample_audio(x, sr_in, sr_out):
+    """Band-limited resampling of a mono signal by FFT; output length is exactly round(N * sr_out / sr_in)."""
+    x = np.asarray(x, dtype=np.float32)
+    assert x.ndim == 1, f"resample_audio wants a mono (N,) signal, got shape {x.shape}"
+    n, n_out = len(x), round(len(x) * sr_out / sr_in)
+    if sr_in == sr_out or n == 0:
+        return x.copy() if sr_in == sr_out else np.zeros(n_out, np.float32)
+    # Resampling in the frequency domain treats the clip as periodic, so the end would bleed into the
+    # start. Pad with >= 50 ms of zeros to kill that, and to a multiple of sr_in/gcd so the padded
+    # output length is an exact integer (no fractional-sample drift); then crop.
+    down = sr_in // math.gcd(sr_in, sr_out)
+    L = -(-(n + sr_in // 20) // down) * down
+    L_out = L * sr_out // sr_in
+    X = np.fft.rfft(x, L)
+    k = min(len(X), L_out // 2 + 1)  # keep only what fits below the lower Nyquist
+    Y = np.zeros(L_out // 2 + 1, dtype=X.dtype)
+    Y[:k] = X[:k]
+    if sr_out < sr_in:
+        # Anti-aliasing: fade out the top 5% of the kept band rather than a brick wall, so the
+        # implied filter kernel is short and doesn't ring for long (or reach around the padding).
+        m = max(1, k // 20)
+        Y[k - m:k] *= 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, m))
+    y = np.fft.irfft(Y, L_out) * (L_out / L)
+    return y[:n_out].astype(np.float32)
+
+
+def _ffmpeg_audio(path, sr):
+    # ffmpeg downmixes (-ac 1) and resamples (-ar) itself; raw float32 comes out on stdout.
+    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:a:0",
+           "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
+    p = subprocess.run(cmd, capture_output=True)
+    err = p.stderr.decode(errors="replace")
+    if "Stream #" not in err:  # ffmpeg never got as far as listing streams
+        raise _not_media(path, err)
+    if not _AUDIO_RE.search(err):
+        raise MediaError(f"{path} has no audio track: pass a separate wav/mp3/m4a file as the audio")
+    if p.returncode != 0:
+        raise MediaError(f"{path}: ffmpeg failed to decode the audio ({_last_line(err)}): re-encode it, e.g. to wav")
+    return np.frombuffer(p.stdout, dtype=np.float32).copy()
+
+
+def read_audio(path, sr=SAMPLE_RATE):
+    """Mono float32 audio in [-1, 1] at `sr` from an audio file or the audio track of a video."""
+    path = _check_file(path)
+    x = None
+    if path.suffix.lower() in _SOUNDFILE_EXTS:
+        try:
+            x, sr_in = sf.read(str(path), dtype="float32", always_2d=True)
+            x = resample_audio(x.mean(axis=1), sr_in, sr)
+        except RuntimeError:
+            x = None  # e.g. a codec this libsndfile lacks: let ffmpeg have a go (and word the error)
+    if x is None:
+        x = _ffmpeg_audio(path, sr)
+    if len(x) == 0:
+        raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
+    # Float files and the resampler can overshoot slightly; the model expects [-1, 1].
+    return np.clip(x, -1.0, 1.0)
+
+
+def _check_audio(audio, path):
+    audio = np.asarray(audio)
+    if not np.issubdtype(audio.dtype, np.floating) or audio.ndim not in (1, 2) or audio.shape[0] == 0:
+        raise MediaError(f"cannot write {path}: audio must be a non-empty float array (N,) or (N, C) in [-1, 1], "
+                         f"got {audio.dtype} {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise MediaError(f"cannot write {path}: audio contains NaN or inf: check the model output")
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+# writing (atomically, through atomic_path)
+
+def write_audio(path, audio, sr=SAMPLE_RATE):
+    """Write audio (N,) or (N, C) float in [-1, 1] as 16-bit PCM (for .wav), atomically."""
+    audio = _check_audio(audio, path)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), audio, sr)
+
+
+def _pad_even(frame):
+    # yuv420p stores chroma at half resolution, so libx264 refuses odd sizes. Replicate the last
+    # row/column rather than scaling: the real pixels stay untouched.
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else frame
+
+
+def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE):
+    """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC.
+
+    Odd H or W is padded to even by replicating the last row/column, so read_video returns the
+    padded size. The video length rules: audio is cut or zero-padded to exactly T / fps seconds
+    (we do it here instead of ffmpeg's -shortest, which would cut the video if the audio is short).
+    Atomic (see atomic_path): on failure nothing is left at `path` or next to it.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise MediaError(f"cannot write {path}: frames must be a non-empty uint8 array (T, H, W, 3), "
+                         f"got {frames.dtype} {frames.shape}")
+    T, H, W, _ = frames.shape
+    rate = str(Fraction(fps).limit_denominator(1001))  # exact for 25, 30, 30000/1001
+    cmd = [_ffmpeg(), "-y", "-hide_banner", "-nostdin", "-v", "error",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W + W % 2}x{H + H % 2}", "-r", rate, "-i", "-"]
+    if audio is not None:
+        audio, n = _check_audio(audio, path), round(T * sr / fps)
+        audio = np.pad(audio[:n], ((0, n - len(audio[:n])),) + ((0, 0),) * (audio.ndim - 1))
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as td:
+        if audio is not None:
+            wav = os.path.join(td, "audio.wav")
+            sf.write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
+            cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
+                "-movflags", "+faststart", str(tmp)]
+        # stderr goes to a file, not a pipe: an unread pipe can fill up and deadlock ffmpeg.
+        with open(os.path.join(td, "ffmpeg.log"), "w+b") as log:
+            p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                for frame in frames:  # stream frame by frame: no second full copy of the clip
+                    p.stdin.write(np.ascontiguousarray(_pad_even(frame)).tobytes())
+                p.stdin.close()
+                rc = p.wait()
+            except BrokenPipeError:  # ffmpeg died early; its log says why
+                rc = p.wait()
+            finally:
+                if p.poll() is None:  # our own failure midway: don't leave ffmpeg running
+                    p.kill()
+                    p.wait()
+            if rc != 0:
+                log.seek(0)
+                raise MediaError(f"cannot write {path}: ffmpeg failed ({_last_line(log.read().decode(errors='replace'))})")
+
+
+# -----------------------------------------------------------------------------
+# video
+
+def read_video(path, fps=FPS):
+    """Decode a video to uint8 (T, H, W, 3) RGB frames resampled to `fps`; returns (frames, source_fps)."""
+    path = _check_file(path)
+    info = _probe(path)
+    if "Stream #" not in info:
+        raise _not_media(path, info)
+    if not _VIDEO_RE.search(info):
+        raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
+    out, i, n_src = [], 0, 0
+    try:
+        with contextlib.closing(imageio_ffmpeg.read_frames(str(path))) as gen:
+            meta = next(gen)
+            w, h = meta["size"]
+            src_fps = float(meta["fps"]) or float(fps)  # fps 0 means "unknown": take frames as they come
+            # Resample by timestamps: output frame i shows at i/fps, which falls inside source frame
+            # floor(i * src_fps / fps). The 1e-6 absorbs float error (e.g. 6 * 30/25 = 7.199999...).
+            # Frames are streamed, so downsampling 60->25 fps never holds the dropped frames.
+            for j, buf in enumerate(gen):
+                n_src = j + 1
+                while math.floor(i * src_fps / fps + 1e-6) == j:
+                    out.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
+                    i += 1
+    except (RuntimeError, OSError) as e:
+        raise MediaError(f"{path} could not be decoded by ffmpeg ({_last_line(e)}): check that it plays, or re-encode it") from None
+    if n_src == 0:
+        raise MediaError(f"{path} has a video stream but no decodable frames: re-encode it")
+    # Keep the output frames whose whole display interval [i/fps, (i+1)/fps) lies inside the source
+    # clip (T_src / src_fps seconds), so T_out * SAMPLES_PER_FRAME never outruns the clip's audio.
+    # The loop above may have produced one frame too many; a clip shorter than one output frame
+    # still gives 1.
+    t_out = max(1, math.floor(n_src * fps / src_fps + 1e-6))
+    return np.stack(out[:t_out]), src_fps
+
+
+# -----------------------------------------------------------------------------
+# 5. video autoencoder: the Wan / TAEHV latent layout at toy size
+#
+# 1 + 4k frames <-> 1 + k latent frames of 16 channels at 1/8 resolution. The first latent frame
+# holds one video frame (the encoder sees it repeated 4 times, the decoder's first 3 outputs are
+# dropped); every later latent frame holds 4. The encoder looks at one latent frame's 4 frames at a
+# time; the decoder also looks one latent frame back (MemBlock), so decoding chunk by chunk with
+# the carried memory equals decoding the whole clip. A fork can swap in Wan-VAE or TAEHV latents
+# without touching the DiT.
+
+
+@dataclass
+class AEConfig:
+    latent_channels: int = 16
+    time_down: int = 4        # video frames per latent frame
+    space_down: int = 8       # pixels per latent cell, each side
+    width: int = 32           # channels at the finest conv level (twice that below)
+    seed: int = 0
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class MemBlock(nn.Module):
+    """A residual block that also sees the previous latent frame's features (zeros before the
+    first). The only path along which the decoder mixes time."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2 * c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, past):                      # x, past: (B, F, C, h, w)
+        B, Fr = x.shape[:2]
+        h = torch.cat([x, past], 2).flatten(0, 1)    # (B*F, 2C, h, w)
+        h = self.conv2(F.relu(self.conv1(F.relu(h))))
+        return x + h.view_as(x)
+
+
+class VideoAE(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        cin = 3 * cfg.time_down * 4                   # 4 frames packed in channels, then 2x2 unshuffle
+        levels = int(math.log2(cfg.space_down)) - 1   # stride-2 steps after the unshuffle
+        ch = [cfg.width * min(2 ** i, 2) for i in range(levels + 1)]   # e.g. 64, 128, 128
+        enc = [nn.Conv2d(cin, ch[0], 3, padding=1), ResBlock(ch[0])]
+        for i in range(levels):
+            enc += [nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1), ResBlock(ch[i + 1])]
+        self.encoder = nn.Sequential(*enc, nn.ReLU(), nn.Conv2d(ch[-1], cfg.latent_channels, 1))
+        self.dec_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.dec_mem = nn.ModuleList(MemBlock(ch[i + 1]) for i in reversed(range(levels)))
+        self.dec_res = nn.ModuleList(ResBlock(ch[i + 1]) for i in reversed(range(levels)))
+        self.dec_up = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1) for i in reversed(range(levels)))
+        self.dec_out = nn.Sequential(ResBlock(ch[0]), nn.ReLU(), nn.Conv2d(ch[0], cin, 3, padding=1))
+
+    def encode(self, x):
+        """x (B, 1 + 4k, 3, H, W) in [-1, 1] -> z (B, 1 + k, 16, H/8, W/8)."""
+        tf = self.cfg.time_down
+        B, T, C, H, W = x.shape
+        assert (T - 1) % tf == 0, f"the autoencoder takes 1 + {tf}k frames, got {T}"
+        x = torch.cat([x[:, :1].expand(B, tf - 1, C, H, W), x], 1)           # (B, 4(k+1), 3, H, W)
+        Fr = x.shape[1] // tf
+        x = x.reshape(B * Fr, tf * C, H, W)                                  # frames packed in C
+        z = self.encoder(F.pixel_unshuffle(x, 2))                            # (B*F, 16, h, w)
+        return z.view(B, Fr, *z.shape[1:])
+
+    def decode(self, z, memory=None):
+        """z (B, F, 16, h, w) -> (frames (B, T, 3, H, W), memory). memory=None starts a clip: the
+        first latent frame yields 1 frame, later ones 4. Pass the returned memory with the next
+        chunk of latents to continue the same clip."""
+        B, Fr = z.shape[:2]
+        first = memory is None
+        h = self.dec_in(z.flatten(0, 1))
+        new_memory = []
+        for i, (mem, res, up) in enumerate(zip(self.dec_mem, self.dec_res, self.dec_up)):
+            h = h.view(B, Fr, *h.shape[1:])                                  # (B, F, C, h, w)
+            prev = torch.zeros_like(h[:, :1]) if first else memory[i]
+            new_memory.append(h[:, -1:])
+            h = res(mem(h, torch.cat([prev, h[:, :-1]], 1)).flatten(0, 1))
+            h = up(F.interpolate(h, scale_factor=2, mode="nearest"))
+        x = F.pixel_shuffle(self.dec_out(h), 2)                              # (B*F, 4*3, H, W)
+        tf = self.cfg.time_down
+        x = x.view(B, Fr * tf, 3, *x.shape[-2:])                             # (B, 4F, 3, H, W)
+        return (x[:, tf - 1:] if first else x), new_memory
+
+    def forward(self, x):
+        return self.decode(self.encode(x))[0]
+
+
+def frames_to_tensor(frames):
+    """uint8 (..., H, W, 3) numpy -> float (..., 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def tensor_to_frames(x):
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3) numpy."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def psnr(a, b):
+    """PSNR in dB between uint8 arrays (or [0, 255] floats)."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+# -----------------------------------------------------------------------------
+# 7. data: pools of clips from SynthTalk or from a folder of real clips
+
+MOUTH_BOX = (0.55, 0.875, 0.28, 0.72)    # (top, bottom, left, right) as fractions of the frame:
+                                         # holds the mouth through all SynthTalk head motion
+
+
+def mouth_crop(x):
+    """The mouth box of frames (..., H, W, C) numpy or (..., C, H, W) torch."""
+    t, b, l, r = MOUTH_BOX
+    if isinstance(x, np.ndarray):
+        H, W = x.shape[-3:-1]
+        return x[..., int(t * H):int(b * H), int(l * W):int(r * W), :]
+    H, W = x.shape[-2:]
+    return x[..., int(t * H):int(b * H), int(l * W):int(r * W)]
+
+
+def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True):
+    """Clips 0..n-1 of a SynthTalk split, cached on disk as one npz (generation is deterministic,
+    so the cache is only a speed-up; delete it freely)."""
+    from tqdm import tqdm
+    cache_dir = cache_dir or os.environ.get("LIPFORCING_CACHE", ".cache")
+    path = os.path.join(cache_dir, f"synthtalk-{split}-n{n}-s{seconds:g}-{size}px.npz")
+    keys = ("frames", "audio", "mouth", "dub_audio", "dub_mouth")
+    if os.path.isfile(path):
+        with np.load(path) as d:
+            return [Clip(**{k: d[k][i] for k in keys if k in d}, name=f"synthtalk-{split}-{i:05d}")
+                    for i in range(n)]
+    clips = [synthtalk_clip(split, i, seconds, size)
+             for i in tqdm(range(n), desc=f"SynthTalk {split}", disable=not progress)]
+    os.makedirs(cache_dir, exist_ok=True)
+    arrays = {k: np.stack([getattr(c, k) for c in clips]) for k in keys if getattr(clips[0], k) is not None}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return clips
+
+
+def sample_windows(clips, batch, n_frames, rng, with_audio=False):
+    """A batch of random windows: frames (B, n_frames, 3, H, W) in [-1, 1] and, if asked, the
+    matching audio (B, n_frames * 640)."""
+    frames, audio = [], []
+    for _ in range(batch):
+        c = clips[rng.integers(len(clips))]
+        s = rng.integers(len(c.frames) - n_frames + 1)
+        frames.append(c.frames[s:s + n_frames])
+        audio.append(c.audio[s * SAMPLES_PER_FRAME:(s + n_frames) * SAMPLES_PER_FRAME])
+    x = frames_to_tensor(np.stack(frames))
+    return (x, torch.from_numpy(np.stack(audio))) if with_audio else x
+
+# -----------------------------------------------------------------------------
+# 6. SyncNet ("Out of time", Chung & Zisserman 2016), the sync metrics, and MouthNet
+
+
+def lower_face(x, size=(32, 64)):
+    """The lower half of face crops (..., 3, H, W) resized (area) to `size` -> (..., 3, h, w)."""
+    lead, (C, H, W) = x.shape[:-3], x.shape[-3:]
+    y = x[..., H // 2:, :].reshape(-1, C, H - H // 2, W)
+    if tuple(y.shape[-2:]) != tuple(size):
+        y = F.interpolate(y, size=size, mode="area")
+    return y.reshape(*lead, C, *size)
+
+
+def conv_bn(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+@dataclass
+class SyncNetConfig:
+    frames: int = 5           # video frames per window (and 4 * 5 = 20 mel frames of audio)
+    crop_h: int = 32          # lower-face crop fed to the visual stream
+    crop_w: int = 64
+    width: int = 16
+    embed: int = 128
+    margin: float = 10.0      # contrastive loss: off-sync pairs pushed at least this far apart
+    role: str = "eval"        # "reward" (optimised against) or "eval" (only reports numbers)
+    seed: int = 0
+
+
+class SyncNet(nn.Module):
+    """Two streams into one embedding space: 5 frames of the lower face and the matching 20 mel
+    frames (200 ms) of audio. In-sync pairs are close in Euclidean distance, off-sync pairs far."""
+    def __init__(self, cfg: SyncNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.visual = nn.Sequential(                                 # (B, 15, 32, 64)
+            conv_bn(3 * cfg.frames, 2 * w), conv_bn(2 * w, 2 * w, 2),  # (B, 32, 16, 32)
+            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w, 2),         # (B, 64, 8, 16)
+            conv_bn(4 * w, 8 * w, 2), conv_bn(8 * w, 8 * w, 2),      # (B, 128, 2, 4)
+            nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(),
+            nn.Linear(8 * w * 8, 256), nn.ReLU(), nn.Linear(256, cfg.embed))
+        self.audio = nn.Sequential(                                  # (B, 1, 40, 20)
+            conv_bn(1, 2 * w), conv_bn(2 * w, 4 * w, 2),             # (B, 64, 20, 10)
+            conv_bn(4 * w, 4 * w), conv_bn(4 * w, 8 * w, 2),         # (B, 128, 10, 5)
+            conv_bn(8 * w, 8 * w, 2),                                # (B, 128, 5, 3)
+            nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(),
+            nn.Linear(8 * w * 4, 256), nn.ReLU(), nn.Linear(256, cfg.embed))
+
+    def embed_video(self, x):
+        """x (B, 5, 3, H, W) in [-1, 1] -> (B, embed)."""
+        x = lower_face(x, (self.cfg.crop_h, self.cfg.crop_w))
+        return self.visual(x.flatten(1, 2))
+
+    def embed_audio(self, mel):
+        """mel (B, 20, N_MELS) -> (B, embed)."""
+        return self.audio(mel.transpose(1, 2)[:, None])
+
+
+def contrastive_loss(d, same, margin, weight=None):
+    """Chung & Zisserman's loss on Euclidean distances d: same * d^2 + (1 - same) * max(margin - d, 0)^2,
+    halved and averaged (weighted by `weight` if given)."""
+    per_pair = same * d ** 2 + (1 - same) * F.relu(margin - d) ** 2
+    w = torch.ones_like(d) if weight is None else weight
+    return (w * per_pair).sum() / w.sum() / 2
+
+
+def pairwise_dist(v, a, eps=1e-8):
+    """Euclidean distances between every row of v (B, D) and of a (B', D) -> (B, B')."""
+    return ((v[:, None, :] - a[None, :, :]) ** 2).sum(-1).add(eps).sqrt()
+
+
+@torch.no_grad()
+def sync_embeddings(net, frames, audio, batch=256):
+    """Embed every 5-frame window of a clip and its audio window, as syncnet_python does: windows
+    start at frames 0 .. T - 6 (T - 5 windows; the last possible start is left out there too).
+    frames (T, 3, H, W) in [-1, 1], audio (T * 640,). Returns (v_emb, a_emb), each (T - 5, D)."""
+    n = net.cfg.frames
+    dev = next(net.parameters()).device
+    T = min(len(frames), len(audio) // SAMPLES_PER_FRAME)
+    mel = log_mel(torch.as_tensor(audio[:T * SAMPLES_PER_FRAME]).to(dev))       # (4T, N_MELS)
+    v_emb, a_emb = [], []
+    for s in range(0, T - n, batch):
+        idx = torch.arange(s, min(T - n, s + batch))
+        win = idx[:, None] + torch.arange(n)                                      # (b, 5)
+        v_emb.append(net.embed_video(frames[win].to(dev)))
+        mwin = idx[:, None] * MELS_PER_FRAME + torch.arange(n * MELS_PER_FRAME)   # (b, 20)
+        a_emb.append(net.embed_audio(mel[mwin.to(dev)]))
+    return torch.cat(v_emb), torch.cat(a_emb)
+
+
+def sync_scores(v_emb, a_emb, vshift=15):
+    """(av_offset, Sync-D, Sync-C) exactly as syncnet_python's evaluation computes them.
+
+    The audio embeddings are zero-padded by vshift on both sides; for each offset k in
+    -vshift..vshift, D_k is the mean over windows t of ||v_t - a_{t+k}||. Sync-D (LSE-D) is
+    min_k D_k, Sync-C (LSE-C) is median_k D_k - min_k D_k, and the AV offset is vshift - argmin."""
+    win = 2 * vshift + 1
+    a_pad = F.pad(a_emb, (0, 0, vshift, vshift))                                 # (N + 2 vshift, D)
+    idx = torch.arange(len(v_emb))[:, None] + torch.arange(win)                  # (N, win)
+    dists = F.pairwise_distance(v_emb[:, None, :].expand(-1, win, -1), a_pad[idx], eps=1e-6)
+    mdist = dists.mean(0)                                                        # (win,)
+    minval, minidx = torch.min(mdist, 0)
+    return int(vshift - minidx), float(minval), float(torch.median(mdist) - minval)
+
+
+def evaluate_sync(net, videos, audios, vshift=15):
+    """Mean Sync-C / Sync-D over clips, plus the per-clip AV offsets. videos: list of (T, 3, H, W)
+    tensors in [-1, 1] (or uint8 (T, H, W, 3) arrays); audios: list of (T * 640,) arrays."""
+    offsets, dists, confs = [], [], []
+    for v, a in zip(videos, audios):
+        if isinstance(v, np.ndarray):
+            v = frames_to_tensor(v)
+        off, d, c = sync_scores(*sync_embeddings(net, v, a), vshift=vshift)
+        offsets.append(off), dists.append(d), confs.append(c)
+    return {"sync_c": float(np.mean(confs)), "sync_d": float(np.mean(dists)), "offsets": offsets}
+
+
+@dataclass
+class MouthNetConfig:
+    crop_h: int = 32
+    crop_w: int = 64
+    width: int = 16
+    n_params: int = 3         # (open, width, teeth)
+    seed: int = 0
+
+
+class MouthNet(nn.Module):
+    """Regresses the mouth parameters from one frame's lower face. Trained on ground-truth frames
+    only, it gives a mouth-shape metric that does not depend on SyncNet: MouthErr is its mean
+    absolute error against the true trajectory of the *driving* audio."""
+    def __init__(self, cfg: MouthNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.net = nn.Sequential(
+            conv_bn(3, 2 * w), conv_bn(2 * w, 2 * w, 2), conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w, 2),
+            conv_bn(4 * w, 8 * w, 2), nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(),
+            nn.Linear(8 * w * 8, 128), nn.ReLU(), nn.Linear(128, cfg.n_params))
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (B, 3)."""
+        return self.net(lower_face(x, (self.cfg.crop_h, self.cfg.crop_w)))
+
+
+@torch.no_grad()
+def mouth_error(net, frames, mouth, batch=512):
+    """MouthErr of frames (T, 3, H, W) (or uint8 (T, H, W, 3)) against the true mouth (T, 3)."""
+    if isinstance(frames, np.ndarray):
+        frames = frames_to_tensor(frames)
+    dev = next(net.parameters()).device
+    pred = torch.cat([net(frames[s:s + batch].to(dev)).cpu() for s in range(0, len(frames), batch)])
+    return float((pred - torch.as_tensor(mouth[:len(pred)])).abs().mean())
+
+
+VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
+
+
+def resize_frames(frames, size):
+    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging)."""
+    if frames.shape[1:3] == (size, size):
+        return frames
+    x = frames_to_tensor(frames)
+    mode = "area" if min(frames.shape[1:3]) >= size else "bilinear"
+    return tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
+
+
+def folder_pool(folder, size=64, min_frames=16, progress=True):
+    """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
+    and size x size. The audio is cut or zero-padded to 640 samples per frame."""
+    from tqdm import tqdm
+    if not os.path.isdir(folder):
+        raise MediaError(f"{folder} is not a folder: --data takes a folder of mp4/mov/webm/avi clips")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS)
+    if not paths:
+        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
+    clips = []
+    for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
+        frames, _ = read_video(p)
+        if len(frames) < min_frames:
+            raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
+        audio = read_audio(p)
+        n = len(frames) * SAMPLES_PER_FRAME
+        audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
+        clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))
+    return clips
