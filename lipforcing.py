@@ -5,11 +5,14 @@ for real-time lip synchronization), in pure PyTorch.
 Read bottom-up, one section at a time:
   1. constants and helpers (checkpoints with their config inside, atomic writes)
   2. audio front end (log-mel aligned to video frames)
-  3. SynthTalk, the procedural talking-face corpus every number here is measured on
-  4. media I/O (any video / audio in, H.264 + AAC mp4 out)
-  5. the video autoencoder (Wan/TAEHV layout: 4x time, 8x space, 16 channels)
-  6. SyncNet, the sync metrics (Sync-C / Sync-D as syncnet_python computes them), MouthNet
-  7. data: clip pools from SynthTalk or from a folder of real clips
+  3. media I/O (any video / audio in, H.264 + AAC mp4 out)
+  4. the video autoencoder (Wan/TAEHV layout: 4x time, 8x space, 16 channels)
+  5. the DiT (adaLN-Zero, 3D RoPE, qk-norm, channel-concat conditions, added audio)
+  6. flow matching and the teacher's 50-step sampler with CFG
+  7. conditioning: latents, the lower-face mask, packed audio
+  8. SyncNet, the sync metrics (Sync-C / Sync-D as syncnet_python computes them), MouthNet
+  9. SynthTalk, the procedural talking-face corpus every number here is measured on
+ 10. data: clip pools from SynthTalk or from a folder of real clips
 """
 
 import contextlib
@@ -92,6 +95,7 @@ def seeded_rng(*keys):
     """A numpy Generator determined by a tuple of ints: identical on every machine."""
     return np.random.default_rng(list(keys))
 
+
 # -----------------------------------------------------------------------------
 # 2. audio front end: log-mel spectrogram in torch, 4 mel frames per video frame
 
@@ -129,8 +133,844 @@ def log_mel(audio):
     mel = power @ _MEL_FB.to(audio.device)                               # (..., 4T, N_MELS)
     return torch.log(mel + 1e-6)
 
+
 # -----------------------------------------------------------------------------
-# 3. SynthTalk: a procedural talking-face corpus whose audio alone drives the mouth
+# 3. media I/O: any common video / audio in (through ffmpeg), H.264 + AAC mp4 out, atomically
+
+_SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}  # libsndfile reads these without ffmpeg
+_AUDIO_RE = re.compile(r"Stream #\d+:\d+\S*: Audio:")
+# mp3/m4a cover art shows up as a one-frame "Video" stream; it is not a video.
+_VIDEO_RE = re.compile(r"Stream #\d+:\d+\S*: Video:(?!.*attached pic)")
+
+
+class MediaError(ValueError):
+    """Bad media input. The message is one line: what is wrong and what to do."""
+
+
+def _ffmpeg():
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _last_line(text):
+    lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+def _check_file(path):
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"{path} does not exist: check the path and spelling")
+    if path.is_dir():
+        raise MediaError(f"{path} is a directory, not a media file: pass a file inside it")
+    return path
+
+
+def _probe(path):
+    """ffmpeg's stream listing for `path` (stderr of `ffmpeg -i`; it exits 1 without an output, that's fine)."""
+    p = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True)
+    return p.stderr.decode(errors="replace")
+
+
+def _not_media(path, info):
+    return MediaError(f"{path} could not be decoded ({_last_line(info)}): the file is corrupt or not audio/video")
+
+
+def has_audio(path):
+    """True if ffmpeg sees an audio stream in `path` (False for undecodable files)."""
+    return bool(_AUDIO_RE.search(_probe(_check_file(path))))
+
+
+# reading audio
+
+def resample_audio(x, sr_in, sr_out):
+    """Band-limited resampling of a mono signal by FFT; output length is exactly round(N * sr_out / sr_in)."""
+    x = np.asarray(x, dtype=np.float32)
+    assert x.ndim == 1, f"resample_audio wants a mono (N,) signal, got shape {x.shape}"
+    n, n_out = len(x), round(len(x) * sr_out / sr_in)
+    if sr_in == sr_out or n == 0:
+        return x.copy() if sr_in == sr_out else np.zeros(n_out, np.float32)
+    # Resampling in the frequency domain treats the clip as periodic, so the end would bleed into the
+    # start. Pad with >= 50 ms of zeros to kill that, and to a multiple of sr_in/gcd so the padded
+    # output length is an exact integer (no fractional-sample drift); then crop.
+    down = sr_in // math.gcd(sr_in, sr_out)
+    L = -(-(n + sr_in // 20) // down) * down
+    L_out = L * sr_out // sr_in
+    X = np.fft.rfft(x, L)
+    k = min(len(X), L_out // 2 + 1)  # keep only what fits below the lower Nyquist
+    Y = np.zeros(L_out // 2 + 1, dtype=X.dtype)
+    Y[:k] = X[:k]
+    if sr_out < sr_in:
+        # Anti-aliasing: fade out the top 5% of the kept band rather than a brick wall, so the
+        # implied filter kernel is short and doesn't ring for long (or reach around the padding).
+        m = max(1, k // 20)
+        Y[k - m:k] *= 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, m))
+    y = np.fft.irfft(Y, L_out) * (L_out / L)
+    return y[:n_out].astype(np.float32)
+
+
+def _ffmpeg_audio(path, sr):
+    # ffmpeg downmixes (-ac 1) and resamples (-ar) itself; raw float32 comes out on stdout.
+    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:a:0",
+           "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
+    p = subprocess.run(cmd, capture_output=True)
+    err = p.stderr.decode(errors="replace")
+    if "Stream #" not in err:  # ffmpeg never got as far as listing streams
+        raise _not_media(path, err)
+    if not _AUDIO_RE.search(err):
+        raise MediaError(f"{path} has no audio track: pass a separate wav/mp3/m4a file as the audio")
+    if p.returncode != 0:
+        raise MediaError(f"{path}: ffmpeg failed to decode the audio ({_last_line(err)}): re-encode it, e.g. to wav")
+    return np.frombuffer(p.stdout, dtype=np.float32).copy()
+
+
+def read_audio(path, sr=SAMPLE_RATE):
+    """Mono float32 audio in [-1, 1] at `sr` from an audio file or the audio track of a video."""
+    path = _check_file(path)
+    x = None
+    if path.suffix.lower() in _SOUNDFILE_EXTS:
+        try:
+            x, sr_in = sf.read(str(path), dtype="float32", always_2d=True)
+            x = resample_audio(x.mean(axis=1), sr_in, sr)
+        except RuntimeError:
+            x = None  # e.g. a codec this libsndfile lacks: let ffmpeg have a go (and word the error)
+    if x is None:
+        x = _ffmpeg_audio(path, sr)
+    if len(x) == 0:
+        raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
+    # Float files and the resampler can overshoot slightly; the model expects [-1, 1].
+    return np.clip(x, -1.0, 1.0)
+
+
+def _check_audio(audio, path):
+    audio = np.asarray(audio)
+    if not np.issubdtype(audio.dtype, np.floating) or audio.ndim not in (1, 2) or audio.shape[0] == 0:
+        raise MediaError(f"cannot write {path}: audio must be a non-empty float array (N,) or (N, C) in [-1, 1], "
+                         f"got {audio.dtype} {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise MediaError(f"cannot write {path}: audio contains NaN or inf: check the model output")
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+# writing (atomically, through atomic_path)
+
+def write_audio(path, audio, sr=SAMPLE_RATE):
+    """Write audio (N,) or (N, C) float in [-1, 1] as 16-bit PCM (for .wav), atomically."""
+    audio = _check_audio(audio, path)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), audio, sr)
+
+
+def _pad_even(frame):
+    # yuv420p stores chroma at half resolution, so libx264 refuses odd sizes. Replicate the last
+    # row/column rather than scaling: the real pixels stay untouched.
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else frame
+
+
+def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE):
+    """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC.
+
+    Odd H or W is padded to even by replicating the last row/column, so read_video returns the
+    padded size. The video length rules: audio is cut or zero-padded to exactly T / fps seconds
+    (we do it here instead of ffmpeg's -shortest, which would cut the video if the audio is short).
+    Atomic (see atomic_path): on failure nothing is left at `path` or next to it.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise MediaError(f"cannot write {path}: frames must be a non-empty uint8 array (T, H, W, 3), "
+                         f"got {frames.dtype} {frames.shape}")
+    T, H, W, _ = frames.shape
+    rate = str(Fraction(fps).limit_denominator(1001))  # exact for 25, 30, 30000/1001
+    cmd = [_ffmpeg(), "-y", "-hide_banner", "-nostdin", "-v", "error",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W + W % 2}x{H + H % 2}", "-r", rate, "-i", "-"]
+    if audio is not None:
+        audio, n = _check_audio(audio, path), round(T * sr / fps)
+        audio = np.pad(audio[:n], ((0, n - len(audio[:n])),) + ((0, 0),) * (audio.ndim - 1))
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as td:
+        if audio is not None:
+            wav = os.path.join(td, "audio.wav")
+            sf.write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
+            cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
+                "-movflags", "+faststart", str(tmp)]
+        # stderr goes to a file, not a pipe: an unread pipe can fill up and deadlock ffmpeg.
+        with open(os.path.join(td, "ffmpeg.log"), "w+b") as log:
+            p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                for frame in frames:  # stream frame by frame: no second full copy of the clip
+                    p.stdin.write(np.ascontiguousarray(_pad_even(frame)).tobytes())
+                p.stdin.close()
+                rc = p.wait()
+            except BrokenPipeError:  # ffmpeg died early; its log says why
+                rc = p.wait()
+            finally:
+                if p.poll() is None:  # our own failure midway: don't leave ffmpeg running
+                    p.kill()
+                    p.wait()
+            if rc != 0:
+                log.seek(0)
+                raise MediaError(f"cannot write {path}: ffmpeg failed ({_last_line(log.read().decode(errors='replace'))})")
+
+
+# reading video
+
+def read_video(path, fps=FPS):
+    """Decode a video to uint8 (T, H, W, 3) RGB frames resampled to `fps`; returns (frames, source_fps)."""
+    path = _check_file(path)
+    info = _probe(path)
+    if "Stream #" not in info:
+        raise _not_media(path, info)
+    if not _VIDEO_RE.search(info):
+        raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
+    out, i, n_src = [], 0, 0
+    try:
+        with contextlib.closing(imageio_ffmpeg.read_frames(str(path))) as gen:
+            meta = next(gen)
+            w, h = meta["size"]
+            src_fps = float(meta["fps"]) or float(fps)  # fps 0 means "unknown": take frames as they come
+            # Resample by timestamps: output frame i shows at i/fps, which falls inside source frame
+            # floor(i * src_fps / fps). The 1e-6 absorbs float error (e.g. 6 * 30/25 = 7.199999...).
+            # Frames are streamed, so downsampling 60->25 fps never holds the dropped frames.
+            for j, buf in enumerate(gen):
+                n_src = j + 1
+                while math.floor(i * src_fps / fps + 1e-6) == j:
+                    out.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
+                    i += 1
+    except (RuntimeError, OSError) as e:
+        raise MediaError(f"{path} could not be decoded by ffmpeg ({_last_line(e)}): check that it plays, or re-encode it") from None
+    if n_src == 0:
+        raise MediaError(f"{path} has a video stream but no decodable frames: re-encode it")
+    # Keep the output frames whose whole display interval [i/fps, (i+1)/fps) lies inside the source
+    # clip (T_src / src_fps seconds), so T_out * SAMPLES_PER_FRAME never outruns the clip's audio.
+    # The loop above may have produced one frame too many; a clip shorter than one output frame
+    # still gives 1.
+    t_out = max(1, math.floor(n_src * fps / src_fps + 1e-6))
+    return np.stack(out[:t_out]), src_fps
+
+
+# -----------------------------------------------------------------------------
+# 4. video autoencoder: the Wan / TAEHV latent layout at toy size
+#
+# 1 + 4k frames <-> 1 + k latent frames of 16 channels at 1/8 resolution. The first latent frame
+# holds one video frame (the encoder sees it repeated 4 times, the decoder's first 3 outputs are
+# dropped); every later latent frame holds 4. The encoder looks at one latent frame's 4 frames at a
+# time; the decoder also looks one latent frame back (MemBlock), so decoding chunk by chunk with
+# the carried memory equals decoding the whole clip. A fork can swap in Wan-VAE or TAEHV latents
+# without touching the DiT.
+
+
+@dataclass
+class AEConfig:
+    latent_channels: int = 16
+    time_down: int = 4        # video frames per latent frame
+    space_down: int = 8       # pixels per latent cell, each side
+    width: int = 32           # channels at the finest conv level, doubling at each level below
+    seed: int = 0
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class MemBlock(nn.Module):
+    """A residual block that also sees the previous latent frame's features (zeros before the
+    first). The only path along which the decoder mixes time."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2 * c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, past):                      # x, past: (B, F, C, h, w)
+        B, Fr = x.shape[:2]
+        h = torch.cat([x, past], 2).flatten(0, 1)    # (B*F, 2C, h, w)
+        h = self.conv2(F.relu(self.conv1(F.relu(h))))
+        return x + h.view_as(x)
+
+
+class VideoAE(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        cin = 3 * cfg.time_down * 4                   # 4 frames packed in channels, then 2x2 unshuffle
+        levels = int(math.log2(cfg.space_down)) - 1   # stride-2 steps after the unshuffle
+        ch = [cfg.width * 2 ** i for i in range(levels + 1)]   # 32, 64, 128 channels at 1/2, 1/4, 1/8
+        enc = [nn.Conv2d(cin, ch[0], 3, padding=1), ResBlock(ch[0])]
+        for i in range(levels):
+            enc += [nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1), ResBlock(ch[i + 1])]
+        self.encoder = nn.Sequential(*enc, nn.ReLU(), nn.Conv2d(ch[-1], cfg.latent_channels, 1))
+        self.dec_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.dec_mem = nn.ModuleList(MemBlock(ch[i + 1]) for i in reversed(range(levels)))
+        self.dec_res = nn.ModuleList(ResBlock(ch[i + 1]) for i in reversed(range(levels)))
+        self.dec_up = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1) for i in reversed(range(levels)))
+        self.dec_out = nn.Sequential(ResBlock(ch[0]), nn.ReLU(), nn.Conv2d(ch[0], cin, 3, padding=1))
+
+    def encode(self, x):
+        """x (B, 1 + 4k, 3, H, W) in [-1, 1] -> z (B, 1 + k, 16, H/8, W/8)."""
+        tf = self.cfg.time_down
+        B, T, C, H, W = x.shape
+        assert (T - 1) % tf == 0, f"the autoencoder takes 1 + {tf}k frames, got {T}"
+        x = torch.cat([x[:, :1].expand(B, tf - 1, C, H, W), x], 1)           # (B, 4(k+1), 3, H, W)
+        Fr = x.shape[1] // tf
+        x = x.reshape(B * Fr, tf * C, H, W)                                  # frames packed in C
+        z = self.encoder(F.pixel_unshuffle(x, 2))                            # (B*F, 16, h, w)
+        return z.view(B, Fr, *z.shape[1:])
+
+    def decode(self, z, memory=None):
+        """z (B, F, 16, h, w) -> (frames (B, T, 3, H, W), memory). memory=None starts a clip: the
+        first latent frame yields 1 frame, later ones 4. Pass the returned memory with the next
+        chunk of latents to continue the same clip."""
+        B, Fr = z.shape[:2]
+        first = memory is None
+        h = self.dec_in(z.flatten(0, 1))
+        new_memory = []
+        for i, (mem, res, up) in enumerate(zip(self.dec_mem, self.dec_res, self.dec_up)):
+            h = h.view(B, Fr, *h.shape[1:])                                  # (B, F, C, h, w)
+            prev = torch.zeros_like(h[:, :1]) if first else memory[i]
+            new_memory.append(h[:, -1:])
+            h = res(mem(h, torch.cat([prev, h[:, :-1]], 1)).flatten(0, 1))
+            h = up(F.interpolate(h, scale_factor=2, mode="nearest"))
+        x = F.pixel_shuffle(self.dec_out(h), 2)                              # (B*F, 4*3, H, W)
+        tf = self.cfg.time_down
+        x = x.view(B, Fr * tf, 3, *x.shape[-2:])                             # (B, 4F, 3, H, W)
+        return (x[:, tf - 1:] if first else x), new_memory
+
+    def forward(self, x):
+        return self.decode(self.encode(x))[0]
+
+
+def frames_to_tensor(frames):
+    """uint8 (..., H, W, 3) numpy -> float (..., 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def tensor_to_frames(x):
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3) numpy."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def psnr(a, b):
+    """PSNR in dB between uint8 arrays (or [0, 255] floats)."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+# -----------------------------------------------------------------------------
+# 5. DiT: one class for the bidirectional teacher and the block-causal student
+#
+# Wan2.1's layout at any size: patch (1, 2, 2); adaLN-Zero modulation from a per-frame timestep;
+# 3D RoPE over (t, h, w) with RMS-normalised queries and keys; conditions concatenated on channels
+# (noisy latent | reference latent repeated over time | lower-face mask | masked source latent);
+# audio packed per latent frame and *added* to that frame's tokens in a set of blocks
+# (OmniAvatar-style), not cross-attended.
+
+
+@dataclass
+class DiTConfig:
+    dim: int = 192
+    depth: int = 6
+    heads: int = 6
+    ffn: int = 512
+    latent_channels: int = 16
+    patch: int = 2                 # spatial patch; temporal patch is 1
+    audio_context: int = 2         # video frames of audio on each side of a latent frame's 4
+    audio_every: int = 1           # audio is added in every k-th block
+    rope_theta: float = 10000.0
+    cfg_drop: float = 0.1          # probability of dropping the condition in training (CFG)
+    drop_mode: str = "audio"       # "audio": drop only the audio; "all": audio and spatial conditions
+    chunk: int = 3                 # latent frames per chunk (block-causal student)
+    seed: int = 0
+
+    @property
+    def cond_channels(self):       # reference latent + mask + masked source latent
+        return 2 * self.latent_channels + 1
+
+
+DIT_PRESETS = {
+    "tiny": dict(dim=192, depth=6, heads=6, ffn=512),                # CPU
+    "small": dict(dim=512, depth=12, heads=8, ffn=1536),             # one GPU, 128-256 px
+    "wan1.3b": dict(dim=1536, depth=30, heads=12, ffn=8960),         # shapes only (random init)
+    "wan14b": dict(dim=5120, depth=40, heads=40, ffn=13824),
+}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as Wan does): (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000 * t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+def rope_freqs(head_dim, theta):
+    """Split the head dim over (t, h, w) as Wan does: h and w get 2 * (d // 6) each, t the rest.
+    Returns the three frequency vectors (each of half its part's size)."""
+    dh = dw = 2 * (head_dim // 6)
+    dt = head_dim - dh - dw
+    f = lambda d: 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return f(dt), f(dh), f(dw)
+
+
+def rope_angles(freqs, t_pos, h, w):
+    """Rotation angles for tokens at latent-frame positions t_pos (F,) on an h x w patch grid:
+    (F * h * w, head_dim / 2), tokens ordered (frame, row, column)."""
+    ft, fh, fw = freqs
+    Fr = len(t_pos)
+    at = (t_pos.double()[:, None] * ft.to(t_pos.device))[:, None, None, :].expand(Fr, h, w, -1)
+    ah = (torch.arange(h, device=t_pos.device).double()[:, None] * fh.to(t_pos.device))[None, :, None, :].expand(Fr, h, w, -1)
+    aw = (torch.arange(w, device=t_pos.device).double()[:, None] * fw.to(t_pos.device))[None, None, :, :].expand(Fr, h, w, -1)
+    return torch.cat([at, ah, aw], -1).reshape(Fr * h * w, -1).float()
+
+
+def apply_rope(x, angles):
+    """Rotate pairs of channels of x (B, H, N, Dh) by angles (N, Dh/2)."""
+    x2 = x.float().unflatten(-1, (-1, 2))                                    # (B, H, N, Dh/2, 2)
+    cos, sin = angles.cos(), angles.sin()
+    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, angles, mask=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block (DiT): shift/scale/gate for attention and MLP from the frame's timestep
+    embedding; the modulation is zero-initialised, so a fresh block is the identity."""
+    def __init__(self, cfg, audio):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.ffn), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn, d))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.audio = nn.Linear(d, d) if audio else None   # this block's audio projection (zero-init)
+
+    def forward(self, x, c, a, angles, mask=None):
+        """x (B, F, N, D) tokens; c (B, F, D) timestep embedding; a (B, F, D) audio or None."""
+        B, Fr, N, D = x.shape
+        if self.audio is not None and a is not None:
+            x = x + self.audio(a)[:, :, None, :]                                  # added to the frame's tokens
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c)[:, :, None, :].chunk(6, -1)      # each (B, F, 1, D)
+        h = modulate(self.norm1(x), s1, sc1).reshape(B, Fr * N, D)
+        x = x + g1 * self.attn(h, angles, mask).view(B, Fr, N, D)
+        x = x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
+        return x
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p, zc = cfg.dim, cfg.patch, cfg.latent_channels
+        self.patch_in = nn.Linear((zc + cfg.cond_channels) * p * p, d)
+        self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        audio_in = (MELS_PER_FRAME * N_MELS) * (4 + 2 * cfg.audio_context)
+        self.audio_embed = nn.Sequential(nn.Linear(audio_in, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, audio=(i % cfg.audio_every == 0)) for i in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.patch_out = nn.Linear(d, zc * p * p)
+        self.rope = rope_freqs(d // cfg.heads, cfg.rope_theta)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(basic)
+        for b in self.blocks:                          # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(b.ada[-1].weight), nn.init.zeros_(b.ada[-1].bias)
+            if b.audio is not None:
+                nn.init.zeros_(b.audio.weight), nn.init.zeros_(b.audio.bias)
+        nn.init.zeros_(self.ada_out[-1].weight), nn.init.zeros_(self.ada_out[-1].bias)
+        nn.init.zeros_(self.patch_out.weight), nn.init.zeros_(self.patch_out.bias)
+
+    def forward(self, x, t, cond, audio, t_pos=None, mask=None):
+        """Predict the flow-matching velocity v = eps - x0.
+
+        x (B, F, 16, h, w) noisy latent; t (B, F) per-frame timestep in [0, 1]; cond (B, F, 33, h, w)
+        reference latent | mask | masked source latent; audio (B, F, A) packed audio features (zeros
+        = dropped); t_pos (F,) RoPE positions of the frames (default 0..F-1); mask: attention mask
+        over the F * N tokens (None = bidirectional)."""
+        B, Fr, C, H, W = x.shape
+        p = self.cfg.patch
+        h, w = H // p, W // p
+        tok = torch.cat([x, cond], 2).view(B, Fr, -1, h, p, w, p)
+        tok = tok.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, h * w, -1)              # (B, F, N, Cpp)
+        tok = self.patch_in(tok)                                                      # (B, F, N, D)
+        c = self.t_embed(timestep_embedding(t, 256))                                  # (B, F, D)
+        a = self.audio_embed(audio)                                                   # (B, F, D)
+        t_pos = torch.arange(Fr, device=x.device) if t_pos is None else t_pos
+        angles = rope_angles(self.rope, t_pos, h, w)                                  # (F*N, Dh/2)
+        for blk in self.blocks:
+            tok = blk(tok, c, a, angles, mask)
+        shift, scale = self.ada_out(c)[:, :, None, :].chunk(2, -1)
+        out = self.patch_out(modulate(self.norm_out(tok), shift, scale))              # (B, F, N, Cpp)
+        out = out.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, Fr, C, H, W)
+
+
+# -----------------------------------------------------------------------------
+# 6. flow matching (rectified flow, v-prediction) and the teacher's sampler
+
+SHIFT = 5.0              # timestep shift, Wan's default for this resolution class
+ODE_STEPS = 50           # the teacher's ODE
+
+
+def shift_t(t, shift=SHIFT):
+    """t' = s t / (1 + (s - 1) t): spends more of the schedule at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def ode_t(j, steps=ODE_STEPS, shift=SHIFT):
+    """Time of ODE step j of the teacher's Euler solver: t_j = shift(1 - j / steps)."""
+    return shift_t(1 - j / steps, shift)
+
+
+def add_noise(x0, eps, t):
+    """x_t = (1 - t) x0 + t eps with per-frame t (B, F)."""
+    t = t[..., None, None, None]
+    return (1 - t) * x0 + t * eps
+
+
+def drop_conditions(cond, audio, drop, mode):
+    """CFG dropout / the negative condition. drop (B,) bool: those samples lose their audio
+    (zero features) and, in mode "all", their spatial conditions too."""
+    keep = (~drop).float()
+    audio = audio * keep[:, None, None]
+    if mode == "all":
+        cond = cond * keep[:, None, None, None, None]
+    return cond, audio
+
+
+def guided_velocity(model, x, t, cond, audio, scale, mode="audio", **kw):
+    """Classifier-free guidance: v = v_uncond + scale (v_cond - v_uncond), both in one batch."""
+    B = len(x)
+    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
+    c2, a2 = drop_conditions(cond.repeat(2, 1, 1, 1, 1), audio.repeat(2, 1, 1), drop, mode)
+    v = model(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), c2, a2, **kw)
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=4.5, cfg_schedule=None, mode="audio"):
+    """The teacher's Euler sampler from pure noise: x <- x + (t_{j+1} - t_j) v at t_j = shift(1 - j/steps).
+
+    cfg: the guidance scale (1 = no CFG); cfg_schedule(j) -> scale overrides it per step, so
+    windowed guidance (e.g. only for ODE steps 20..40) can be run."""
+    x = noise
+    B, Fr = x.shape[:2]
+    for j in range(steps):
+        t, t_next = ode_t(j, steps), ode_t(j + 1, steps)
+        s = cfg_schedule(j) if cfg_schedule is not None else cfg
+        tt = torch.full((B, Fr), t, device=x.device)
+        v = model(x, tt, cond, audio) if s == 1 else guided_velocity(model, x, tt, cond, audio, s, mode)
+        x = x + (t_next - t) * v
+    return x
+
+
+# -----------------------------------------------------------------------------
+# 7. conditioning: latents, lower-face mask, packed audio
+
+MEL_MEAN, MEL_STD = -4.0, 4.0     # log-mel normalisation; dropped (CFG-negative) audio is exactly 0
+
+
+def lower_face_mask(H, W, device=None):
+    """1 over the lower half of a face crop (the region the model regenerates), 0 above: (H, W)."""
+    m = torch.zeros(H, W, device=device)
+    m[H // 2:] = 1
+    return m
+
+
+def audio_frame_features(audio, context):
+    """Normalised log-mel per video frame, padded for packing: (T * 640,) -> (T + 3 + 2c, 160).
+    Row i holds video frame i - 3 - c; frames before the clip and after its end are silence."""
+    a = torch.as_tensor(audio).float()
+    a = F.pad(a, ((3 + context) * SAMPLES_PER_FRAME, context * SAMPLES_PER_FRAME))
+    mel = (log_mel(a) - MEL_MEAN) / MEL_STD                             # (4 (T + 3 + 2c), N_MELS)
+    return mel.view(-1, MELS_PER_FRAME * N_MELS)
+
+
+def pack_audio(feats, start, n_latent, context):
+    """Audio of latent frames 0..n_latent-1 of a window starting at video frame `start`: latent f
+    covers video frames start + 4f - 3 .. start + 4f (its 4 frames; the first latent frame's 3
+    before the window are real past audio or silence) plus `context` frames either side.
+    Returns (n_latent, (4 + 2c) * 160)."""
+    width = 4 + 2 * context
+    idx = start + 4 * torch.arange(n_latent)[:, None] + torch.arange(width)       # (F, 4 + 2c)
+    return feats[idx].flatten(1)
+
+
+@dataclass
+class EncodedClip:
+    """A clip in latent space, computed once so training never runs the encoder:
+    single[i] = latent of frame i alone (first latent frames and references),
+    groups[j] = latent of frames 4j+1 .. 4j+4; m_* the same for the lower-face-masked frames;
+    feats = audio_frame_features of the driving audio."""
+    single: torch.Tensor
+    groups: torch.Tensor
+    m_single: torch.Tensor
+    m_groups: torch.Tensor
+    feats: torch.Tensor
+
+
+@torch.no_grad()
+def encode_clip(ae, frames, audio, context, batch=64):
+    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip."""
+    dev = next(ae.parameters()).device
+    x = frames_to_tensor(frames)                                                   # (T, 3, H, W)
+    masked = x * (1 - lower_face_mask(*x.shape[-2:]))
+    G = (len(x) - 1) // 4
+
+    def enc(v):
+        single = torch.cat([ae.encode(v[i:i + batch, None].to(dev))[:, 0] for i in range(0, len(v), batch)])
+        groups = ae.encode(v[None, :1 + 4 * G].to(dev))[0, 1:]
+        return single.cpu(), groups.cpu()
+
+    (s, g), (ms, mg) = enc(x), enc(masked)
+    return EncodedClip(s, g, ms, mg, audio_frame_features(audio, context))
+
+
+def latent_window(enc, start, n_latent, ref, context):
+    """The teacher's inputs for the window of 1 + 4(n_latent - 1) frames at `start` (a multiple
+    of 4) with reference frame `ref`: x0 (F, 16, h, w), cond (F, 33, h, w), audio (F, A)."""
+    assert start % 4 == 0, "windows start on the 4-frame grid of the precomputed latents"
+    m = start // 4
+    x0 = torch.cat([enc.single[start:start + 1], enc.groups[m:m + n_latent - 1]])
+    src = torch.cat([enc.m_single[start:start + 1], enc.m_groups[m:m + n_latent - 1]])
+    h, w = x0.shape[-2:]
+    mask = lower_face_mask(h, w).expand(n_latent, 1, h, w)
+    cond = torch.cat([enc.single[ref].expand(n_latent, -1, -1, -1), mask, src], 1)
+    return x0, cond, pack_audio(enc.feats, start, n_latent, context)
+
+
+# -----------------------------------------------------------------------------
+# 8. SyncNet ("Out of time", Chung & Zisserman 2016), the sync metrics, and MouthNet
+
+
+def lower_face(x, size=(32, 64)):
+    """The lower half of face crops (..., 3, H, W) resized (area) to `size` -> (..., 3, h, w)."""
+    lead, (C, H, W) = x.shape[:-3], x.shape[-3:]
+    y = x[..., H // 2:, :].reshape(-1, C, H - H // 2, W)
+    if tuple(y.shape[-2:]) != tuple(size):
+        y = F.interpolate(y, size=size, mode="area")
+    return y.reshape(*lead, C, *size)
+
+
+def conv_bn(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+@dataclass
+class SyncNetConfig:
+    frames: int = 5           # video frames per window (and 4 * 5 = 20 mel frames of audio)
+    crop_h: int = 32          # lower-face crop fed to the visual stream
+    crop_w: int = 64
+    width: int = 16
+    embed: int = 128
+    margin: float = 10.0      # contrastive loss: off-sync pairs pushed at least this far apart
+    role: str = "eval"        # "reward" (optimised against) or "eval" (only reports numbers)
+    seed: int = 0
+
+
+class SyncNet(nn.Module):
+    """Two streams into one embedding space: 5 frames of the lower face and the matching 20 mel
+    frames (200 ms) of audio. In-sync pairs are close in Euclidean distance, off-sync pairs far."""
+    def __init__(self, cfg: SyncNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.visual = nn.Sequential(                                 # (B, 15, 32, 64)
+            conv_bn(3 * cfg.frames, 2 * w), conv_bn(2 * w, 2 * w, 2),  # (B, 32, 16, 32)
+            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w, 2),         # (B, 64, 8, 16)
+            conv_bn(4 * w, 8 * w, 2), conv_bn(8 * w, 8 * w, 2),      # (B, 128, 2, 4)
+            nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(),
+            nn.Linear(8 * w * 8, 256), nn.ReLU(), nn.Linear(256, cfg.embed))
+        self.audio = nn.Sequential(                                  # (B, 1, 40, 20)
+            conv_bn(1, 2 * w), conv_bn(2 * w, 4 * w, 2),             # (B, 64, 20, 10)
+            conv_bn(4 * w, 4 * w), conv_bn(4 * w, 8 * w, 2),         # (B, 128, 10, 5)
+            conv_bn(8 * w, 8 * w, 2),                                # (B, 128, 5, 3)
+            nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(),
+            nn.Linear(8 * w * 4, 256), nn.ReLU(), nn.Linear(256, cfg.embed))
+
+    def embed_video(self, x):
+        """x (B, 5, 3, H, W) in [-1, 1] -> (B, embed)."""
+        x = lower_face(x, (self.cfg.crop_h, self.cfg.crop_w))
+        return self.visual(x.flatten(1, 2))
+
+    def embed_audio(self, mel):
+        """mel (B, 20, N_MELS) -> (B, embed)."""
+        return self.audio(mel.transpose(1, 2)[:, None])
+
+
+def contrastive_loss(d, same, margin, weight=None):
+    """Chung & Zisserman's loss on Euclidean distances d: same * d^2 + (1 - same) * max(margin - d, 0)^2,
+    halved and averaged (weighted by `weight` if given)."""
+    per_pair = same * d ** 2 + (1 - same) * F.relu(margin - d) ** 2
+    w = torch.ones_like(d) if weight is None else weight
+    return (w * per_pair).sum() / w.sum() / 2
+
+
+def pairwise_dist(v, a, eps=1e-8):
+    """Euclidean distances between every row of v (B, D) and of a (B', D) -> (B, B')."""
+    return ((v[:, None, :] - a[None, :, :]) ** 2).sum(-1).add(eps).sqrt()
+
+
+@torch.no_grad()
+def sync_embeddings(net, frames, audio, batch=256):
+    """Embed every 5-frame window of a clip and its audio window, as syncnet_python does: windows
+    start at frames 0 .. T - 6 (T - 5 windows; the last possible start is left out there too).
+    frames (T, 3, H, W) in [-1, 1], audio (T * 640,). Returns (v_emb, a_emb), each (T - 5, D)."""
+    n = net.cfg.frames
+    dev = next(net.parameters()).device
+    T = min(len(frames), len(audio) // SAMPLES_PER_FRAME)
+    mel = log_mel(torch.as_tensor(audio[:T * SAMPLES_PER_FRAME]).to(dev))       # (4T, N_MELS)
+    v_emb, a_emb = [], []
+    for s in range(0, T - n, batch):
+        idx = torch.arange(s, min(T - n, s + batch))
+        win = idx[:, None] + torch.arange(n)                                      # (b, 5)
+        v_emb.append(net.embed_video(frames[win].to(dev)))
+        mwin = idx[:, None] * MELS_PER_FRAME + torch.arange(n * MELS_PER_FRAME)   # (b, 20)
+        a_emb.append(net.embed_audio(mel[mwin.to(dev)]))
+    return torch.cat(v_emb), torch.cat(a_emb)
+
+
+def sync_scores(v_emb, a_emb, vshift=15):
+    """(av_offset, Sync-D, Sync-C) exactly as syncnet_python's evaluation computes them.
+
+    The audio embeddings are zero-padded by vshift on both sides; for each offset k in
+    -vshift..vshift, D_k is the mean over windows t of ||v_t - a_{t+k}||. Sync-D (LSE-D) is
+    min_k D_k, Sync-C (LSE-C) is median_k D_k - min_k D_k, and the AV offset is vshift - argmin."""
+    win = 2 * vshift + 1
+    a_pad = F.pad(a_emb, (0, 0, vshift, vshift))                                 # (N + 2 vshift, D)
+    idx = torch.arange(len(v_emb))[:, None] + torch.arange(win)                  # (N, win)
+    dists = F.pairwise_distance(v_emb[:, None, :].expand(-1, win, -1), a_pad[idx], eps=1e-6)
+    mdist = dists.mean(0)                                                        # (win,)
+    minval, minidx = torch.min(mdist, 0)
+    return int(vshift - minidx), float(minval), float(torch.median(mdist) - minval)
+
+
+def evaluate_sync(net, videos, audios, vshift=15):
+    """Mean Sync-C / Sync-D over clips, plus the per-clip AV offsets. videos: list of (T, 3, H, W)
+    tensors in [-1, 1] (or uint8 (T, H, W, 3) arrays); audios: list of (T * 640,) arrays."""
+    offsets, dists, confs = [], [], []
+    for v, a in zip(videos, audios):
+        if isinstance(v, np.ndarray):
+            v = frames_to_tensor(v)
+        off, d, c = sync_scores(*sync_embeddings(net, v, a), vshift=vshift)
+        offsets.append(off), dists.append(d), confs.append(c)
+    return {"sync_c": float(np.mean(confs)), "sync_d": float(np.mean(dists)), "offsets": offsets}
+
+
+def ssim(a, b, window=7, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004, Gaussian window, per channel) of uint8 images (..., H, W, 3)."""
+    x = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, *a.shape[-3:]).movedim(-1, 1)
+    y = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, *b.shape[-3:]).movedim(-1, 1)
+    g = torch.exp(-0.5 * ((torch.arange(window, dtype=torch.float64) - window // 2) / sigma) ** 2)
+    g = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, window, window)
+    blur = lambda z: F.conv2d(z, g, groups=x.shape[1])
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+
+
+@dataclass
+class MouthNetConfig:
+    crop_h: int = 32
+    crop_w: int = 64
+    width: int = 16
+    n_params: int = 3         # (open, width, teeth)
+    seed: int = 0
+
+
+class MouthNet(nn.Module):
+    """Regresses the mouth parameters from one frame's lower face. Trained on ground-truth frames
+    only, it gives a mouth-shape metric that does not depend on SyncNet: MouthErr is its mean
+    absolute error against the true trajectory of the *driving* audio."""
+    def __init__(self, cfg: MouthNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.net = nn.Sequential(
+            conv_bn(3, 2 * w), conv_bn(2 * w, 2 * w, 2), conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w, 2),
+            conv_bn(4 * w, 8 * w, 2), nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(),
+            nn.Linear(8 * w * 8, 128), nn.ReLU(), nn.Linear(128, cfg.n_params))
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (B, 3)."""
+        return self.net(lower_face(x, (self.cfg.crop_h, self.cfg.crop_w)))
+
+
+@torch.no_grad()
+def mouth_error(net, frames, mouth, batch=512):
+    """MouthErr of frames (T, 3, H, W) (or uint8 (T, H, W, 3)) against the true mouth (T, 3)."""
+    if isinstance(frames, np.ndarray):
+        frames = frames_to_tensor(frames)
+    dev = next(net.parameters()).device
+    pred = torch.cat([net(frames[s:s + batch].to(dev)).cpu() for s in range(0, len(frames), batch)])
+    return float((pred - torch.as_tensor(mouth[:len(pred)])).abs().mean())
+
+
+VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
+
+
+def resize_frames(frames, size):
+    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging)."""
+    if frames.shape[1:3] == (size, size):
+        return frames
+    x = frames_to_tensor(frames)
+    mode = "area" if min(frames.shape[1:3]) >= size else "bilinear"
+    return tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
+
+
+def folder_pool(folder, size=64, min_frames=16, progress=True):
+    """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
+    and size x size. The audio is cut or zero-padded to 640 samples per frame."""
+    from tqdm import tqdm
+    if not os.path.isdir(folder):
+        raise MediaError(f"{folder} is not a folder: --data takes a folder of mp4/mov/webm/avi clips")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS)
+    if not paths:
+        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
+    clips = []
+    for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
+        frames, _ = read_video(p)
+        if len(frames) < min_frames:
+            raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
+        audio = read_audio(p)
+        n = len(frames) * SAMPLES_PER_FRAME
+        audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
+        clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))
+    return clips
+
+
+# -----------------------------------------------------------------------------
+# 9. SynthTalk: a procedural talking-face corpus whose audio alone drives the mouth
 #
 # Speech is made from an articulatory trajectory: three mouth parameters per instant,
 #   open  (jaw / lip opening, 0 closed .. 1 wide)     <-> first formant F1
@@ -434,333 +1274,9 @@ def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=64):
         clip.dub_audio, clip.dub_mouth = synth_speech(seeded_rng(sid, index, 3), other, n)
     return clip
 
-# -----------------------------------------------------------------------------
-# 4. media I/O: any common video / audio in (through ffmpeg), H.264 + AAC mp4 out, atomically
-
-_SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}  # libsndfile reads these without ffmpeg
-_AUDIO_RE = re.compile(r"Stream #\d+:\d+\S*: Audio:")
-# mp3/m4a cover art shows up as a one-frame "Video" stream; it is not a video.
-_VIDEO_RE = re.compile(r"Stream #\d+:\d+\S*: Video:(?!.*attached pic)")
-
-
-class MediaError(ValueError):
-    """Bad media input. The message is one line: what is wrong and what to do."""
-
-
-def _ffmpeg():
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def _last_line(text):
-    lines = [l.strip() for l in str(text).splitlines() if l.strip()]
-    return lines[-1] if lines else "no error output"
-
-
-def _check_file(path):
-    path = Path(path)
-    if not path.exists():
-        raise MediaError(f"{path} does not exist: check the path and spelling")
-    if path.is_dir():
-        raise MediaError(f"{path} is a directory, not a media file: pass a file inside it")
-    return path
-
-
-def _probe(path):
-    """ffmpeg's stream listing for `path` (stderr of `ffmpeg -i`; it exits 1 without an output, that's fine)."""
-    p = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True)
-    return p.stderr.decode(errors="replace")
-
-
-def _not_media(path, info):
-    return MediaError(f"{path} could not be decoded ({_last_line(info)}): the file is corrupt or not audio/video")
-
-
-def has_audio(path):
-    """True if ffmpeg sees an audio stream in `path` (False for undecodable files)."""
-    return bool(_AUDIO_RE.search(_probe(_check_file(path))))
-
 
 # -----------------------------------------------------------------------------
-# audio
-
-def resample_audio(x, sr_in, sr_out):
-    """Band-limited resampling of a mono signal by FFT; output length is exactly round(N * sr_out / sr_in)."""
-    x = np.asarray(x, dtype=np.float32)
-    assert x.ndim == 1, f"resample_audio wants a mono (N,) signal, got shape {x.shape}"
-    n, n_out = len(x), round(len(x) * sr_out / sr_in)
-    if sr_in == sr_out or n == 0:
-        return x.copy() if sr_in == sr_out else np.zeros(n_out, np.float32)
-    # Resampling in the frequency domain treats the clip as periodic, so the end would bleed into the
-    # start. Pad with >= 50 ms of zeros to kill that, and to a multiple of sr_in/gcd so the padded
-    # output length is an exact integer (no fractional-sample drift); then crop.
-    down = sr_in // math.gcd(sr_in, sr_out)
-    L = -(-(n + sr_in // 20) // down) * down
-    L_out = L * sr_out // sr_in
-    X = np.fft.rfft(x, L)
-    k = min(len(X), L_out // 2 + 1)  # keep only what fits below the lower Nyquist
-    Y = np.zeros(L_out // 2 + 1, dtype=X.dtype)
-    Y[:k] = X[:k]
-    if sr_out < sr_in:
-        # Anti-aliasing: fade out the top 5% of the kept band rather than a brick wall, so the
-        # implied filter kernel is short and doesn't ring for long (or reach around the padding).
-        m = max(1, k // 20)
-        Y[k - m:k] *= 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, m))
-    y = np.fft.irfft(Y, L_out) * (L_out / L)
-    return y[:n_out].astype(np.float32)
-
-
-def _ffmpeg_audio(path, sr):
-    # ffmpeg downmixes (-ac 1) and resamples (-ar) itself; raw float32 comes out on stdout.
-    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:a:0",
-           "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
-    p = subprocess.run(cmd, capture_output=True)
-    err = p.stderr.decode(errors="replace")
-    if "Stream #" not in err:  # ffmpeg never got as far as listing streams
-        raise _not_media(path, err)
-    if not _AUDIO_RE.search(err):
-        raise MediaError(f"{path} has no audio track: pass a separate wav/mp3/m4a file as the audio")
-    if p.returncode != 0:
-        raise MediaError(f"{path}: ffmpeg failed to decode the audio ({_last_line(err)}): re-encode it, e.g. to wav")
-    return np.frombuffer(p.stdout, dtype=np.float32).copy()
-
-
-def read_audio(path, sr=SAMPLE_RATE):
-    """Mono float32 audio in [-1, 1] at `sr` from an audio file or the audio track of a video."""
-    path = _check_file(path)
-    x = None
-    if path.suffix.lower() in _SOUNDFILE_EXTS:
-        try:
-            x, sr_in = sf.read(str(path), dtype="float32", always_2d=True)
-            x = resample_audio(x.mean(axis=1), sr_in, sr)
-        except RuntimeError:
-            x = None  # e.g. a codec this libsndfile lacks: let ffmpeg have a go (and word the error)
-    if x is None:
-        x = _ffmpeg_audio(path, sr)
-    if len(x) == 0:
-        raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
-    # Float files and the resampler can overshoot slightly; the model expects [-1, 1].
-    return np.clip(x, -1.0, 1.0)
-
-
-def _check_audio(audio, path):
-    audio = np.asarray(audio)
-    if not np.issubdtype(audio.dtype, np.floating) or audio.ndim not in (1, 2) or audio.shape[0] == 0:
-        raise MediaError(f"cannot write {path}: audio must be a non-empty float array (N,) or (N, C) in [-1, 1], "
-                         f"got {audio.dtype} {audio.shape}")
-    if not np.isfinite(audio).all():
-        raise MediaError(f"cannot write {path}: audio contains NaN or inf: check the model output")
-    return np.clip(audio, -1.0, 1.0).astype(np.float32)
-
-
-# writing (atomically, through atomic_path)
-
-def write_audio(path, audio, sr=SAMPLE_RATE):
-    """Write audio (N,) or (N, C) float in [-1, 1] as 16-bit PCM (for .wav), atomically."""
-    audio = _check_audio(audio, path)
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), audio, sr)
-
-
-def _pad_even(frame):
-    # yuv420p stores chroma at half resolution, so libx264 refuses odd sizes. Replicate the last
-    # row/column rather than scaling: the real pixels stay untouched.
-    h, w = frame.shape[:2]
-    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else frame
-
-
-def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE):
-    """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC.
-
-    Odd H or W is padded to even by replicating the last row/column, so read_video returns the
-    padded size. The video length rules: audio is cut or zero-padded to exactly T / fps seconds
-    (we do it here instead of ffmpeg's -shortest, which would cut the video if the audio is short).
-    Atomic (see atomic_path): on failure nothing is left at `path` or next to it.
-    """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise MediaError(f"cannot write {path}: frames must be a non-empty uint8 array (T, H, W, 3), "
-                         f"got {frames.dtype} {frames.shape}")
-    T, H, W, _ = frames.shape
-    rate = str(Fraction(fps).limit_denominator(1001))  # exact for 25, 30, 30000/1001
-    cmd = [_ffmpeg(), "-y", "-hide_banner", "-nostdin", "-v", "error",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W + W % 2}x{H + H % 2}", "-r", rate, "-i", "-"]
-    if audio is not None:
-        audio, n = _check_audio(audio, path), round(T * sr / fps)
-        audio = np.pad(audio[:n], ((0, n - len(audio[:n])),) + ((0, 0),) * (audio.ndim - 1))
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as td:
-        if audio is not None:
-            wav = os.path.join(td, "audio.wav")
-            sf.write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
-            cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
-        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
-                "-movflags", "+faststart", str(tmp)]
-        # stderr goes to a file, not a pipe: an unread pipe can fill up and deadlock ffmpeg.
-        with open(os.path.join(td, "ffmpeg.log"), "w+b") as log:
-            p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
-            try:
-                for frame in frames:  # stream frame by frame: no second full copy of the clip
-                    p.stdin.write(np.ascontiguousarray(_pad_even(frame)).tobytes())
-                p.stdin.close()
-                rc = p.wait()
-            except BrokenPipeError:  # ffmpeg died early; its log says why
-                rc = p.wait()
-            finally:
-                if p.poll() is None:  # our own failure midway: don't leave ffmpeg running
-                    p.kill()
-                    p.wait()
-            if rc != 0:
-                log.seek(0)
-                raise MediaError(f"cannot write {path}: ffmpeg failed ({_last_line(log.read().decode(errors='replace'))})")
-
-
-# -----------------------------------------------------------------------------
-# video
-
-def read_video(path, fps=FPS):
-    """Decode a video to uint8 (T, H, W, 3) RGB frames resampled to `fps`; returns (frames, source_fps)."""
-    path = _check_file(path)
-    info = _probe(path)
-    if "Stream #" not in info:
-        raise _not_media(path, info)
-    if not _VIDEO_RE.search(info):
-        raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
-    out, i, n_src = [], 0, 0
-    try:
-        with contextlib.closing(imageio_ffmpeg.read_frames(str(path))) as gen:
-            meta = next(gen)
-            w, h = meta["size"]
-            src_fps = float(meta["fps"]) or float(fps)  # fps 0 means "unknown": take frames as they come
-            # Resample by timestamps: output frame i shows at i/fps, which falls inside source frame
-            # floor(i * src_fps / fps). The 1e-6 absorbs float error (e.g. 6 * 30/25 = 7.199999...).
-            # Frames are streamed, so downsampling 60->25 fps never holds the dropped frames.
-            for j, buf in enumerate(gen):
-                n_src = j + 1
-                while math.floor(i * src_fps / fps + 1e-6) == j:
-                    out.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
-                    i += 1
-    except (RuntimeError, OSError) as e:
-        raise MediaError(f"{path} could not be decoded by ffmpeg ({_last_line(e)}): check that it plays, or re-encode it") from None
-    if n_src == 0:
-        raise MediaError(f"{path} has a video stream but no decodable frames: re-encode it")
-    # Keep the output frames whose whole display interval [i/fps, (i+1)/fps) lies inside the source
-    # clip (T_src / src_fps seconds), so T_out * SAMPLES_PER_FRAME never outruns the clip's audio.
-    # The loop above may have produced one frame too many; a clip shorter than one output frame
-    # still gives 1.
-    t_out = max(1, math.floor(n_src * fps / src_fps + 1e-6))
-    return np.stack(out[:t_out]), src_fps
-
-
-# -----------------------------------------------------------------------------
-# 5. video autoencoder: the Wan / TAEHV latent layout at toy size
-#
-# 1 + 4k frames <-> 1 + k latent frames of 16 channels at 1/8 resolution. The first latent frame
-# holds one video frame (the encoder sees it repeated 4 times, the decoder's first 3 outputs are
-# dropped); every later latent frame holds 4. The encoder looks at one latent frame's 4 frames at a
-# time; the decoder also looks one latent frame back (MemBlock), so decoding chunk by chunk with
-# the carried memory equals decoding the whole clip. A fork can swap in Wan-VAE or TAEHV latents
-# without touching the DiT.
-
-
-@dataclass
-class AEConfig:
-    latent_channels: int = 16
-    time_down: int = 4        # video frames per latent frame
-    space_down: int = 8       # pixels per latent cell, each side
-    width: int = 32           # channels at the finest conv level (twice that below)
-    seed: int = 0
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
-
-
-class MemBlock(nn.Module):
-    """A residual block that also sees the previous latent frame's features (zeros before the
-    first). The only path along which the decoder mixes time."""
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(2 * c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x, past):                      # x, past: (B, F, C, h, w)
-        B, Fr = x.shape[:2]
-        h = torch.cat([x, past], 2).flatten(0, 1)    # (B*F, 2C, h, w)
-        h = self.conv2(F.relu(self.conv1(F.relu(h))))
-        return x + h.view_as(x)
-
-
-class VideoAE(nn.Module):
-    def __init__(self, cfg: AEConfig):
-        super().__init__()
-        self.cfg = cfg
-        cin = 3 * cfg.time_down * 4                   # 4 frames packed in channels, then 2x2 unshuffle
-        levels = int(math.log2(cfg.space_down)) - 1   # stride-2 steps after the unshuffle
-        ch = [cfg.width * min(2 ** i, 2) for i in range(levels + 1)]   # e.g. 64, 128, 128
-        enc = [nn.Conv2d(cin, ch[0], 3, padding=1), ResBlock(ch[0])]
-        for i in range(levels):
-            enc += [nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1), ResBlock(ch[i + 1])]
-        self.encoder = nn.Sequential(*enc, nn.ReLU(), nn.Conv2d(ch[-1], cfg.latent_channels, 1))
-        self.dec_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
-        self.dec_mem = nn.ModuleList(MemBlock(ch[i + 1]) for i in reversed(range(levels)))
-        self.dec_res = nn.ModuleList(ResBlock(ch[i + 1]) for i in reversed(range(levels)))
-        self.dec_up = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1) for i in reversed(range(levels)))
-        self.dec_out = nn.Sequential(ResBlock(ch[0]), nn.ReLU(), nn.Conv2d(ch[0], cin, 3, padding=1))
-
-    def encode(self, x):
-        """x (B, 1 + 4k, 3, H, W) in [-1, 1] -> z (B, 1 + k, 16, H/8, W/8)."""
-        tf = self.cfg.time_down
-        B, T, C, H, W = x.shape
-        assert (T - 1) % tf == 0, f"the autoencoder takes 1 + {tf}k frames, got {T}"
-        x = torch.cat([x[:, :1].expand(B, tf - 1, C, H, W), x], 1)           # (B, 4(k+1), 3, H, W)
-        Fr = x.shape[1] // tf
-        x = x.reshape(B * Fr, tf * C, H, W)                                  # frames packed in C
-        z = self.encoder(F.pixel_unshuffle(x, 2))                            # (B*F, 16, h, w)
-        return z.view(B, Fr, *z.shape[1:])
-
-    def decode(self, z, memory=None):
-        """z (B, F, 16, h, w) -> (frames (B, T, 3, H, W), memory). memory=None starts a clip: the
-        first latent frame yields 1 frame, later ones 4. Pass the returned memory with the next
-        chunk of latents to continue the same clip."""
-        B, Fr = z.shape[:2]
-        first = memory is None
-        h = self.dec_in(z.flatten(0, 1))
-        new_memory = []
-        for i, (mem, res, up) in enumerate(zip(self.dec_mem, self.dec_res, self.dec_up)):
-            h = h.view(B, Fr, *h.shape[1:])                                  # (B, F, C, h, w)
-            prev = torch.zeros_like(h[:, :1]) if first else memory[i]
-            new_memory.append(h[:, -1:])
-            h = res(mem(h, torch.cat([prev, h[:, :-1]], 1)).flatten(0, 1))
-            h = up(F.interpolate(h, scale_factor=2, mode="nearest"))
-        x = F.pixel_shuffle(self.dec_out(h), 2)                              # (B*F, 4*3, H, W)
-        tf = self.cfg.time_down
-        x = x.view(B, Fr * tf, 3, *x.shape[-2:])                             # (B, 4F, 3, H, W)
-        return (x[:, tf - 1:] if first else x), new_memory
-
-    def forward(self, x):
-        return self.decode(self.encode(x))[0]
-
-
-def frames_to_tensor(frames):
-    """uint8 (..., H, W, 3) numpy -> float (..., 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
-
-
-def tensor_to_frames(x):
-    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3) numpy."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
-
-
-def psnr(a, b):
-    """PSNR in dB between uint8 arrays (or [0, 255] floats)."""
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-
-# -----------------------------------------------------------------------------
-# 7. data: pools of clips from SynthTalk or from a folder of real clips
+# 10. data: pools of clips from SynthTalk or from a folder of real clips
 
 MOUTH_BOX = (0.55, 0.875, 0.28, 0.72)    # (top, bottom, left, right) as fractions of the frame:
                                          # holds the mouth through all SynthTalk head motion
@@ -785,8 +1301,8 @@ def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True):
     keys = ("frames", "audio", "mouth", "dub_audio", "dub_mouth")
     if os.path.isfile(path):
         with np.load(path) as d:
-            return [Clip(**{k: d[k][i] for k in keys if k in d}, name=f"synthtalk-{split}-{i:05d}")
-                    for i in range(n)]
+            arrays = {k: d[k] for k in keys if k in d}        # read each array once
+        return [Clip(**{k: v[i] for k, v in arrays.items()}, name=f"synthtalk-{split}-{i:05d}") for i in range(n)]
     clips = [synthtalk_clip(split, i, seconds, size)
              for i in tqdm(range(n), desc=f"SynthTalk {split}", disable=not progress)]
     os.makedirs(cache_dir, exist_ok=True)
@@ -808,190 +1324,3 @@ def sample_windows(clips, batch, n_frames, rng, with_audio=False):
         audio.append(c.audio[s * SAMPLES_PER_FRAME:(s + n_frames) * SAMPLES_PER_FRAME])
     x = frames_to_tensor(np.stack(frames))
     return (x, torch.from_numpy(np.stack(audio))) if with_audio else x
-
-# -----------------------------------------------------------------------------
-# 6. SyncNet ("Out of time", Chung & Zisserman 2016), the sync metrics, and MouthNet
-
-
-def lower_face(x, size=(32, 64)):
-    """The lower half of face crops (..., 3, H, W) resized (area) to `size` -> (..., 3, h, w)."""
-    lead, (C, H, W) = x.shape[:-3], x.shape[-3:]
-    y = x[..., H // 2:, :].reshape(-1, C, H - H // 2, W)
-    if tuple(y.shape[-2:]) != tuple(size):
-        y = F.interpolate(y, size=size, mode="area")
-    return y.reshape(*lead, C, *size)
-
-
-def conv_bn(cin, cout, stride=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-@dataclass
-class SyncNetConfig:
-    frames: int = 5           # video frames per window (and 4 * 5 = 20 mel frames of audio)
-    crop_h: int = 32          # lower-face crop fed to the visual stream
-    crop_w: int = 64
-    width: int = 16
-    embed: int = 128
-    margin: float = 10.0      # contrastive loss: off-sync pairs pushed at least this far apart
-    role: str = "eval"        # "reward" (optimised against) or "eval" (only reports numbers)
-    seed: int = 0
-
-
-class SyncNet(nn.Module):
-    """Two streams into one embedding space: 5 frames of the lower face and the matching 20 mel
-    frames (200 ms) of audio. In-sync pairs are close in Euclidean distance, off-sync pairs far."""
-    def __init__(self, cfg: SyncNetConfig):
-        super().__init__()
-        self.cfg = cfg
-        w = cfg.width
-        self.visual = nn.Sequential(                                 # (B, 15, 32, 64)
-            conv_bn(3 * cfg.frames, 2 * w), conv_bn(2 * w, 2 * w, 2),  # (B, 32, 16, 32)
-            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w, 2),         # (B, 64, 8, 16)
-            conv_bn(4 * w, 8 * w, 2), conv_bn(8 * w, 8 * w, 2),      # (B, 128, 2, 4)
-            nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(),
-            nn.Linear(8 * w * 8, 256), nn.ReLU(), nn.Linear(256, cfg.embed))
-        self.audio = nn.Sequential(                                  # (B, 1, 40, 20)
-            conv_bn(1, 2 * w), conv_bn(2 * w, 4 * w, 2),             # (B, 64, 20, 10)
-            conv_bn(4 * w, 4 * w), conv_bn(4 * w, 8 * w, 2),         # (B, 128, 10, 5)
-            conv_bn(8 * w, 8 * w, 2),                                # (B, 128, 5, 3)
-            nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(),
-            nn.Linear(8 * w * 4, 256), nn.ReLU(), nn.Linear(256, cfg.embed))
-
-    def embed_video(self, x):
-        """x (B, 5, 3, H, W) in [-1, 1] -> (B, embed)."""
-        x = lower_face(x, (self.cfg.crop_h, self.cfg.crop_w))
-        return self.visual(x.flatten(1, 2))
-
-    def embed_audio(self, mel):
-        """mel (B, 20, N_MELS) -> (B, embed)."""
-        return self.audio(mel.transpose(1, 2)[:, None])
-
-
-def contrastive_loss(d, same, margin, weight=None):
-    """Chung & Zisserman's loss on Euclidean distances d: same * d^2 + (1 - same) * max(margin - d, 0)^2,
-    halved and averaged (weighted by `weight` if given)."""
-    per_pair = same * d ** 2 + (1 - same) * F.relu(margin - d) ** 2
-    w = torch.ones_like(d) if weight is None else weight
-    return (w * per_pair).sum() / w.sum() / 2
-
-
-def pairwise_dist(v, a, eps=1e-8):
-    """Euclidean distances between every row of v (B, D) and of a (B', D) -> (B, B')."""
-    return ((v[:, None, :] - a[None, :, :]) ** 2).sum(-1).add(eps).sqrt()
-
-
-@torch.no_grad()
-def sync_embeddings(net, frames, audio, batch=256):
-    """Embed every 5-frame window of a clip and its audio window, as syncnet_python does: windows
-    start at frames 0 .. T - 6 (T - 5 windows; the last possible start is left out there too).
-    frames (T, 3, H, W) in [-1, 1], audio (T * 640,). Returns (v_emb, a_emb), each (T - 5, D)."""
-    n = net.cfg.frames
-    dev = next(net.parameters()).device
-    T = min(len(frames), len(audio) // SAMPLES_PER_FRAME)
-    mel = log_mel(torch.as_tensor(audio[:T * SAMPLES_PER_FRAME]).to(dev))       # (4T, N_MELS)
-    v_emb, a_emb = [], []
-    for s in range(0, T - n, batch):
-        idx = torch.arange(s, min(T - n, s + batch))
-        win = idx[:, None] + torch.arange(n)                                      # (b, 5)
-        v_emb.append(net.embed_video(frames[win].to(dev)))
-        mwin = idx[:, None] * MELS_PER_FRAME + torch.arange(n * MELS_PER_FRAME)   # (b, 20)
-        a_emb.append(net.embed_audio(mel[mwin.to(dev)]))
-    return torch.cat(v_emb), torch.cat(a_emb)
-
-
-def sync_scores(v_emb, a_emb, vshift=15):
-    """(av_offset, Sync-D, Sync-C) exactly as syncnet_python's evaluation computes them.
-
-    The audio embeddings are zero-padded by vshift on both sides; for each offset k in
-    -vshift..vshift, D_k is the mean over windows t of ||v_t - a_{t+k}||. Sync-D (LSE-D) is
-    min_k D_k, Sync-C (LSE-C) is median_k D_k - min_k D_k, and the AV offset is vshift - argmin."""
-    win = 2 * vshift + 1
-    a_pad = F.pad(a_emb, (0, 0, vshift, vshift))                                 # (N + 2 vshift, D)
-    idx = torch.arange(len(v_emb))[:, None] + torch.arange(win)                  # (N, win)
-    dists = F.pairwise_distance(v_emb[:, None, :].expand(-1, win, -1), a_pad[idx], eps=1e-6)
-    mdist = dists.mean(0)                                                        # (win,)
-    minval, minidx = torch.min(mdist, 0)
-    return int(vshift - minidx), float(minval), float(torch.median(mdist) - minval)
-
-
-def evaluate_sync(net, videos, audios, vshift=15):
-    """Mean Sync-C / Sync-D over clips, plus the per-clip AV offsets. videos: list of (T, 3, H, W)
-    tensors in [-1, 1] (or uint8 (T, H, W, 3) arrays); audios: list of (T * 640,) arrays."""
-    offsets, dists, confs = [], [], []
-    for v, a in zip(videos, audios):
-        if isinstance(v, np.ndarray):
-            v = frames_to_tensor(v)
-        off, d, c = sync_scores(*sync_embeddings(net, v, a), vshift=vshift)
-        offsets.append(off), dists.append(d), confs.append(c)
-    return {"sync_c": float(np.mean(confs)), "sync_d": float(np.mean(dists)), "offsets": offsets}
-
-
-@dataclass
-class MouthNetConfig:
-    crop_h: int = 32
-    crop_w: int = 64
-    width: int = 16
-    n_params: int = 3         # (open, width, teeth)
-    seed: int = 0
-
-
-class MouthNet(nn.Module):
-    """Regresses the mouth parameters from one frame's lower face. Trained on ground-truth frames
-    only, it gives a mouth-shape metric that does not depend on SyncNet: MouthErr is its mean
-    absolute error against the true trajectory of the *driving* audio."""
-    def __init__(self, cfg: MouthNetConfig):
-        super().__init__()
-        self.cfg = cfg
-        w = cfg.width
-        self.net = nn.Sequential(
-            conv_bn(3, 2 * w), conv_bn(2 * w, 2 * w, 2), conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w, 2),
-            conv_bn(4 * w, 8 * w, 2), nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(),
-            nn.Linear(8 * w * 8, 128), nn.ReLU(), nn.Linear(128, cfg.n_params))
-
-    def forward(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> (B, 3)."""
-        return self.net(lower_face(x, (self.cfg.crop_h, self.cfg.crop_w)))
-
-
-@torch.no_grad()
-def mouth_error(net, frames, mouth, batch=512):
-    """MouthErr of frames (T, 3, H, W) (or uint8 (T, H, W, 3)) against the true mouth (T, 3)."""
-    if isinstance(frames, np.ndarray):
-        frames = frames_to_tensor(frames)
-    dev = next(net.parameters()).device
-    pred = torch.cat([net(frames[s:s + batch].to(dev)).cpu() for s in range(0, len(frames), batch)])
-    return float((pred - torch.as_tensor(mouth[:len(pred)])).abs().mean())
-
-
-VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
-
-
-def resize_frames(frames, size):
-    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging)."""
-    if frames.shape[1:3] == (size, size):
-        return frames
-    x = frames_to_tensor(frames)
-    mode = "area" if min(frames.shape[1:3]) >= size else "bilinear"
-    return tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
-
-
-def folder_pool(folder, size=64, min_frames=16, progress=True):
-    """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
-    and size x size. The audio is cut or zero-padded to 640 samples per frame."""
-    from tqdm import tqdm
-    if not os.path.isdir(folder):
-        raise MediaError(f"{folder} is not a folder: --data takes a folder of mp4/mov/webm/avi clips")
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS)
-    if not paths:
-        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
-    clips = []
-    for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
-        frames, _ = read_video(p)
-        if len(frames) < min_frames:
-            raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
-        audio = read_audio(p)
-        n = len(frames) * SAMPLES_PER_FRAME
-        audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
-        clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))
-    return clips

@@ -437,3 +437,147 @@ def test_odd_size_is_padded_to_even(tmp_path):
     assert np.abs(back[:, :77, :123] - frames).mean() < 4.0
     assert np.abs(back[:, :77, 123] - frames[:, :, 122]).mean() < 4.0
     assert np.abs(back[:, 77, :123] - frames[:, 76, :]).mean() < 4.0
+
+
+# -----------------------------------------------------------------------------
+# DiT, flow matching, the teacher's sampler
+
+
+def tiny_dit(**kw):
+    return L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, **kw))
+
+
+def dit_inputs(B=2, Fr=3, hw=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = L.DiTConfig()
+    A = (4 + 2 * cfg.audio_context) * L.MELS_PER_FRAME * L.N_MELS
+    return (torch.randn(B, Fr, 16, hw, hw, generator=g), torch.rand(B, Fr, generator=g),
+            torch.randn(B, Fr, cfg.cond_channels, hw, hw, generator=g), torch.randn(B, Fr, A, generator=g))
+
+
+def test_fresh_dit_outputs_zero_and_blocks_are_identity():
+    """adaLN-Zero: a fresh model predicts exactly 0, and every block returns its input unchanged."""
+    model = tiny_dit()
+    x, t, cond, audio = dit_inputs()
+    assert torch.equal(model(x, t, cond, audio), torch.zeros_like(x))
+    tok = torch.randn(2, 3, 4, 64)
+    c, a = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    angles = L.rope_angles(model.rope, torch.arange(3), 2, 2)
+    for blk in model.blocks:
+        assert torch.equal(blk(tok, c, a, angles), tok)
+
+
+def test_rope_is_relative():
+    """With 3D RoPE, attention scores depend only on position differences: shifting every frame
+    position by the same amount leaves the attention output unchanged."""
+    torch.manual_seed(0)
+    attn = L.Attention(64, 4)
+    freqs = L.rope_freqs(16, 10000.0)
+    x = torch.randn(1, 3 * 4, 64)
+    a0 = attn(x, L.rope_angles(freqs, torch.arange(3), 2, 2))
+    a7 = attn(x, L.rope_angles(freqs, torch.arange(3) + 7, 2, 2))
+    assert_close(a7, a0, 1e-5, "shifted positions")
+    swapped = attn(x, L.rope_angles(freqs, torch.tensor([0, 2, 1]), 2, 2))
+    assert (swapped - a0).abs().max() > 1e-3          # but the order does matter
+
+
+def test_ode_schedule_landmarks():
+    """The teacher's shifted 50-step ODE: t_20 = 0.882, t_30 = 0.769, t_40 = 0.556 (METHOD.md)."""
+    assert round(L.ode_t(20), 3) == 0.882 and round(L.ode_t(30), 3) == 0.769 and round(L.ode_t(40), 3) == 0.556
+    assert L.ode_t(0) == 1.0 and L.ode_t(50) == 0.0
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    """guided_velocity at scale 1 equals the plain conditional prediction, and at another scale it
+    is v_uncond + s (v_cond - v_uncond) with the audio (only) zeroed for v_uncond."""
+    torch.manual_seed(0)
+    model = tiny_dit()
+    for p in model.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    x, t, cond, audio = dit_inputs()
+    assert_close(L.guided_velocity(model, x, t, cond, audio, 1.0), model(x, t, cond, audio), 1e-5)
+    v_c, v_u = model(x, t, cond, audio), model(x, t, cond, torch.zeros_like(audio))
+    assert_close(L.guided_velocity(model, x, t, cond, audio, 4.5), v_u + 4.5 * (v_c - v_u), 1e-4)
+    assert (v_c - v_u).abs().max() > 1e-4                 # the audio is actually used
+
+
+def test_sampler_same_seed_is_bitwise_identical():
+    """Two runs of the 50-step sampler from the same seed give bitwise identical latents."""
+    torch.manual_seed(0)
+    model = tiny_dit()
+    for p in model.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    _, _, cond, audio = dit_inputs(B=1)
+    runs = [L.sample_ode(model, cond, audio, torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(5)),
+                         steps=10, cfg=4.5) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_overfitting_one_batch_drives_the_loss_near_zero():
+    """Flow matching on one fixed batch (fixed noise and t) is learnable: the loss falls by >95%."""
+    torch.manual_seed(0)
+    model = tiny_dit()
+    x0, t, cond, audio = dit_inputs(B=2)
+    eps = torch.randn_like(x0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(300):
+        loss = (model(L.add_noise(x0, eps, t), t, cond, audio) - (eps - x0)).pow(2).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+
+
+def test_pack_audio_alignment():
+    """Latent frame f of a window at frame s carries the audio of video frames s+4f-3-c .. s+4f+c."""
+    c = 2
+    T = 20
+    audio = np.zeros(T * SAMPLES_PER_FRAME, np.float32)
+    audio[9 * SAMPLES_PER_FRAME:10 * SAMPLES_PER_FRAME] = 0.5            # a click in video frame 9 only
+    feats = L.audio_frame_features(audio, c)
+    assert feats.shape == (T + 3 + 2 * c, L.MELS_PER_FRAME * L.N_MELS)
+    packed = L.pack_audio(feats, 4, 3, c).view(3, 4 + 2 * c, -1)          # window at frame 4: latents 0, 1, 2
+    loud = packed.mean(-1) > feats.mean(-1).min() + 1.0                   # (3, 8) which packed frames hear it
+    # latent 1 covers frames 5..8 (+-2 context: 3..10), latent 2 frames 9..12 (7..14); latent 0: 1..4 (-1..6)
+    assert loud[0].sum() == 0
+    assert loud[1].nonzero().flatten().tolist() == [6] and loud[2].nonzero().flatten().tolist() == [2]
+
+
+def test_training_resumes_identically(tmp_path, monkeypatch):
+    """A teacher run stopped after 3 steps and resumed gives the same losses as one uninterrupted run."""
+    import train
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    base = ["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "6",
+            "--batch", "2", "--latent-frames", "3", "--preset", "tiny"]
+    whole = train.STAGES["teacher"](train.get_args(base + ["--out", str(tmp_path / "a.safetensors")]))
+    first = train.STAGES["teacher"](train.get_args(base + ["--stop-after", "3", "--out", str(tmp_path / "b.safetensors")]))
+    rest = train.STAGES["teacher"](train.get_args(base + ["--resume", "--out", str(tmp_path / "b.safetensors")]))
+    assert len(first) == 3 and len(rest) == 3
+    assert first + rest == whole
+    a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
+    b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_ssim_matches_a_direct_computation():
+    """ssim equals SSIM computed window by window with explicit loops (Wang et al. 2004, Gaussian
+    7x7 window, sigma 1.5, valid windows only, averaged over channels and positions)."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((1, 12, 10, 3)) * 255).astype(np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    g = np.exp(-0.5 * ((np.arange(7) - 3) / 1.5) ** 2)
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for ch in range(3):
+        x, y = a[0, :, :, ch].astype(float), b[0, :, :, ch].astype(float)
+        for i in range(12 - 6):
+            for j in range(10 - 6):
+                px, py = x[i:i + 7, j:j + 7], y[i:i + 7, j:j + 7]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cxy = (w * (px - mx) * (py - my)).sum()
+                vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    assert abs(L.ssim(a, b) - np.mean(vals)) < 1e-6
+    assert L.ssim(a, a) == pytest.approx(1.0)

@@ -7,6 +7,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py mouthnet                 # frames -> mouth parameters, for MouthErr
   python train.py eval                     # the foundation table (README), JSON in results/
   python train.py foundation               # all of the above, in order
+  python train.py export --out DIR         # write SynthTalk clips as mp4 files (the --data layout)
 
 Data is SynthTalk (generated, deterministic) unless --data DIR points at a folder of real clips
 (mp4/mov/webm/avi with an audio track, aligned face crops). Checkpoints are safetensors with their
@@ -14,6 +15,8 @@ config inside, written to checkpoints/ unless --out says otherwise.
 """
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import sys
@@ -32,7 +35,7 @@ import lipforcing as L
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["vae", "syncnet", "mouthnet", "eval", "foundation"])
+    p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
     p.add_argument("--size", type=int, default=64, help="frame size (square face crops)")
     p.add_argument("--clips", type=int, default=None, help="training clips in the pool")
@@ -43,9 +46,17 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
     p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoints are read and written")
+    p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors)")
     p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors)")
     p.add_argument("--results", default="results", help="folder for JSON results")
     p.add_argument("--test-clips", type=int, default=L.TEST_CLIPS, help="test clips to evaluate on")
+    p.add_argument("--preset", choices=list(L.DIT_PRESETS), default="tiny", help="DiT size")
+    p.add_argument("--latent-frames", type=int, default=9, help="latent frames per training window (9 = 33 video frames)")
+    p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from the training-state file")
+    p.add_argument("--state", default=None, help="training-state file (default: <ckpt-dir>/<stage>.state.safetensors)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state saved)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
@@ -70,29 +81,84 @@ def test_pool(args):
     return L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size)
 
 
-def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="samples"):
+def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="samples", betas=(0.9, 0.999),
+        ema=None, ema_decay=0.999, state=None, save_every=200, stop_after=None, rng=None, warmup=100,
+        flops_per_unit=None, device="cpu"):
     """The shared optimisation loop: AdamW, warmup + cosine, grad clip 1, tqdm progress, and a log
     line of loss, throughput and elapsed time every `log_every` steps. step_fn(step) returns
-    (loss, items processed)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    t0, seen, run_loss = time.time(), 0, None
-    bar = tqdm(range(steps), desc=desc, mininterval=1 if sys.stderr.isatty() else 30)
+    (loss, items processed[, extra text for the log line]). Returns the list of per-step losses.
+
+    ema: a copy of the model kept as an exponential moving average. state: a training-state file
+    (model, EMA, optimiser, step, torch and numpy RNG): if it exists the run resumes from it, and
+    it is rewritten every `save_every` steps and at the end, so an interrupted run continues as
+    if it never stopped. stop_after: stop (and save the state) after this many steps.
+    flops_per_unit: model FLOPs per item, for MFU on GPU."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    start = load_train_state(state, model, ema, opt, rng) if state and os.path.isfile(state) else 0
+    if start:
+        print(f"{desc}: resumed from {state} at step {start}")
+    t0, seen, run_loss, losses = time.time(), 0, None, []
+    end = min(steps, stop_after) if stop_after else steps
+    bar = tqdm(range(start, end), desc=desc, initial=start, total=steps, mininterval=1 if sys.stderr.isatty() else 30)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        loss, n = step_fn(step)
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        loss, n, *extra = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - ema_decay)
         seen += n
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        losses.append(loss.item())
+        run_loss = losses[-1] if run_loss is None else 0.98 * run_loss + 0.02 * losses[-1]
         bar.set_postfix(loss=f"{run_loss:.4f}")
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        if (step + 1) % log_every == 0 or step + 1 == end:
             dt = time.time() - t0
-            tqdm.write(f"{desc} step {step + 1}/{steps} loss {run_loss:.5f} "
-                       f"{seen / dt:.1f} {unit}/s elapsed {dt:.0f}s")
-    return run_loss
+            util = f" MFU {mfu(seen / dt * flops_per_unit, device):.1%}" if flops_per_unit and str(device).startswith("cuda") else ""
+            tqdm.write(f"{desc} step {step + 1}/{steps} loss {run_loss:.5f} {seen / dt:.1f} {unit}/s{util} "
+                       f"elapsed {dt:.0f}s" + (f" {extra[0]}" if extra else ""))
+        if state and ((step + 1) % save_every == 0 or step + 1 == end):
+            save_train_state(state, model, ema, opt, step + 1, rng)
+    return losses
+
+
+def save_train_state(path, model, ema, opt, step, rng):
+    """Everything a run needs to continue identically, as safetensors (nothing pickled)."""
+    from safetensors.torch import save_file
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, p in enumerate(model.parameters()):
+        for name, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{name}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": str(step), "np_rng": json.dumps(rng.bit_generator.state if rng is not None else None)}
+    with L.atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+
+
+def load_train_state(path, model, ema, opt, rng):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    t = load_file(path)
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+    model.load_state_dict(sub("model."))
+    if ema is not None:
+        ema.load_state_dict(sub("ema."))
+    for i, p in enumerate(model.parameters()):
+        st = {k.split(".", 2)[2]: v.to(p.device) for k, v in t.items() if k.startswith(f"opt.{i}.")}
+        if st:
+            opt.state[p] = st
+    torch.set_rng_state(t["rng.torch"])
+    if rng is not None:
+        rng.bit_generator.state = json.loads(meta["np_rng"])
+    return int(meta["step"])
 
 
 def save_json(path, obj):
@@ -132,17 +198,19 @@ def train_vae(args):
 
 
 @torch.no_grad()
-def eval_vae(ae, clips, device):
-    """Reconstruction PSNR (full frame and mouth box) over the test clips, each encoded and decoded
-    whole (the first 1 + 4k frames)."""
-    full, mouth = [], []
-    for c in clips:
-        T = 1 + (len(c.frames) - 1) // ae.cfg.time_down * ae.cfg.time_down
-        x = L.frames_to_tensor(c.frames[:T])[None].to(device)
-        y = L.tensor_to_frames(ae(x)[0])
-        full.append(L.psnr(y, c.frames[:T]))
-        mouth.append(L.psnr(L.mouth_crop(y), L.mouth_crop(c.frames[:T])))
-    return {"psnr": float(np.mean(full)), "mouth_psnr": float(np.mean(mouth))}
+def reconstruct(ae, clip, device):
+    """A clip through the autoencoder (encode + decode), padded to 1 + 4k frames and trimmed back."""
+    T, tf = len(clip.frames), ae.cfg.time_down
+    pad = (-(T - 1)) % tf
+    frames = np.concatenate([clip.frames, np.repeat(clip.frames[-1:], pad, 0)])
+    return L.tensor_to_frames(ae(L.frames_to_tensor(frames)[None].to(device))[0])[:T]
+
+
+def eval_vae(ae, clips, device, recon=None):
+    """Reconstruction PSNR (full frame and mouth box) over whole clips."""
+    recon = recon or [reconstruct(ae, c, device) for c in clips]
+    return {"psnr": float(np.mean([L.psnr(r, c.frames) for r, c in zip(recon, clips)])),
+            "mouth_psnr": float(np.mean([L.psnr(L.mouth_crop(r), L.mouth_crop(c.frames)) for r, c in zip(recon, clips)]))}
 
 
 # -----------------------------------------------------------------------------
@@ -278,8 +346,271 @@ def train_mouthnet(args):
 
 
 # -----------------------------------------------------------------------------
+# stage: teacher (bidirectional, audio-conditioned, flow matching with CFG dropout)
 
-STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet}
+T_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)     # the training loss is also logged per t bin
+
+
+def autocast(device):
+    """bf16 autocast on GPU, plain fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
+
+
+def encode_pool(ae, clips, context, audio_of=lambda c: c.audio, desc="encoding"):
+    return [L.encode_clip(ae, c.frames, audio_of(c), context) for c in tqdm(clips, desc=desc)]
+
+
+def random_ref(rng, T, start, length):
+    """A reference frame index outside the target window [start, start + length)."""
+    while True:
+        r = int(rng.integers(T))
+        if not start <= r < start + length:
+            return r
+
+
+def teacher_batch(encoded, batch, n_latent, rng, context, device):
+    """Random windows of n_latent latent frames: x0 (B, F, 16, h, w), cond, audio."""
+    n_frames = 1 + 4 * (n_latent - 1)
+    items = []
+    for _ in range(batch):
+        e = encoded[rng.integers(len(encoded))]
+        T = len(e.single)
+        start = 4 * int(rng.integers((T - n_frames) // 4 + 1))
+        items.append(L.latent_window(e, start, n_latent, random_ref(rng, T, start, n_frames), context))
+    return [torch.stack(x).to(device) for x in zip(*items)]
+
+
+def dit_train_flops_per_token(cfg, seq_len):
+    """Matmul FLOPs per token of one training step (backward = 2x forward): per block the qkv and
+    output projections (4 d^2), the MLP (2 d ffn), and attention scores and values (2 n d),
+    each 2 FLOPs per multiply-add."""
+    d = cfg.dim
+    return 3 * cfg.depth * 2 * (4 * d * d + 2 * d * cfg.ffn + 2 * seq_len * d)
+
+
+def train_teacher(args):
+    seed = args.seed if args.seed is not None else 0
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
+    cfg = L.DiTConfig(**L.DIT_PRESETS[args.preset], drop_mode=args.drop_mode, seed=seed)
+    clips = train_pool(args, n_default=512, seconds_default=4.0)
+    encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
+    model = L.DiT(cfg).to(args.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    fwd = torch.compile(model) if args.compile else model
+    print(cfg, f"\nDiT ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    n_latent, batch = args.latent_frames, args.batch or 16
+    h = w = args.size // ae.cfg.space_down
+    tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
+    bins = np.zeros((2, len(T_BINS) - 1))                      # loss sums and counts per t bin
+
+    def step(_):
+        x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
+        t = L.shift_t(torch.rand(batch, device=args.device))[:, None].expand(-1, n_latent)   # (B, F)
+        eps = torch.randn_like(x0)
+        drop = torch.rand(batch, device=args.device) < cfg.cfg_drop
+        cond, audio = L.drop_conditions(cond, audio, drop, cfg.drop_mode)
+        with autocast(args.device):
+            v = fwd(L.add_noise(x0, eps, t), t, cond, audio)
+        per_sample = (v.float() - (eps - x0)).pow(2).mean((1, 2, 3, 4))
+        b = np.digitize(t[:, 0].detach().cpu().numpy(), T_BINS[1:-1])
+        np.add.at(bins[0], b, per_sample.detach().cpu().numpy())
+        np.add.at(bins[1], b, 1)
+        text = "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
+                                       zip(T_BINS[:-1], T_BINS[1:], *bins))
+        if (_ + 1) % 100 == 0:
+            bins[:] = 0
+        return per_sample.mean(), batch * tokens, text
+
+    state = args.state or os.path.join(args.ckpt_dir, "teacher.state.safetensors")
+    if not args.resume and os.path.isfile(state):
+        os.remove(state)
+    losses = fit(model, step, args.steps or 3000, args.lr or 3e-4, "teacher", unit="tokens", ema=ema,
+                 state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
+                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
+    out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
+    L.save_checkpoint(out, ema, cfg, extra={"steps": args.steps or 3000, "final_loss": float(np.mean(losses[-50:]))})
+    print(f"saved {out} (EMA weights)")
+    return losses
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 FLOP/s
+
+
+def mfu(flops_per_s, device):
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (nan if unknown or on CPU)."""
+    if not str(device).startswith("cuda"):
+        return float("nan")
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+    return flops_per_s / peak if peak else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# stage: eval-teacher (the teacher's table on the test split)
+
+EVAL_LATENT = 9                 # generate 33-frame segments (9 latent frames), as the teacher trained
+EVAL_HOP = 4 * (EVAL_LATENT - 1)  # consecutive segments share one frame: 32-frame hop
+
+
+def segment_starts(T):
+    """Starts of the 33-frame segments that tile the first 1 + 32 n frames of a T-frame clip."""
+    return list(range(0, T - (EVAL_HOP + 1) + 1, EVAL_HOP))
+
+
+@torch.no_grad()
+def teacher_generate(model, ae, enc, T, cfg_scale, seed, device, cfg_schedule=None):
+    """Generate a clip segment by segment (all segments in one batch) with the 50-step sampler,
+    decode, and stitch: (T_out, H, W, 3) uint8 with T_out = 1 + 32 n."""
+    starts = segment_starts(T)
+    items = [L.latent_window(enc, s, EVAL_LATENT, (s + T // 2) % T, model.cfg.audio_context) for s in starts]
+    x0, cond, audio = [torch.stack(x).to(device) for x in zip(*items)]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    with autocast(device):
+        z = L.sample_ode(model, cond, audio, noise, cfg=cfg_scale, cfg_schedule=cfg_schedule, mode=model.cfg.drop_mode)
+    frames = L.tensor_to_frames(ae.decode(z.float())[0])                                # (S, 33, H, W, 3)
+    return np.concatenate([f[:EVAL_HOP] for f in frames[:-1]] + [frames[-1]])
+
+
+def clip_metrics(frames, audio, mouth, gt, sync_net, mouth_net):
+    """Sync-C / Sync-D, MouthErr against the driving audio's mouth, and fidelity to ground truth."""
+    T = len(frames)
+    s = L.evaluate_sync(sync_net, [frames], [audio[:T * L.SAMPLES_PER_FRAME]])
+    return {"sync_c": s["sync_c"], "sync_d": s["sync_d"], "mouth_err": L.mouth_error(mouth_net, frames, mouth[:T]),
+            "psnr": L.psnr(frames, gt[:T]), "mouth_psnr": L.psnr(L.mouth_crop(frames), L.mouth_crop(gt[:T])),
+            "mouth_ssim": L.ssim(L.mouth_crop(frames), L.mouth_crop(gt[:T]))}
+
+
+def eval_teacher(args):
+    ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
+    model = L.load_checkpoint(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), L.DiTConfig, L.DiT,
+                              args.device)[0]
+    test = test_pool(args)
+    rows = {}
+    for ci, c in enumerate(tqdm(test, desc="teacher on the test split")):
+        T = 1 + segment_starts(len(c.frames))[-1] + EVAL_HOP
+        gt = c.frames[:T]
+        add = lambda name, m: rows.setdefault(name, []).append(m)
+        add("ground truth", clip_metrics(gt, c.audio, c.mouth, gt, sync_eval, mouth_net))
+        add("autoencoder reconstruction", clip_metrics(reconstruct(ae, L.Clip(gt, c.audio), args.device),
+                                                       c.audio, c.mouth, gt, sync_eval, mouth_net))
+        for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
+            enc = L.encode_clip(ae, c.frames, audio, model.cfg.audio_context)
+            for name, scale in (("CFG 4.5", 4.5), ("no CFG", 1.0)):
+                out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
+                add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
+    res = {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in rows.items()}
+    res["test_clips"] = len(test)
+    print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet")
+    save_json(os.path.join(args.results, "teacher.json"), res)
+
+
+def print_table(res, title):
+    gt_c = res["ground truth"]["sync_c"]
+    print(f"\n{title}, {res['test_clips']} clips\n")
+    print("| row | Sync-C | Sync-C / GT | Sync-D | MouthErr | mouth PSNR | mouth SSIM | PSNR |\n|---|---|---|---|---|---|---|---|")
+    for name, m in res.items():
+        if isinstance(m, dict):
+            fid = (f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if "dub" not in name else "- | - | -")
+            print(f"| {name} | {m['sync_c']:.2f} | {m['sync_c'] / gt_c:.2f} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | {fid} |")
+
+
+# -----------------------------------------------------------------------------
+# stage: eval, the foundation table
+
+
+def load_foundation(ckpt_dir, device="cpu"):
+    """The trained autoencoder, both SyncNets and MouthNet from ckpt_dir."""
+    path = lambda name: os.path.join(ckpt_dir, f"{name}.safetensors")
+    ae = L.load_checkpoint(path("vae"), L.AEConfig, L.VideoAE, device)[0]
+    sync_eval = L.load_checkpoint(path("syncnet_eval"), L.SyncNetConfig, L.SyncNet, device)[0]
+    sync_reward = L.load_checkpoint(path("syncnet_reward"), L.SyncNetConfig, L.SyncNet, device)[0]
+    mouth = L.load_checkpoint(path("mouthnet"), L.MouthNetConfig, L.MouthNet, device)[0]
+    return ae, sync_eval, sync_reward, mouth
+
+
+def corpus_speed(seconds=4.0, size=64):
+    """SynthTalk frames generated per second (video and audio) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    L.synthtalk_clip("train", 999_999, seconds, size)
+    dt = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return seconds * L.FPS / dt
+
+
+def eval_foundation(args):
+    ae, sync_eval, sync_reward, mouth = load_foundation(args.ckpt_dir, args.device)
+    test = test_pool(args)
+    recon = [reconstruct(ae, c, args.device) for c in tqdm(test, desc="autoencoder")]
+    res = {"test_clips": len(test), "corpus_frames_per_s_one_core": corpus_speed()}
+    ae_metrics = eval_vae(ae, test, args.device, recon)
+    res["ae_psnr"], res["ae_mouth_psnr"] = ae_metrics["psnr"], ae_metrics["mouth_psnr"]
+    val = val_clips(args)
+    for role, net in (("eval", sync_eval), ("reward", sync_reward)):
+        r = eval_syncnet(net, test, val)
+        res[f"syncnet_{role}"] = r
+        rec = L.evaluate_sync(net, recon, [c.audio for c in test])
+        r["ae_recon_sync_c"], r["ae_recon_sync_d"] = rec["sync_c"], rec["sync_d"]
+    res["mouth_err_gt"] = float(np.mean([L.mouth_error(mouth, c.frames, c.mouth) for c in test]))
+    res["mouth_err_ae_recon"] = float(np.mean([L.mouth_error(mouth, r, c.mouth) for r, c in zip(recon, test)]))
+    res["mouth_err_shuffled"] = float(np.mean([L.mouth_error(mouth, c.frames, test[(i + 1) % len(test)].mouth)
+                                               for i, c in enumerate(test)]))
+    print_foundation_table(res)
+    save_json(os.path.join(args.results, "foundation.json"), res)
+
+
+def print_foundation_table(r):
+    e, w = r["syncnet_eval"], r["syncnet_reward"]
+    rows = [
+        ("SynthTalk generation, frames/s (one core, 64 px, with audio)", f"{r['corpus_frames_per_s_one_core']:.0f}", ""),
+        ("autoencoder PSNR, full frame / mouth box (dB)", f"{r['ae_psnr']:.2f} / {r['ae_mouth_psnr']:.2f}", ""),
+        ("off-sync detection accuracy (3-15 frame shifts)", f"{e['offsync_accuracy']:.1%}", f"{w['offsync_accuracy']:.1%}"),
+        ("ground truth: clips with AV offset 0", f"{e['gt_offset0_frac']:.1%}", f"{w['gt_offset0_frac']:.1%}"),
+        ("ground truth Sync-C / Sync-D", f"{e['gt_sync_c']:.2f} / {e['gt_sync_d']:.2f}", f"{w['gt_sync_c']:.2f} / {w['gt_sync_d']:.2f}"),
+        ("audio shuffled across clips Sync-C / Sync-D", f"{e['shuffled_sync_c']:.2f} / {e['shuffled_sync_d']:.2f}",
+         f"{w['shuffled_sync_c']:.2f} / {w['shuffled_sync_d']:.2f}"),
+        ("GT Sync-C / shuffled Sync-C", f"{e['gt_sync_c'] / e['shuffled_sync_c']:.1f}x", f"{w['gt_sync_c'] / w['shuffled_sync_c']:.1f}x"),
+        ("autoencoder reconstruction Sync-C / Sync-D", f"{e['ae_recon_sync_c']:.2f} / {e['ae_recon_sync_d']:.2f}",
+         f"{w['ae_recon_sync_c']:.2f} / {w['ae_recon_sync_d']:.2f}"),
+        ("MouthErr: ground truth / AE reconstruction / shuffled mouth",
+         f"{r['mouth_err_gt']:.3f} / {r['mouth_err_ae_recon']:.3f} / {r['mouth_err_shuffled']:.3f}", ""),
+    ]
+    print(f"\nSynthTalk test split, {r['test_clips']} clips of 10 s\n")
+    print("| measure | eval SyncNet | reward SyncNet |\n|---|---|---|")
+    for name, a, b in rows:
+        print(f"| {name} | {a} | {b} |")
+
+
+def foundation(args):
+    """Every foundation model in order, then the table."""
+    for stage, extra in (("vae", []), ("syncnet", ["--role", "reward"]), ("syncnet", ["--role", "eval"]),
+                         ("mouthnet", []), ("eval", [])):
+        STAGES[stage](get_args([stage, *extra, "--ckpt-dir", args.ckpt_dir, "--size", str(args.size),
+                                 "--device", args.device, "--results", args.results]))
+
+
+# -----------------------------------------------------------------------------
+# stage: export SynthTalk as a folder of mp4 clips (the layout --data reads)
+
+
+def export_synthtalk(args):
+    out = args.out or "data/synthtalk"
+    n = args.clips or 64
+    for i in tqdm(range(n), desc=f"writing {out}"):
+        c = L.synthtalk_clip("train", i, args.seconds or 4.0, args.size)
+        L.write_video(os.path.join(out, f"{c.name}.mp4"), c.frames, c.audio)
+    print(f"wrote {n} clips to {out}; train on them with --data {out}")
+
+
+# -----------------------------------------------------------------------------
+
+STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet, "teacher": train_teacher,
+          "eval-teacher": eval_teacher, "eval": eval_foundation,
+          "foundation": foundation, "export": export_synthtalk}
 
 
 def main(argv=None):
