@@ -526,15 +526,62 @@ def rope_angles(freqs, t_pos, h, w):
     at = (t_pos.double()[:, None] * ft.to(t_pos.device))[:, None, None, :].expand(Fr, h, w, -1)
     ah = (torch.arange(h, device=t_pos.device).double()[:, None] * fh.to(t_pos.device))[None, :, None, :].expand(Fr, h, w, -1)
     aw = (torch.arange(w, device=t_pos.device).double()[:, None] * fw.to(t_pos.device))[None, None, :, :].expand(Fr, h, w, -1)
-    return torch.cat([at, ah, aw], -1).reshape(Fr * h * w, -1).float()
+    return torch.cat([at, ah, aw], -1).reshape(Fr * h * w, -1)                 # float64; cast at use
 
 
 def apply_rope(x, angles):
     """Rotate pairs of channels of x (B, H, N, Dh) by angles (N, Dh/2)."""
-    x2 = x.float().unflatten(-1, (-1, 2))                                    # (B, H, N, Dh/2, 2)
-    cos, sin = angles.cos(), angles.sin()
+    x2 = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (B, H, N, Dh/2, 2)
+    cos, sin = angles.cos().to(x2.dtype), angles.sin().to(x2.dtype)
     out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1)
     return out.flatten(-2).type_as(x)
+
+
+def block_causal_mask(n_frames, tokens_per_frame, chunk, device=None):
+    """(F N, F N) bool, True where attention is allowed: a token sees its own chunk of `chunk`
+    latent frames and every earlier chunk (the student's training mask)."""
+    c = torch.arange(n_frames, device=device).repeat_interleave(tokens_per_frame) // chunk
+    return c[:, None] >= c[None, :]
+
+
+class KVCache:
+    """Sink + rolling-window keys and values for streaming, one slot per block (StreamingLLM's
+    layout, counted in latent frames).
+
+    Holds the first `sink` latent frames of the stream and the most recent ones, so that the current
+    chunk attends `window` latent frames in all: [sink | recent | current]. Keys are stored after
+    qk-norm but *before* RoPE and rotated when used by their place in that layout (dynamic RoPE):
+    positions stay below `window` however long the stream runs, and memory is constant once the
+    window has filled. Only a forward pass with update=True (the KV refresh on the clean output at
+    t = 0) writes into it."""
+    def __init__(self, depth, sink=1, window=7, chunk=3):
+        assert window - chunk - sink >= 0, "the window must hold the sink and the current chunk"
+        self.sink, self.recent = sink, window - chunk - sink
+        self.k, self.v = [None] * depth, [None] * depth
+        self.frames = 0               # latent frames written since the stream began
+        self.update = False           # set by DiT.forward for the KV-refresh pass
+
+    @property
+    def cached_frames(self):
+        return min(self.frames, self.sink + self.recent)
+
+    def layer(self, i, k, v, tokens_per_frame):
+        """Keys and values block i attends: (cached, then the current chunk's); writes the current
+        ones into the cache when updating. k, v (B, H, n, Dh), k not yet rotated."""
+        past_k, past_v = self.k[i], self.v[i]
+        k_all = k if past_k is None else torch.cat([past_k, k], 2)
+        v_all = v if past_v is None else torch.cat([past_v, v], 2)
+        if self.update:
+            keep_sink, keep_recent = self.sink * tokens_per_frame, self.recent * tokens_per_frame
+            if k_all.shape[2] > keep_sink + keep_recent:
+                roll = lambda z: torch.cat([z[:, :, :keep_sink], z[:, :, z.shape[2] - keep_recent:]], 2)
+                self.k[i], self.v[i] = roll(k_all), roll(v_all)
+            else:
+                self.k[i], self.v[i] = k_all, v_all
+        return k_all, v_all
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 class Attention(nn.Module):
@@ -546,10 +593,15 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, angles, mask=None):
+    def forward(self, x, angles, mask=None, cache=None, layer=0, tokens_per_frame=1):
+        """x (B, n, D). angles (m, Dh/2) for the m >= n keys attended: without a cache m = n; with
+        one the cached keys come first and the queries take the last n positions."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            k, v = cache.layer(layer, k, v, tokens_per_frame)                    # (B, H, m, Dh)
+        q, k = apply_rope(q, angles[-N:]), apply_rope(k, angles)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
@@ -567,14 +619,14 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.audio = nn.Linear(d, d) if audio else None   # this block's audio projection (zero-init)
 
-    def forward(self, x, c, a, angles, mask=None):
+    def forward(self, x, c, a, angles, mask=None, cache=None, layer=0):
         """x (B, F, N, D) tokens; c (B, F, D) timestep embedding; a (B, F, D) audio or None."""
         B, Fr, N, D = x.shape
         if self.audio is not None and a is not None:
             x = x + self.audio(a)[:, :, None, :]                                  # added to the frame's tokens
         s1, sc1, g1, s2, sc2, g2 = self.ada(c)[:, :, None, :].chunk(6, -1)      # each (B, F, 1, D)
         h = modulate(self.norm1(x), s1, sc1).reshape(B, Fr * N, D)
-        x = x + g1 * self.attn(h, angles, mask).view(B, Fr, N, D)
+        x = x + g1 * self.attn(h, angles, mask, cache, layer, N).view(B, Fr, N, D)
         x = x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
         return x
 
@@ -608,25 +660,31 @@ class DiT(nn.Module):
         nn.init.zeros_(self.ada_out[-1].weight), nn.init.zeros_(self.ada_out[-1].bias)
         nn.init.zeros_(self.patch_out.weight), nn.init.zeros_(self.patch_out.bias)
 
-    def forward(self, x, t, cond, audio, t_pos=None, mask=None):
+    def forward(self, x, t, cond, audio, mask=None, cache=None, update_cache=False):
         """Predict the flow-matching velocity v = eps - x0.
 
         x (B, F, 16, h, w) noisy latent; t (B, F) per-frame timestep in [0, 1]; cond (B, F, 33, h, w)
         reference latent | mask | masked source latent; audio (B, F, A) packed audio features (zeros
-        = dropped); t_pos (F,) RoPE positions of the frames (default 0..F-1); mask: attention mask
-        over the F * N tokens (None = bidirectional)."""
+        = dropped); mask: attention mask over the F N tokens (None = bidirectional, or
+        block_causal_mask for the student). cache: a KVCache to attend (streaming); update_cache
+        writes this pass's keys and values into it (the KV refresh)."""
         B, Fr, C, H, W = x.shape
         p = self.cfg.patch
         h, w = H // p, W // p
         tok = torch.cat([x, cond], 2).view(B, Fr, -1, h, p, w, p)
         tok = tok.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, h * w, -1)              # (B, F, N, Cpp)
         tok = self.patch_in(tok)                                                      # (B, F, N, D)
-        c = self.t_embed(timestep_embedding(t, 256))                                  # (B, F, D)
+        c = self.t_embed(timestep_embedding(t, 256).to(tok.dtype))                    # (B, F, D)
         a = self.audio_embed(audio)                                                   # (B, F, D)
-        t_pos = torch.arange(Fr, device=x.device) if t_pos is None else t_pos
-        angles = rope_angles(self.rope, t_pos, h, w)                                  # (F*N, Dh/2)
-        for blk in self.blocks:
-            tok = blk(tok, c, a, angles, mask)
+        past = cache.cached_frames if cache is not None else 0
+        angles = rope_angles(self.rope, torch.arange(past + Fr, device=x.device), h, w)   # ((P+F) N, Dh/2)
+        if cache is not None:
+            cache.update = update_cache
+        for i, blk in enumerate(self.blocks):
+            tok = blk(tok, c, a, angles, mask, cache, i)
+        if cache is not None and update_cache:
+            cache.frames += Fr
+            cache.update = False
         shift, scale = self.ada_out(c)[:, :, None, :].chunk(2, -1)
         out = self.patch_out(modulate(self.norm_out(tok), shift, scale))              # (B, F, N, Cpp)
         out = out.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
@@ -727,28 +785,33 @@ def pack_audio(feats, start, n_latent, context):
 
 @dataclass
 class EncodedClip:
-    """A clip in latent space, computed once so training never runs the encoder:
-    single[i] = latent of frame i alone (first latent frames and references),
-    groups[j] = latent of frames 4j+1 .. 4j+4; m_* the same for the lower-face-masked frames;
-    feats = audio_frame_features of the driving audio."""
+    """A clip in latent space, computed once so training never runs the encoder. Windows start and
+    references sit on the 4-frame grid: single[m] = latent of frame 4m alone (a window's first
+    latent frame, or a reference), groups[j] = latent of frames 4j+1 .. 4j+4; m_* the same for
+    the lower-face-masked frames; feats = audio_frame_features of the driving audio."""
     single: torch.Tensor
     groups: torch.Tensor
     m_single: torch.Tensor
     m_groups: torch.Tensor
     feats: torch.Tensor
 
+    @property
+    def n_frames(self):
+        return 1 + 4 * len(self.groups)
+
 
 @torch.no_grad()
 def encode_clip(ae, frames, audio, context, batch=64):
-    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip."""
+    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip (the first 1 + 4 ((T - 1) // 4) frames)."""
     dev = next(ae.parameters()).device
     x = frames_to_tensor(frames)                                                   # (T, 3, H, W)
     masked = x * (1 - lower_face_mask(*x.shape[-2:]))
     G = (len(x) - 1) // 4
 
     def enc(v):
-        single = torch.cat([ae.encode(v[i:i + batch, None].to(dev))[:, 0] for i in range(0, len(v), batch)])
-        groups = ae.encode(v[None, :1 + 4 * G].to(dev))[0, 1:]
+        grid = v[:1 + 4 * G:4, None]                                               # (G + 1, 1, 3, H, W)
+        single = torch.cat([ae.encode(grid[i:i + batch].to(dev))[:, 0] for i in range(0, len(grid), batch)])
+        groups = ae.encode(v[None, :1 + 4 * G].to(dev))[0, 1:]                     # (G, 16, h, w)
         return single.cpu(), groups.cpu()
 
     (s, g), (ms, mg) = enc(x), enc(masked)
@@ -756,15 +819,15 @@ def encode_clip(ae, frames, audio, context, batch=64):
 
 
 def latent_window(enc, start, n_latent, ref, context):
-    """The teacher's inputs for the window of 1 + 4(n_latent - 1) frames at `start` (a multiple
-    of 4) with reference frame `ref`: x0 (F, 16, h, w), cond (F, 33, h, w), audio (F, A)."""
-    assert start % 4 == 0, "windows start on the 4-frame grid of the precomputed latents"
+    """The teacher's inputs for the window of 1 + 4(n_latent - 1) frames at video frame `start`
+    with reference frame `ref` (both multiples of 4): x0 (F, 16, h, w), cond (F, 33, h, w), audio (F, A)."""
+    assert start % 4 == 0 and ref % 4 == 0, "windows and references sit on the 4-frame grid of the latents"
     m = start // 4
-    x0 = torch.cat([enc.single[start:start + 1], enc.groups[m:m + n_latent - 1]])
-    src = torch.cat([enc.m_single[start:start + 1], enc.m_groups[m:m + n_latent - 1]])
+    x0 = torch.cat([enc.single[m:m + 1], enc.groups[m:m + n_latent - 1]])
+    src = torch.cat([enc.m_single[m:m + 1], enc.m_groups[m:m + n_latent - 1]])
     h, w = x0.shape[-2:]
     mask = lower_face_mask(h, w).expand(n_latent, 1, h, w)
-    cond = torch.cat([enc.single[ref].expand(n_latent, -1, -1, -1), mask, src], 1)
+    cond = torch.cat([enc.single[ref // 4].expand(n_latent, -1, -1, -1), mask, src], 1)
     return x0, cond, pack_audio(enc.feats, start, n_latent, context)
 
 

@@ -3,6 +3,7 @@ Tests for lipforcing. Each states the invariant it checks in its docstring and c
 an independent reference where one exists. Run: python -m pytest -q test_lipforcing.py
 """
 
+import math
 import os
 import subprocess
 
@@ -581,3 +582,104 @@ def test_ssim_matches_a_direct_computation():
                 vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
     assert abs(L.ssim(a, b) - np.mean(vals)) < 1e-6
     assert L.ssim(a, a) == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# causal student: block-causal attention, sink + rolling KV cache, dynamic RoPE
+
+
+def bitey_dit(seed=0, **kw):
+    """A small DiT whose zero-initialised layers are perturbed, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = tiny_dit(**kw).double().eval()
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    return model
+
+
+def stream_inputs(n_frames, seed=1):
+    x, t, cond, audio = dit_inputs(B=1, Fr=n_frames, hw=4, seed=seed)
+    return x.double(), torch.zeros_like(t).double(), cond.double(), audio.double()
+
+
+def test_streaming_with_cache_equals_block_causal_forward():
+    """(a) While the stream fits the window, running chunk after chunk with the KV cache (each
+    pass writing its keys) equals one block-causal forward over the whole sequence, to 1e-5."""
+    model = bitey_dit()
+    chunk, n_chunks = 3, 4
+    x, t, cond, audio = stream_inputs(chunk * n_chunks)
+    N = 4                                                         # tokens per latent frame (4x4 latent, patch 2)
+    full = model(x, t, cond, audio, mask=L.block_causal_mask(x.shape[1], N, chunk))
+    cache = L.KVCache(len(model.blocks), sink=1, window=chunk * n_chunks, chunk=chunk)
+    parts = []
+    for c in range(n_chunks):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        parts.append(model(x[:, sl], t[:, sl], cond[:, sl], audio[:, sl], cache=cache, update_cache=True))
+    assert_close(torch.cat(parts, 1), full, 1e-5, "streamed vs block-causal")
+    bidirectional = model(x, t, cond, audio)
+    assert (bidirectional - full)[:, :-chunk].abs().max() > 1e-3    # the mask really changes the result
+
+
+def test_rolling_cache_attention_equals_explicit_slicing():
+    """(b) With rolling, each chunk attends exactly [sink frame | the last 3 cached frames | itself],
+    rotated by place: one attention layer fed chunk by chunk equals a reference that assembles
+    those keys by hand from all frames' projections."""
+    torch.manual_seed(0)
+    D, H, N, chunk = 32, 4, 4, 3
+    attn = L.Attention(D, H).double()
+    freqs = L.rope_freqs(D // H, 10000.0)
+    cache = L.KVCache(1, sink=1, window=7, chunk=chunk)
+    xs = torch.randn(1, 6 * chunk * N, D, dtype=torch.float64)           # 6 chunks of 3 frames of N tokens
+    q_all, k_all, v_all = attn.qkv(xs).view(1, -1, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    k_all = attn.k_norm(k_all)
+    for c in range(6):
+        x = xs[:, c * chunk * N:(c + 1) * chunk * N]
+        past = cache.cached_frames
+        out = attn(x, L.rope_angles(freqs, torch.arange(past + chunk), 2, 2), cache=cache, tokens_per_frame=N)
+        cache.update = True                                               # the refresh pass writes
+        attn(x, L.rope_angles(freqs, torch.arange(past + chunk), 2, 2), cache=cache, tokens_per_frame=N)
+        cache.update = False
+        cache.frames += chunk
+        # reference: frames [0] + the 3 before this chunk (or fewer) + this chunk, by hand
+        frames = sorted(set([0] * (c > 0) + list(range(max(1, c * chunk - 3), c * chunk)))) + \
+            list(range(c * chunk, (c + 1) * chunk))
+        tok = torch.cat([torch.arange(f * N, (f + 1) * N) for f in frames])
+        ang = L.rope_angles(freqs, torch.arange(len(frames)), 2, 2)
+        q = L.apply_rope(attn.q_norm(q_all[:, :, c * chunk * N:(c + 1) * chunk * N]), ang[-chunk * N:])
+        k = L.apply_rope(k_all[:, :, tok], ang)
+        ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // H), -1) @ v_all[:, :, tok]
+        ref = attn.proj(ref.transpose(1, 2).reshape(1, -1, D))
+        assert_close(out, ref, 1e-10, f"chunk {c}")
+    assert cache.cached_frames == 4 and cache.k[0].shape[2] == 4 * N
+
+
+def test_dynamic_rope_output_depends_only_on_cache_contents():
+    """(c) With the same input every chunk the cache contents repeat once the window is full, so the
+    output at chunk 5 and at chunk 500 are identical: positions come from the place in the cache,
+    not from how far into the stream we are."""
+    model = bitey_dit()
+    x, t, cond, audio = stream_inputs(3)
+    cache = L.KVCache(len(model.blocks), sink=1, window=7, chunk=3)
+    outs = {}
+    with torch.no_grad():
+        first = model(x, t, cond, audio, cache=cache, update_cache=True)
+        for c in range(1, 501):
+            out = model(x, t, cond, audio, cache=cache)
+            model(x, t, cond, audio, cache=cache, update_cache=True)
+            outs[c] = out
+    assert torch.equal(outs[5], outs[500]) and cache.frames == 501 * 3
+    assert (outs[5] - first).abs().max() > 1e-4       # the cache does matter
+
+
+def test_cache_memory_is_constant_once_the_window_fills():
+    """(d) The cache holds sink + recent frames at most: its size after chunk 3 equals its size
+    after chunk 40."""
+    model = bitey_dit()
+    x, t, cond, audio = stream_inputs(3)
+    cache = L.KVCache(len(model.blocks), sink=1, window=7, chunk=3)
+    sizes = []
+    with torch.no_grad():
+        for c in range(40):
+            model(x, t, cond, audio, cache=cache, update_cache=True)
+            sizes.append(cache.nbytes())
+    assert sizes[1] > sizes[0] and sizes[2] == sizes[39] and cache.cached_frames == 4
