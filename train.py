@@ -251,7 +251,9 @@ def train_syncnet(args):
     gid = torch.arange(batch) // group
     same = torch.eye(batch)
     hard = (gid[:, None] == gid[None, :]).float() - same
-    weight = (same * batch + hard * batch / (group - 1) / 1.5 + (1 - same - hard) * batch / (batch - group) / 3)
+    easy = 1 - same - hard
+    # pair weights: in-sync pairs carry half the loss, shifted pairs a third, other clips a sixth
+    weight = same / same.sum() / 2 + hard / hard.sum() / 3 + easy / easy.sum() / 6
     same, weight = same.to(args.device), weight.to(args.device)
 
     def step(_):
@@ -414,7 +416,7 @@ def train_teacher(args):
     tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
     bins = np.zeros((2, len(T_BINS) - 1))                      # loss sums and counts per t bin
 
-    def step(_):
+    def step(i):
         x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
         t = L.shift_t(torch.rand(batch, device=args.device))[:, None].expand(-1, n_latent)   # (B, F)
         eps = torch.randn_like(x0)
@@ -428,7 +430,7 @@ def train_teacher(args):
         np.add.at(bins[1], b, 1)
         text = "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
                                        zip(T_BINS[:-1], T_BINS[1:], *bins))
-        if (_ + 1) % 100 == 0:
+        if (i + 1) % 100 == 0:                                 # the log line covers the last 100 steps
             bins[:] = 0
         return per_sample.mean(), batch * tokens, text
 
