@@ -114,9 +114,12 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if ema is not None:
+            # warm the EMA up: early on average over the steps so far, so a short run's EMA is not
+            # mostly the (zero-output) initial model; then settle at ema_decay
+            decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - ema_decay)
+                    pe.lerp_(p, 1 - decay)
         seen += n
         losses.append(loss.item())
         run_loss = losses[-1] if run_loss is None else 0.98 * run_loss + 0.02 * losses[-1]
