@@ -21,6 +21,7 @@ config inside, written to checkpoints/ unless --out says otherwise.
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -370,8 +371,8 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
 
 
-def encode_pool(ae, clips, context, audio_of=lambda c: c.audio, desc="encoding"):
-    return [L.encode_clip(ae, c.frames, audio_of(c), context) for c in tqdm(clips, desc=desc)]
+def encode_pool(ae, clips, context, desc="encoding"):
+    return [L.encode_clip(ae, c.frames, c.audio, context) for c in tqdm(clips, desc=desc)]
 
 
 def random_ref(rng, T, start, length):
@@ -440,11 +441,12 @@ def train_teacher(args):
     state = args.state or os.path.join(args.ckpt_dir, "teacher.state.safetensors")
     if not args.resume and os.path.isfile(state):
         os.remove(state)
-    losses = fit(model, step, args.steps or 3000, args.lr or 3e-4, "teacher", unit="tokens", ema=ema,
+    steps = args.steps or 3000
+    losses = fit(model, step, steps, args.lr or 3e-4, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
     out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
-    L.save_checkpoint(out, ema, cfg, extra={"steps": args.steps or 3000, "final_loss": float(np.mean(losses[-50:]))})
+    L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
     print(f"saved {out} (EMA weights)")
     return losses
 
@@ -511,8 +513,10 @@ def eval_teacher(args):
         add("ground truth", clip_metrics(gt, c.audio, c.mouth, gt, sync_eval, mouth_net))
         add("autoencoder reconstruction", clip_metrics(reconstruct(ae, L.Clip(gt, c.audio), args.device),
                                                        c.audio, c.mouth, gt, sync_eval, mouth_net))
+        enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context)
         for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
-            enc = L.encode_clip(ae, c.frames, audio, model.cfg.audio_context)
+            # the frames (and so the latents) are the same for both tasks: only the audio changes
+            enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context))
             for name, scale in (("CFG 4.5", 4.5), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
