@@ -85,7 +85,8 @@ def load_checkpoint(path, config_class, model_class, device="cpu"):
     if meta.get("config_class") != config_class.__name__:
         raise ValueError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
     known = {f.name for f in fields(config_class)}
-    config = config_class(**{k: v for k, v in json.loads(meta["config"]).items() if k in known})
+    config = config_class(**{k: tuple(v) if isinstance(v, list) else v        # json turns tuples into lists
+                             for k, v in json.loads(meta["config"]).items() if k in known})
     model = model_class(config)
     model.load_state_dict(load_file(path, device=str(device)))
     return model.to(device).eval(), config, json.loads(meta.get("extra", "{}"))
@@ -365,6 +366,11 @@ class AEConfig:
     time_down: int = 4        # video frames per latent frame
     space_down: int = 8       # pixels per latent cell, each side
     width: int = 32           # channels at the finest conv level, doubling at each level below
+    # per-channel mean and std of the encoder's output on training clips (set after training):
+    # latents are normalised with them, as Wan-VAE's are, so the DiT's x0 has unit variance
+    # against unit-variance noise. Empty = raw encoder output.
+    latent_mean: tuple = ()
+    latent_std: tuple = ()
     seed: int = 0
 
 
@@ -407,16 +413,26 @@ class VideoAE(nn.Module):
         self.dec_res = nn.ModuleList(ResBlock(ch[i + 1]) for i in reversed(range(levels)))
         self.dec_up = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1) for i in reversed(range(levels)))
         self.dec_out = nn.Sequential(ResBlock(ch[0]), nn.ReLU(), nn.Conv2d(ch[0], cin, 3, padding=1))
+        stat = lambda v, fill: torch.tensor(v or [fill] * cfg.latent_channels, dtype=torch.float32).view(-1, 1, 1)
+        self.register_buffer("z_mean", stat(cfg.latent_mean, 0.0), persistent=False)
+        self.register_buffer("z_std", stat(cfg.latent_std, 1.0), persistent=False)
 
     def encode(self, x):
         """x (B, 1 + 4k, 3, H, W) in [-1, 1] -> z (B, 1 + k, 16, H/8, W/8)."""
         tf = self.cfg.time_down
         B, T, C, H, W = x.shape
         assert (T - 1) % tf == 0, f"the autoencoder takes 1 + {tf}k frames, got {T}"
-        x = torch.cat([x[:, :1].expand(B, tf - 1, C, H, W), x], 1)           # (B, 4(k+1), 3, H, W)
-        Fr = x.shape[1] // tf
+        return self.encode_groups(torch.cat([x[:, :1].expand(B, tf - 1, C, H, W), x], 1))
+
+    def encode_groups(self, x):
+        """x (B, 4k, 3, H, W): k groups of 4 frames -> their k latent frames (B, k, 16, H/8, W/8).
+        Each latent frame sees only its own 4 frames, so a stream can encode group by group."""
+        tf = self.cfg.time_down
+        B, T, C, H, W = x.shape
+        assert T % tf == 0, f"encode_groups takes {tf}k frames, got {T}"
+        Fr = T // tf
         x = x.reshape(B * Fr, tf * C, H, W)                                  # frames packed in C
-        z = self.encoder(F.pixel_unshuffle(x, 2))                            # (B*F, 16, h, w)
+        z = (self.encoder(F.pixel_unshuffle(x, 2)) - self.z_mean) / self.z_std   # (B*F, 16, h, w)
         return z.view(B, Fr, *z.shape[1:])
 
     def decode(self, z, memory=None):
@@ -425,7 +441,7 @@ class VideoAE(nn.Module):
         chunk of latents to continue the same clip."""
         B, Fr = z.shape[:2]
         first = memory is None
-        h = self.dec_in(z.flatten(0, 1))
+        h = self.dec_in(z.flatten(0, 1) * self.z_std + self.z_mean)
         new_memory = []
         for i, (mem, res, up) in enumerate(zip(self.dec_mem, self.dec_res, self.dec_up)):
             h = h.view(B, Fr, *h.shape[1:])                                  # (B, F, C, h, w)
@@ -482,6 +498,9 @@ class DiTConfig:
     cfg_drop: float = 0.1          # probability of dropping the condition in training (CFG)
     drop_mode: str = "audio"       # "audio": drop only the audio; "all": audio and spatial conditions
     chunk: int = 3                 # latent frames per chunk (block-causal student)
+    causal: bool = False           # a block-causal student (True) or the bidirectional teacher
+    sink: int = 1                  # streaming: latent frames kept from the start of the stream
+    window: int = 7                # streaming: latent frames attended in all (sink + past + current chunk)
     seed: int = 0
 
     @property
@@ -751,6 +770,29 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=4.5, cfg_schedule
     return x
 
 
+# The student's two-step schedule: ODE steps 0 and 30 of the teacher's 50 (t = 0.999, 0.769).
+STUDENT_STEPS = (0.999, ode_t(30))
+
+
+@torch.no_grad()
+def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS):
+    """One chunk of the student's few-step sampler, no CFG: predict x0 from pure noise at steps[0],
+    re-noise the prediction to steps[1] with fresh noise, predict x0 again, and so on. With a
+    cache, a last pass on the clean output at t = 0 writes the chunk's keys and values into it
+    (the KV refresh), so the next chunk attends a clean past.
+
+    cond (B, F, 33, h, w), audio (B, F, A), noises (len(steps), B, F, 16, h, w) -> x0 (B, F, 16, h, w)."""
+    B, Fr = noises.shape[1:3]
+    x0 = None
+    for i, t in enumerate(steps):
+        tt = torch.full((B, Fr), t, device=noises.device)
+        x = noises[0] if x0 is None else add_noise(x0, noises[i], tt)
+        x0 = x - t * model(x, tt, cond, audio, cache=cache)
+    if cache is not None:
+        model(x0, torch.zeros(B, Fr, device=noises.device), cond, audio, cache=cache, update_cache=True)
+    return x0
+
+
 # -----------------------------------------------------------------------------
 # 7. conditioning: latents, lower-face mask, packed audio
 
@@ -764,13 +806,26 @@ def lower_face_mask(H, W, device=None):
     return m
 
 
-def audio_frame_features(audio, context):
-    """Normalised log-mel per video frame, padded for packing: (T * 640,) -> (T + 3 + 2c, 160).
-    Row i holds video frame i - 3 - c; frames before the clip and after its end are silence."""
+def frame_features(audio, v0, v1, offset=0):
+    """Normalised log-mel of video frames v0 .. v1-1: (v1 - v0, 160), 4 mel frames per row.
+    `audio` holds the waveform from sample `offset` on; samples outside it are silence. A frame's
+    mel windows reach 120 samples into its neighbours, so one frame of margin on each side makes
+    any range equal to the same rows of the whole clip (a stream computes them piece by piece)."""
     a = torch.as_tensor(audio).float()
-    a = F.pad(a, ((3 + context) * SAMPLES_PER_FRAME, context * SAMPLES_PER_FRAME))
-    mel = (log_mel(a) - MEL_MEAN) / MEL_STD                             # (4 (T + 3 + 2c), N_MELS)
-    return mel.view(-1, MELS_PER_FRAME * N_MELS)
+    s0, s1 = (v0 - 1) * SAMPLES_PER_FRAME, (v1 + 1) * SAMPLES_PER_FRAME
+    x = torch.zeros(s1 - s0)
+    lo, hi = max(s0, offset), min(s1, offset + len(a))
+    if hi > lo:
+        x[lo - s0:hi - s0] = a[lo - offset:hi - offset]
+    mel = (log_mel(x) - MEL_MEAN) / MEL_STD                             # (4 (v1 - v0 + 2), N_MELS)
+    return mel[MELS_PER_FRAME:-MELS_PER_FRAME].reshape(v1 - v0, MELS_PER_FRAME * N_MELS)
+
+
+def audio_frame_features(audio, context):
+    """A whole clip's features, padded for packing: (T * 640,) -> (T + 3 + 2c, 160). Row i holds
+    video frame i - 3 - c; frames before the clip and after its end are silence."""
+    T = -(-len(audio) // SAMPLES_PER_FRAME)
+    return frame_features(audio, -3 - context, T + context)
 
 
 def pack_audio(feats, start, n_latent, context):
@@ -1387,3 +1442,129 @@ def sample_windows(clips, batch, n_frames, rng, with_audio=False):
         audio.append(c.audio[s * SAMPLES_PER_FRAME:(s + n_frames) * SAMPLES_PER_FRAME])
     x = frames_to_tensor(np.stack(frames))
     return (x, torch.from_numpy(np.stack(audio))) if with_audio else x
+
+
+# -----------------------------------------------------------------------------
+# 11. streaming lip sync with the causal student
+
+
+def composite_mask(H, W, feather=None):
+    """Where the generated frame replaces the source: the lower face, with a linear ramp of
+    `feather` rows (H / 16 by default) centred on the mask's edge so no seam shows. (H, W, 1)."""
+    feather = feather or max(1, H // 16)
+    rows = np.clip((np.arange(H) - (H // 2 - feather / 2) + 0.5) / feather, 0, 1)
+    return np.broadcast_to(rows[:, None, None], (H, W, 1)).astype(np.float32)
+
+
+class LipSyncStream:
+    """Live lip sync: push source frames and driving audio as they arrive, get finished frames
+    back chunk by chunk.
+
+    Chunk k is latent frames 3k .. 3k+2 of the stream: video frames 0-8 for the first chunk (its
+    first latent frame holds frame 0 alone), then 12 frames per chunk. A chunk runs as soon as its
+    source frames and its audio have arrived; the audio of a latent frame reaches `audio_context`
+    frames (plus one 120-sample mel half-window) past its last video frame, so that is the
+    lookahead. Per chunk: encode the masked source frames, the student's two denoising passes and
+    the KV refresh, the autoencoder's streaming decoder, then the lower face is composited into
+    the source frames. Everything kept is bounded: the KV cache (sink + window), the decoder's
+    one-latent memory, and less than two chunks of input.
+
+    reference: the identity frame (uint8 (H, W, 3)); by default the first source frame.
+    steps: the denoising schedule per chunk (STUDENT_STEPS; (0.999,) for one step)."""
+    def __init__(self, student, ae, reference=None, seed=0, composite=True, steps=STUDENT_STEPS):
+        cfg = student.cfg
+        self.model, self.ae, self.composite, self.steps = student, ae, composite, tuple(steps)
+        self.device = next(student.parameters()).device
+        self.cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)
+        self.chunk, self.context = cfg.chunk, cfg.audio_context
+        self.tf = ae.cfg.time_down
+        self.gen = torch.Generator().manual_seed(seed)
+        self.reference = reference
+        self.ref = None                                  # reference latent (1, 1, 16, h, w)
+        self.frames = []                                 # source frames not yet used
+        self.audio, self.audio_start = np.zeros(0, np.float32), 0   # audio from sample audio_start on
+        self.latents = 0                                 # latent frames generated so far
+        self.done = 0                                    # video frames output so far
+        self.memory = None                               # the decoder's memory
+
+    def _need(self):
+        """(source frames, absolute audio samples) the next chunk needs."""
+        n = self.tf * self.chunk - (self.tf - 1 if self.latents == 0 else 0)    # 9, then 12
+        last = self.done + n - 1
+        return n, (last + self.context + 1) * SAMPLES_PER_FRAME + (MEL_WIN - MEL_HOP) // 2
+
+    def push(self, frames=(), audio=None):
+        """Add source frames (uint8 (n, H, W, 3)) and/or audio (16 kHz mono float samples).
+        Returns the frames finished by this call, uint8 (m, H, W, 3); m is often 0."""
+        self.frames.extend(np.asarray(f) for f in frames)
+        if audio is not None:
+            self.audio = np.concatenate([self.audio, np.asarray(audio, np.float32)])
+        out = []
+        while True:
+            n, samples = self._need()
+            if len(self.frames) < n or self.audio_start + len(self.audio) < samples:
+                break
+            out.append(self._run_chunk(n))
+        return np.concatenate(out) if out else np.zeros((0, *self._frame_shape()), np.uint8)
+
+    def flush(self):
+        """End of input: the last partial chunk is completed by repeating the last source frame
+        (audio past the end is silence) and only the real frames are returned."""
+        out = []
+        while self.frames:
+            n, _ = self._need()
+            real = min(n, len(self.frames))
+            self.frames += [self.frames[-1]] * (n - real)
+            out.append(self._run_chunk(n)[:real])
+        return np.concatenate(out) if out else np.zeros((0, *self._frame_shape()), np.uint8)
+
+    def _frame_shape(self):
+        f = self.frames[0] if self.frames else self.reference
+        return f.shape if f is not None else (0, 0, 3)
+
+    @torch.no_grad()
+    def _run_chunk(self, n):
+        src, self.frames = np.stack(self.frames[:n]), self.frames[n:]
+        x = frames_to_tensor(src).to(self.device)                                # (n, 3, H, W)
+        H, W = x.shape[-2:]
+        masked = (x * (1 - lower_face_mask(H, W, x.device)))[None]
+        if self.latents == 0:
+            ref = src[0] if self.reference is None else self.reference
+            self.ref = self.ae.encode(frames_to_tensor(ref)[None, None].to(self.device))
+            z_src = self.ae.encode(masked)                                       # (1, 3, 16, h, w)
+        else:
+            z_src = self.ae.encode_groups(masked)
+        Fr, (h, w) = z_src.shape[1], z_src.shape[-2:]
+        mask = lower_face_mask(h, w, x.device).expand(1, Fr, 1, h, w)
+        cond = torch.cat([self.ref.expand(1, Fr, -1, -1, -1), mask, z_src], 2)  # (1, F, 33, h, w)
+        # audio rows of video frames 4g - 3 - c .. 4g + c for the chunk's latent frames g
+        v0 = self.tf * self.latents - (self.tf - 1) - self.context
+        feats = frame_features(self.audio, v0, v0 + self.tf * Fr + 2 * self.context, self.audio_start)
+        audio = pack_audio(feats, 0, Fr, self.context)[None].to(self.device)    # (1, F, A)
+        noises = torch.randn((len(self.steps), 1, Fr, *z_src.shape[2:]), generator=self.gen).to(self.device)
+        z = sample_chunk(self.model, cond, audio, noises, self.cache, self.steps)
+        y, self.memory = self.ae.decode(z, self.memory)                          # (1, n, 3, H, W)
+        out = tensor_to_frames(y[0])
+        if self.composite:
+            m = composite_mask(H, W)
+            out = (src * (1 - m) + out * m).round().astype(np.uint8)
+        self.latents += Fr
+        self.done += n
+        # drop audio no later chunk reads (its rows start at frame v0 + 4F, with one frame of margin)
+        keep_from = (v0 + self.tf * Fr - 1) * SAMPLES_PER_FRAME
+        if keep_from > self.audio_start:
+            cut = min(keep_from - self.audio_start, len(self.audio))
+            self.audio, self.audio_start = self.audio[cut:], self.audio_start + cut
+        return out
+
+    def nbytes(self):
+        """Bytes held by the stream's state (cache, decoder memory, buffered input)."""
+        mem = sum(t.numel() * t.element_size() for t in self.memory) if self.memory else 0
+        return self.cache.nbytes() + mem + self.audio.nbytes + sum(f.nbytes for f in self.frames)
+
+
+def lipsync(student, ae, frames, audio, reference=None, seed=0, composite=True, steps=STUDENT_STEPS):
+    """Offline lip sync through the same stream: frames uint8 (T, H, W, 3), audio (>= T * 640,)
+    16 kHz -> uint8 (T, H, W, 3)."""
+    stream = LipSyncStream(student, ae, reference, seed, composite, steps)
+    return np.concatenate([stream.push(frames, audio), stream.flush()])

@@ -1,13 +1,694 @@
 """
-Lip-sync a video with the causal student, stream, and benchmark.
+Lip-sync with the causal student: a demo, real files, a live stream, and a benchmark.
 
-Not built yet: the sampler needs the causal student (block-causal DiT, KV cache, two-step
-schedule), which comes after the teacher. Until then the foundation's own job is
-`python train.py eval` (see README).
+  python sample.py                                                  # demo: a held-out SynthTalk speaker dubbed
+  python sample.py --video face.mp4 --audio speech.m4a --out out/dubbed.mp4
+  ffmpeg -i speech.mp3 -f s16le -ar 16000 -ac 1 - | \\
+      python sample.py --stream --video face.mp4 --audio - --out live.mp4    # live: audio from a pipe
+  python sample.py --stream --video face.mp4 --audio - --out - < speech.pcm | \\
+      ffplay -f rawvideo -pixel_format rgb24 -video_size WxH -framerate 25 -  # raw frames on stdout
+  python sample.py --benchmark [--device cuda] [--shape wan1.3b --size 512]  # student vs teacher speed
+  python sample.py --long-stream 180                                # memory and sync over a 3-minute stream
+
+The student is checkpoints/student.safetensors (the DMD student) if it exists, else
+checkpoints/student_df.safetensors (its Diffusion-Forcing init); --ckpt picks another.
+
+Length policy (files and stream): the output has one frame per started 40 ms of audio,
+ceil(samples / 640) frames at 25 fps. If the audio outlasts the video the source frames are played
+ping-pong (0, 1, .., T-1, T-2, .., 1, 0, 1, ..), so a video of one frame (a still image) is
+animated and a video shorter than one chunk works; if the audio is shorter the video is cut.
+The model sees the frames resized to --size (squares, as it was trained); the generated lower face
+is resized back and blended into the original frames with a soft mask (L.composite_mask), so the
+upper face is the source, pixel for pixel, at the source's resolution (odd sizes too; the mp4 is
+padded to even as L.write_video does). Silent audio is not an error: the student draws what it
+learnt for silence (SynthTalk's pauses hold the lips closed). Outputs are written atomically and
+their folder is created. Every bad input ends with one line `sample.py: error: ...` and exit code 2.
+
+TTFF (time to first frame), as the benchmark reports it:
+  compute TTFF = wall time from the start of processing, with all input already available, to the
+                 first output frame returned (the first chunk: encode, DiT, decode).
+  live TTFF    = input wait + compute TTFF, where the input wait is the media time that must have
+                 arrived before the first chunk can run: the student needs its first chunk's 9 frames
+                 plus the audio lookahead (audio_context frames and a 120-sample mel half-window), the
+                 teacher a whole 33-frame window plus the same lookahead.
+--stream measures TTFF directly: from the first audio sample read to the first frame written.
 """
 
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
+import time
+from collections import deque
+
+import imageio_ffmpeg
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lipforcing as L
+
+SPF = L.SAMPLES_PER_FRAME
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
+TEACHER_LATENT = 9            # the teacher samples 9-latent windows (33 frames) as it trained, ...
+TEACHER_HOP = 4 * (TEACHER_LATENT - 1)   # ... stitched with a 32-frame hop (train.py eval-teacher)
+TEACHER_CFG = 4.5             # its guidance scale (50 Euler steps: L.ODE_STEPS)
+OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
+GROW_IDLE = 1.0               # --stream from a growing file: it has ended after this many seconds without new data
+
+# -----------------------------------------------------------------------------
+# arguments and errors
+
+
+def log(args, msg):
+    """Print to stdout, or to stderr when stdout carries the frames (--stream --out -)."""
+    print(msg, file=sys.stderr if args.out == "-" else sys.stdout)
+
+
+def fail(msg):
+    """The one way out on bad input: one line on stderr, exit code 2, no traceback."""
+    print(f"sample.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: fail(f"{msg} (see python sample.py --help)")     # one line, not usage + error
+    p.add_argument("--video", help="face video (any container/codec/fps); a still image works as a 1-frame video")
+    p.add_argument("--audio", help="driving audio (any format, or a video's track); with --stream: - for "
+                                   "stdin, a named pipe or a growing file of raw s16le 16 kHz mono PCM")
+    p.add_argument("--out", help="output mp4 (default out/demo.mp4, or out/<video>-lipsync.mp4); "
+                                 "with --stream also - for raw rgb24 frames on stdout")
+    p.add_argument("--ckpt", help="student checkpoint (default: checkpoints/student.safetensors, else student_df)")
+    p.add_argument("--vae", default="checkpoints/vae.safetensors", help="autoencoder checkpoint")
+    p.add_argument("--syncnet", default="checkpoints/syncnet_eval.safetensors", help="eval SyncNet (Sync-C)")
+    p.add_argument("--teacher", default="checkpoints/teacher.safetensors", help="teacher checkpoint (--benchmark)")
+    p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
+    p.add_argument("--size", type=int, default=64, help="the model's frame size (square; a multiple of 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
+    p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
+    p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
+    p.add_argument("--seconds", type=float, default=10.0, help="SynthTalk clip length (demo, --benchmark)")
+    p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
+    p.add_argument("--results", default="results", help="folder for the JSON of --benchmark and --long-stream")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Everything that can be checked before any media is read or any model is loaded."""
+    if args.steps not in (1, 2):
+        fail(f"--steps {args.steps}: the student samples with 1 or 2 steps per chunk (it was distilled for 2)")
+    if args.size <= 0 or args.size % 16:
+        fail(f"--size {args.size}: must be a positive multiple of 16 (8x autoencoder, 2x2 DiT patches)")
+    if args.seconds <= 0 or (args.long_stream is not None and args.long_stream <= 0):
+        fail("--seconds and --long-stream take a positive number of seconds")
+    if args.threads is not None and args.threads < 1:
+        fail("--threads takes a positive number")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device}: not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    modes = [m for m, on in (("--stream", args.stream), ("--benchmark", args.benchmark),
+                             ("--long-stream", args.long_stream)) if on]
+    if len(modes) > 1:
+        fail(f"{' and '.join(modes)} are separate modes: pick one")
+    if (args.benchmark or args.long_stream) and args.video:
+        fail(f"{modes[0]} runs on a SynthTalk clip: leave out --video and --audio")
+    if (args.video is None) != (args.audio is None):
+        fail("pass both --video and --audio (or neither, for the demo)")
+    if args.stream and args.video is None:
+        fail("--stream needs --video FACE and --audio - (or a pipe / growing raw PCM file)")
+    if args.stream and args.out is None:
+        fail("--stream needs --out: - for raw rgb24 frames on stdout, or FILE.mp4")
+    if args.out is not None and args.out != "-":
+        if os.path.isdir(args.out):
+            fail(f"--out {args.out} is a directory: pass a file name such as {os.path.join(args.out, 'out.mp4')}")
+        if os.path.splitext(args.out)[1].lower() not in OUT_EXTS:
+            fail(f"--out {args.out}: write an {' / '.join(OUT_EXTS)} file (H.264 + AAC)")
+    if args.out == "-" and not args.stream:
+        fail("--out - (raw frames on stdout) is only for --stream; pass an .mp4 path")
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def load(path, config_class, model_class, device, how):
+    """load_checkpoint, with every failure turned into one line saying what to do."""
+    if not os.path.isfile(path):
+        fail(f"{path} not found: {how}")
+    try:
+        return L.load_checkpoint(path, config_class, model_class, device)[0]
+    except Exception as e:  # a corrupt file, another model's checkpoint, a config from another version
+        fail(f"cannot load {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): {how}")
+
+
+def student_path(args):
+    if args.ckpt:
+        return args.ckpt
+    found = [p for p in STUDENT_CKPTS if os.path.isfile(p)]
+    if not found:
+        fail(f"no student checkpoint ({' or '.join(STUDENT_CKPTS)}): train one with `python train.py df`, "
+             "or pass --ckpt")
+    return found[0]
+
+
+def load_student(args):
+    path = student_path(args)
+    model = load(path, L.DiTConfig, L.DiT, args.device, "train a student with `python train.py df`")
+    if not model.cfg.causal:
+        fail(f"{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors")
+    log(args, f"student {path}: {model.cfg}")
+    return torch.compile(model) if args.compile else model, path
+
+
+def load_ae(args):
+    return load(args.vae, L.AEConfig, L.VideoAE, args.device, "train it with `python train.py vae`")
+
+
+def autocast(device):
+    """bf16 autocast on GPU, plain fp32 on CPU (as train.py)."""
+    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
+
+
+def lookahead(cfg):
+    """Audio samples past a frame's end that its chunk needs: audio_context frames, plus the 120
+    samples a mel window reaches into the next frame (the lookahead of L.LipSyncStream)."""
+    return cfg.audio_context * SPF + (L.MEL_WIN - L.MEL_HOP) // 2
+
+
+def student_wait(ae, cfg):
+    """Seconds of live input before the student's first chunk can run: its 9 frames (the first
+    latent frame holds one frame, the other chunk - 1 hold 4) and the audio lookahead after them."""
+    first = ae.cfg.time_down * cfg.chunk - (ae.cfg.time_down - 1)
+    return (first * SPF + lookahead(cfg)) / L.SAMPLE_RATE
+
+
+def teacher_wait(cfg):
+    """Seconds of live input before the teacher's first window can run: 33 frames and the lookahead."""
+    return ((1 + TEACHER_HOP) * SPF + lookahead(cfg)) / L.SAMPLE_RATE
+
+
+# -----------------------------------------------------------------------------
+# the lip-sync loop, shared by the demo, files, the stream and the long stream
+
+
+def pingpong(i, T):
+    """Source frame shown at output frame i when a T-frame video is looped back and forth."""
+    if T == 1:
+        return 0
+    j = i % (2 * (T - 1))
+    return j if j < T else 2 * (T - 1) - j
+
+
+def paste(source, generated, mask):
+    """Blend generated frames into the source frames at the source's resolution: source uint8
+    (n, H, W, 3), generated uint8 (n, s, s, 3), mask (H, W, 1) -> uint8 (n, H, W, 3)."""
+    H, W = source.shape[1:3]
+    if generated.shape[1:3] != (H, W):
+        x = L.frames_to_tensor(generated)                                          # (n, 3, s, s)
+        mode = "bilinear" if H * W >= x.shape[-1] * x.shape[-2] else "area"
+        generated = L.tensor_to_frames(F.interpolate(x, size=(H, W), mode=mode))   # (n, H, W, 3)
+    return (source * (1 - mask) + generated * mask).round().astype(np.uint8)
+
+
+def dub(stream, source, pieces, size):
+    """Lip-sync `source` (uint8 (T, H, W, 3), looped ping-pong) to audio that arrives in `pieces`
+    (an iterable of float32 16 kHz arrays). Yields the finished frames (m, H, W, 3) as the stream
+    makes them, chunk by chunk; ceil(samples / 640) frames in all.
+
+    `stream` is an L.LipSyncStream made with composite=False: it sees the frames at `size` and
+    returns whole generated frames, which are pasted into the source frames here."""
+    T = len(source)
+    small = L.resize_frames(source, size)                                  # (T, size, size, 3)
+    mask = L.composite_mask(*source.shape[1:3])                            # (H, W, 1)
+    heard = pushed = done = 0
+    for piece in itertools.chain(pieces, [None]):                          # None: the input has ended
+        if piece is None:
+            out = stream.flush()
+        else:
+            heard += len(piece)
+            n = -(-heard // SPF)                                 # frames the audio has reached so far
+            out = stream.push([small[pingpong(i, T)] for i in range(pushed, n)], piece)
+            pushed = n
+        if len(out):
+            yield paste(source[[pingpong(i, T) for i in range(done, done + len(out))]], out, mask)
+            done += len(out)
+
+
+def frame_pieces(audio):
+    """A whole clip's audio in 640-sample pieces, so a progress bar moves chunk by chunk."""
+    return (audio[i:i + SPF] for i in range(0, len(audio), SPF))
+
+
+def sync_c(net, frames, audio):
+    """Sync-C (eval SyncNet) of frames (T, H, W, 3) against their audio."""
+    audio = np.pad(audio[:len(frames) * SPF], (0, max(0, len(frames) * SPF - len(audio))))
+    return L.evaluate_sync(net, [frames], [audio])["sync_c"]
+
+
+# -----------------------------------------------------------------------------
+# the demo and real files
+
+
+def demo(args):
+    """A held-out SynthTalk test speaker dubbed with another test speaker's voice, side by side."""
+    student, path = load_student(args)
+    ae = load_ae(args)
+    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
+    clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
+    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    out, t0, ttff = [], time.perf_counter(), None
+    with autocast(args.device):
+        for frames in dub(stream, clip.frames, frame_pieces(clip.dub_audio), args.size):
+            ttff = ttff or time.perf_counter() - t0
+            out.append(frames)
+    dt, out = time.perf_counter() - t0, np.concatenate(out)
+    dest = args.out or "out/demo.mp4"
+    L.write_video(dest, np.concatenate([clip.frames, out], axis=2), clip.dub_audio)
+    print(f"wrote {dest}: source | dubbed, {len(out)} frames, the dub audio")
+    print(f"student {path}, {args.steps} steps, {args.device}: {len(out) / dt:.1f} FPS, "
+          f"compute TTFF {1000 * ttff:.0f} ms, live TTFF {1000 * (ttff + student_wait(ae, student.cfg)):.0f} ms")
+    print(f"Sync-C (eval SyncNet): dubbed vs the dub audio {sync_c(net, out, clip.dub_audio):.2f}; "
+          f"source vs its own audio {sync_c(net, clip.frames, clip.audio):.2f}")
+
+
+def files(args):
+    """--video + --audio -> --out, offline."""
+    source, fps = L.read_video(args.video)
+    audio = L.read_audio(args.audio)
+    student, _ = load_student(args)
+    ae = load_ae(args)
+    T, n = len(source), -(-len(audio) // SPF)
+    print(f"{args.video}: {T} frames {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
+          f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
+          + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
+    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    out = []
+    with autocast(args.device), tqdm(total=n, unit="frame") as bar:
+        for frames in dub(stream, source, frame_pieces(audio), args.size):
+            out.append(frames)
+            bar.update(len(frames))
+    dest = args.out or os.path.join("out", f"{os.path.splitext(os.path.basename(args.video))[0]}-lipsync.mp4")
+    L.write_video(dest, np.concatenate(out), audio)
+    print(f"wrote {dest}")
+
+
+# -----------------------------------------------------------------------------
+# the live stream
+
+
+def pcm_pieces(path):
+    """Raw 16-bit little-endian 16 kHz mono PCM as float32 pieces, as it arrives: from stdin (-),
+    a named pipe (both end at EOF), or a regular file still being written (read on as it grows; it
+    has ended once GROW_IDLE seconds pass without new data). Pieces are whatever one read returns."""
+    f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    growing = path != "-" and os.path.isfile(path)
+    carry, first, idle_since = b"", True, None
+    try:
+        while True:
+            b = f.read1(1 << 16)                           # what has arrived, without waiting for more
+            if not b:
+                if not growing or (idle_since and time.monotonic() - idle_since > GROW_IDLE):
+                    return
+                idle_since = idle_since or time.monotonic()
+                time.sleep(0.02)
+                continue
+            idle_since = None
+            if first and b.startswith(b"RIFF"):
+                fail(f"--stream reads raw PCM, {path} is a wav: convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
+            first = False
+            b = carry + b
+            carry, b = b[len(b) // 2 * 2:], b[:len(b) // 2 * 2]    # a sample can be split across reads
+            if b:
+                yield np.frombuffer(b, "<i2").astype(np.float32) / 32768
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+class Mp4Writer:
+    """An mp4 written as frames come in: H.264 into a temp folder as the frames arrive (the
+    "veryfast" preset, to keep up live), the audio into a wav beside it; finish() muxes the two and
+    renames the result into place (L.atomic_path), so a stream that stops midway leaves nothing at `path`."""
+    def __init__(self, path, H, W):
+        self.path, self.dir = path, tempfile.TemporaryDirectory()
+        self.video, self.log = os.path.join(self.dir.name, "video.mp4"), open(os.path.join(self.dir.name, "log"), "w+b")
+        self.wav = sf.SoundFile(os.path.join(self.dir.name, "audio.wav"), "w", L.SAMPLE_RATE, 1, "PCM_16")
+        cmd = [FFMPEG, "-y", "-hide_banner", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{W + W % 2}x{H + H % 2}", "-r", str(L.FPS), "-i", "-",
+               "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "veryfast", self.video]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def write(self, frames):
+        # libx264 wants even sizes: replicate the last row / column, as L.write_video does
+        H, W = frames.shape[1:3]
+        try:
+            self.proc.stdin.write(np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge").tobytes())
+        except BrokenPipeError:                           # ffmpeg died; its log says why
+            self.proc.wait()
+            self.failed(self.log)
+
+    def finish(self):
+        self.proc.stdin.close()
+        self.wav.close()
+        if self.proc.wait() != 0:
+            self.failed(self.log)
+        with L.atomic_path(self.path) as tmp, tempfile.TemporaryFile() as log:
+            cmd = [FFMPEG, "-y", "-hide_banner", "-nostdin", "-v", "error", "-i", self.video, "-i", self.wav.name,
+                   "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "128k",
+                   "-movflags", "+faststart", str(tmp)]
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=log).returncode != 0:
+                self.failed(log)
+
+    def failed(self, log):
+        log.seek(0)
+        lines = log.read().decode(errors="replace").strip().splitlines() or ["no error output"]
+        raise L.MediaError(f"cannot write {self.path}: ffmpeg failed ({lines[-1]})")
+
+    def close(self):
+        """Stop ffmpeg if it still runs and delete the temp folder (after finish, or on failure)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.wav.close()
+        self.log.close()
+        self.dir.cleanup()
+
+
+def live(args):
+    """--stream: push source frames as the audio arrives, write frames as they are made.
+
+    The face video is read whole and looped ping-pong; frame i is pushed once the audio reaches into
+    it, and the stream runs a chunk as soon as its 9 (then 12) frames and its audio lookahead are in:
+    with real-time audio the first frame comes out student_wait (0.45 s) plus one chunk's compute
+    after the first sample. TTFF is timed from the moment the first audio sample is read (audio that
+    waited in the pipe while the models loaded counts from when it is read). The output ends when
+    the audio does (EOF, or a growing file that stopped growing); Ctrl-C aborts and leaves no mp4."""
+    source, _ = L.read_video(args.video)
+    student, _ = load_student(args)
+    ae = load_ae(args)
+    raw = args.out == "-"
+    H, W = source.shape[1:3]
+    dest = f"raw rgb24 {W}x{H} {L.FPS} fps frames on stdout" if raw else args.out
+    log(args, f"streaming: {args.video} ({len(source)} frames {W}x{H}, looped ping-pong) driven by {args.audio} -> {dest}")
+    writer = None if raw else Mp4Writer(args.out, H, W)
+    t_in, t_out, n = None, None, 0
+
+    def arriving():                                       # the audio pieces, timing the first one
+        nonlocal t_in
+        for piece in pcm_pieces(args.audio):
+            t_in = t_in or time.perf_counter()
+            if writer:
+                writer.wav.write(piece)
+            yield piece
+
+    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    try:
+        with autocast(args.device):
+            for frames in dub(stream, source, arriving(), args.size):
+                if raw:
+                    sys.stdout.buffer.write(frames.tobytes())
+                    sys.stdout.buffer.flush()
+                else:
+                    writer.write(frames)
+                if t_out is None:
+                    t_out = time.perf_counter()
+                    log(args, f"TTFF {1000 * (t_out - t_in):.0f} ms (first audio sample in -> first frame out)")
+                n += len(frames)
+        if n == 0:
+            fail(f"no audio arrived from {args.audio}: send raw s16le 16 kHz mono PCM (ffmpeg -f s16le -ar 16000 -ac 1)")
+        if writer:
+            writer.finish()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes at exit
+        fail("stdout was closed by the program reading the frames")
+    finally:
+        if writer:
+            writer.close()
+    log(args, f"streamed {n} frames ({n / L.FPS:.2f} s) in {time.perf_counter() - t_in:.2f} s" + ("" if raw else f": {args.out}"))
+
+
+# -----------------------------------------------------------------------------
+# benchmark: the causal student streaming vs the bidirectional teacher
+
+
+class Timed(torch.nn.Module):
+    """The model, plus the wall time spent in its forward passes (for DiT-only FPS)."""
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.seconds = model, model.cfg, 0.0
+        self.device = next(model.parameters()).device
+
+    def forward(self, *args, **kw):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model(*args, **kw)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated (cuda) or the process's peak resident memory (cpu), in MB."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def rss_mb():
+    """This process's resident memory now, in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return None
+
+
+def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_STEPS):
+    """Stream the clip as live input would arrive (frame i with the audio up to its end plus the
+    lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies."""
+    timed = Timed(student)
+    stream = L.LipSyncStream(timed, ae, seed=seed, composite=False, steps=steps)
+    look = lookahead(student.cfg)
+    lat, n, ttff = [], 0, None
+    sync(device)
+    t0 = time.perf_counter()
+    with autocast(device):
+        stream.push(audio=audio[:look])
+        for i in range(len(frames) + 1):                  # the last round is the flush
+            t = time.perf_counter()
+            if i < len(frames):
+                out = stream.push(frames[i:i + 1], audio[look + i * SPF:look + (i + 1) * SPF])
+            else:
+                out = stream.flush()
+            if len(out):
+                lat.append(time.perf_counter() - t)
+                ttff = ttff or time.perf_counter() - t0
+                n += len(out)
+    dt = time.perf_counter() - t0
+    return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
+            "input_wait_ms": 1000 * student_wait(ae, student.cfg),
+            "chunk_p50_ms": 1000 * float(np.percentile(lat, 50)), "chunk_p95_ms": 1000 * float(np.percentile(lat, 95)),
+            "peak_memory_mb": peak_memory_mb(device), "state_mb": stream.nbytes() / 2 ** 20}
+
+
+@torch.no_grad()
+def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS):
+    """The teacher as it samples: 33-frame windows with a 32-frame hop, each encoded, sampled with
+    50 Euler steps and CFG 4.5 (batch 2: conditional and unconditional), decoded, one after another.
+    (encode_clip also encodes the unmasked frames, which sampling does not use: a few % of encode
+    time on top of 100 DiT passes per window.)"""
+    ctx, T = teacher.cfg.audio_context, 1 + TEACHER_HOP
+    timed = Timed(teacher)
+    g = torch.Generator().manual_seed(seed)
+    n, ttff = 0, None
+    starts = range(0, len(frames) - T + 1, TEACHER_HOP)
+    sync(device)
+    t0 = time.perf_counter()
+    feats = L.audio_frame_features(audio, ctx)            # row i = frame i - 3 - ctx (all audio is in)
+    for k, s in enumerate(starts):
+        # encode_clip of the window alone; its audio rows come from the whole clip (the window's
+        # first latent frame hears the 3 + ctx frames before it)
+        enc = dataclasses.replace(L.encode_clip(ae, frames[s:s + T], audio[s * SPF:(s + T) * SPF], ctx), feats=feats[s:])
+        x0, cond, a = (x[None].to(device) for x in L.latent_window(enc, 0, TEACHER_LATENT, 0, ctx))
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        with autocast(device):
+            z = L.sample_ode(timed, cond, a, noise, steps, cfg=TEACHER_CFG, mode=teacher.cfg.drop_mode)
+            out = L.tensor_to_frames(ae.decode(z.float())[0][0])                  # (33, H, W, 3)
+        n += len(out) if k == len(starts) - 1 else TEACHER_HOP
+        ttff = ttff or time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
+            "input_wait_ms": 1000 * teacher_wait(teacher.cfg),
+            "chunk_p50_ms": None, "chunk_p95_ms": None, "peak_memory_mb": peak_memory_mb(device), "state_mb": None}
+
+
+def benchmark(args):
+    dev, cuda = args.device, args.device.startswith("cuda")
+    clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
+    if len(clip.frames) < 1 + TEACHER_HOP:
+        fail(f"--seconds {args.seconds}: the teacher needs one {1 + TEACHER_HOP}-frame window; pass --seconds 1.4 or more")
+    # weights from the checkpoints where they exist, else random init: speed does not depend on them.
+    # The DiTs wait on the CPU; each goes to the device for its own run, so its peak memory is its own.
+    if os.path.isfile(args.vae):
+        ae, weights = load_ae(args), f"autoencoder {args.vae}"
+    else:
+        ae, weights = L.VideoAE(L.AEConfig()).to(dev).eval(), "autoencoder random init"
+    path = None if args.shape else args.ckpt or next((p for p in STUDENT_CKPTS if os.path.isfile(p)), None)
+    if path:
+        student = load(path, L.DiTConfig, L.DiT, "cpu", "train a student with `python train.py df`")
+        if not student.cfg.causal:
+            fail(f"{path} is a bidirectional teacher, not the causal student: pass the student as --ckpt")
+        weights += f", student {path}"
+    else:
+        student = L.DiT(L.DiTConfig(**L.DIT_PRESETS[args.shape or "tiny"], causal=True)).eval()
+        weights += f", student random init (preset {args.shape or 'tiny'})"
+    cfg = student.cfg
+    if os.path.isfile(args.teacher) and not args.shape:
+        teacher = load(args.teacher, L.DiTConfig, L.DiT, "cpu", "train it with `python train.py teacher`")
+        weights += f", teacher {args.teacher}"
+    else:
+        teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()
+        weights += ", teacher random init (the student's config, bidirectional)"
+    frames, audio = clip.frames, clip.dub_audio
+    warm = 1 + TEACHER_HOP + 2 * ae.cfg.time_down * cfg.chunk    # a teacher window, or two student chunks
+
+    def run(fn, model, kw, warm_kw):
+        model.to(dev)
+        model = torch.compile(model) if args.compile and fn is bench_student else model
+        fn(model, ae, frames[:warm], audio[:warm * SPF], dev, **{**kw, **warm_kw})   # warm-up (kernels, allocator), untimed
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        r = fn(model, ae, frames, audio, dev, **kw)
+        r["live_ttff_ms"] = r["input_wait_ms"] + r["ttff_compute_ms"]
+        model.to("cpu")
+        return r
+
+    res = {"student": run(bench_student, student, {"steps": args.schedule}, {}),
+           "teacher": run(bench_teacher, teacher, {}, {"steps": 2})}
+    res["throughput_ratio"] = res["student"]["fps"] / res["teacher"]["fps"]
+    res["setup"] = {"device": dev, "threads": torch.get_num_threads(), "size": args.size, "seconds": args.seconds,
+                    "dit": dataclasses.asdict(cfg), "weights": weights, "student_steps": args.steps,
+                    "teacher": f"{L.ODE_STEPS} Euler steps, CFG {TEACHER_CFG}, {TEACHER_LATENT}-latent windows, "
+                               f"{TEACHER_HOP}-frame hop",
+                    "memory": "torch.cuda.max_memory_allocated (one DiT on the GPU at a time; fp32 weights, bf16 "
+                              "autocast)" if cuda else "process peak RSS so far (the teacher's includes the student's run)"}
+    print_benchmark(res)
+    save_json(os.path.join(args.results, "benchmark.json"), res)
+
+
+def print_benchmark(res):
+    s, t, setup = res["student"], res["teacher"], res["setup"]
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+    print(f"\nbenchmark on {setup['device']} ({setup['threads']} threads), {setup['size']} px, "
+          f"{setup['seconds']:g} s SynthTalk clip; {setup['weights']}")
+    print(f"DiT dim {setup['dit']['dim']}, depth {setup['dit']['depth']}; end to end = encode + DiT + decode; "
+          f"compute TTFF: all input available; live TTFF = input wait + compute TTFF\n")
+    print(f"| | student (causal, {setup['student_steps']} steps, KV cache) | teacher ({setup['teacher']}) |\n|---|---|---|")
+    rows = [("frames", "frames", "{:d}"), ("FPS, end to end", "fps", "{:.1f}"), ("FPS, DiT only", "dit_fps", "{:.1f}"),
+            ("compute TTFF (ms)", "ttff_compute_ms", "{:.0f}"), ("input wait (ms)", "input_wait_ms", "{:.0f}"),
+            ("live TTFF (ms)", "live_ttff_ms", "{:.0f}"), ("chunk latency p50 (ms)", "chunk_p50_ms", "{:.1f}"),
+            ("chunk latency p95 (ms)", "chunk_p95_ms", "{:.1f}"), ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
+            ("stream state (MB)", "state_mb", "{:.2f}")]
+    for label, key, f in rows:
+        print(f"| {label} | {fmt(s[key], f)} | {fmt(t[key], f)} |")
+    print(f"\nthroughput student / teacher: {res['throughput_ratio']:.1f}x; memory: {setup['memory']}")
+
+
+def save_json(path, obj):
+    with L.atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# long stream: is memory constant and does sync hold over minutes?
+
+
+def long_stream(args):
+    """Stream one long SynthTalk test clip (dubbed) through the student. Only the first and the last
+    30 s of output are kept (for Sync-C); the input clip itself is generated whole."""
+    student, path = load_student(args)
+    ae = load_ae(args)
+    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
+    clip = L.synthtalk_clip("test", 0, seconds=args.long_stream, size=args.size)
+    keep, mark = 30 * L.FPS, 20 * L.FPS                   # frames of Sync-C at each end; memory read at 20 s
+    first, last, n, at = [], deque(maxlen=keep), 0, {}
+    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    memory = lambda: {"frames": n, "peak_rss_mb": peak_memory_mb("cpu"), "rss_mb": rss_mb(), "state_bytes": stream.nbytes()}
+    t0 = time.perf_counter()
+    with autocast(args.device), tqdm(total=len(clip.frames), unit="frame") as bar:
+        for frames in dub(stream, clip.frames, frame_pieces(clip.dub_audio), args.size):
+            first.extend(frames[:max(0, keep - n)])
+            last.extend(frames)
+            n += len(frames)
+            bar.update(len(frames))
+            if n >= mark and "20s" not in at:
+                at["20s"] = memory()
+    at["end"] = memory()
+    dt = time.perf_counter() - t0
+    last = np.stack(last)
+    res = {"seconds": args.long_stream, "frames": n, "fps": n / dt, "student": path, "steps": args.steps,
+           "memory": at, "sync_c_first_30s": sync_c(net, np.stack(first), clip.dub_audio),
+           "sync_c_last_30s": sync_c(net, last, clip.dub_audio[(n - len(last)) * SPF:])}
+    print(f"\nlong stream: {args.long_stream:g} s SynthTalk test clip 0 dubbed, {path}, {n / dt:.1f} FPS on {args.device}\n")
+    print("| | at 20 s | at the end (after the flush: no input buffered) |\n|---|---|---|")
+    get = lambda k, key, f: f.format(at[k][key]) if k in at and at[k][key] is not None else "-"
+    for label, key, f in (("frames", "frames", "{:d}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+                          ("RSS now (MB)", "rss_mb", "{:.0f}"), ("stream state (bytes)", "state_bytes", "{:d}")):
+        print(f"| {label} | {get('20s', key, f)} | {get('end', key, f)} |")
+    print(f"\nSync-C (eval SyncNet, vs the dub audio): first 30 s {res['sync_c_first_30s']:.2f}, "
+          f"last 30 s {res['sync_c_last_30s']:.2f}")
+    save_json(os.path.join(args.results, "long_stream.json"), res)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.schedule = L.STUDENT_STEPS[:args.steps]          # 2: t = 0.999, 0.769; 1: t = 0.999
+    try:
+        with torch.no_grad():
+            if args.benchmark:
+                benchmark(args)
+            elif args.long_stream:
+                long_stream(args)
+            elif args.stream:
+                live(args)
+            elif args.video:
+                files(args)
+            else:
+                demo(args)
+    except L.MediaError as e:
+        fail(str(e))
+
 
 if __name__ == "__main__":
-    sys.exit("sample.py: the lip-sync sampler needs the causal student, which is not built yet; "
-             "run `python train.py eval` for the foundation table (README, Status)")
+    main()

@@ -3,9 +3,13 @@ Tests for lipforcing. Each states the invariant it checks in its docstring and c
 an independent reference where one exists. Run: python -m pytest -q test_lipforcing.py
 """
 
+import csv
+import json
 import math
 import os
 import subprocess
+import sys
+from types import SimpleNamespace
 
 import imageio_ffmpeg
 import numpy as np
@@ -13,7 +17,9 @@ import pytest
 import soundfile as sf
 import torch
 
+import analyze as A
 import lipforcing as L
+import sample
 from lipforcing import (FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, MediaError, atomic_path, has_audio,
                         read_audio, read_video, resample_audio, write_audio, write_video)
 
@@ -151,14 +157,18 @@ def test_ae_streaming_decode_equals_whole_decode():
 
 def test_checkpoint_round_trip(tmp_path):
     """A checkpoint rebuilds its model from the config stored inside it, with identical outputs."""
-    cfg = L.AEConfig(width=16, seed=3)
+    cfg = L.AEConfig(width=16, seed=3, latent_mean=tuple((0.1 * torch.arange(16.)).tolist()), latent_std=(0.5,) * 16)
     ae = L.VideoAE(cfg).eval()
     p = tmp_path / "ae.safetensors"
     L.save_checkpoint(p, ae, cfg, extra={"psnr": 1.5})
     ae2, cfg2, extra = L.load_checkpoint(p, L.AEConfig, L.VideoAE)
     assert cfg2 == cfg and extra == {"psnr": 1.5}
     x = torch.rand(1, 5, 3, 32, 32)
-    assert torch.equal(ae(x), ae2(x))
+    assert torch.equal(ae(x), ae2(x)) and torch.equal(ae.encode(x), ae2.encode(x))
+    # the stored latent statistics are applied: encode = (raw encoder output - mean) / std
+    raw = L.VideoAE(L.AEConfig(width=16, seed=3)).eval()
+    raw.load_state_dict(ae.state_dict())
+    assert_close(ae.encode(x), (raw.encode(x) - 0.1 * torch.arange(16.).view(16, 1, 1)) / 0.5, 1e-5)
     with pytest.raises(ValueError):
         L.load_checkpoint(p, L.SyncNetConfig, L.SyncNet)
 
@@ -683,3 +693,561 @@ def test_cache_memory_is_constant_once_the_window_fills():
             model(x, t, cond, audio, cache=cache, update_cache=True)
             sizes.append(cache.nbytes())
     assert sizes[1] > sizes[0] and sizes[2] == sizes[39] and cache.cached_frames == 4
+
+
+# -----------------------------------------------------------------------------
+# the two-step sampler and the live stream
+
+
+def test_two_step_chunks_with_kv_refresh_equal_a_block_causal_reference():
+    """sample_chunk run chunk after chunk with a cache (two passes, then the KV refresh at t = 0)
+    equals a reference without any cache: each pass is one block-causal forward over the earlier
+    chunks' clean outputs at t = 0 followed by the current chunk, of which the last chunk is kept."""
+    model = bitey_dit()
+    chunk, n_chunks = 3, 3
+    _, _, cond, audio = stream_inputs(chunk * n_chunks)
+    g = torch.Generator().manual_seed(5)
+    noises = torch.randn(len(L.STUDENT_STEPS), 1, chunk * n_chunks, 16, 4, 4, generator=g).double()
+    cache = L.KVCache(len(model.blocks), sink=1, window=chunk * n_chunks, chunk=chunk)
+    streamed = [L.sample_chunk(model, cond[:, c * chunk:(c + 1) * chunk], audio[:, c * chunk:(c + 1) * chunk],
+                               noises[:, :, c * chunk:(c + 1) * chunk], cache) for c in range(n_chunks)]
+    clean = []
+    with torch.no_grad():
+        for c in range(n_chunks):
+            n = (c + 1) * chunk
+            mask = L.block_causal_mask(n, 4, chunk)
+            x0 = None
+            for i, t in enumerate(L.STUDENT_STEPS):
+                x = noises[i, :, c * chunk:n] if x0 is None else \
+                    (1 - t) * x0 + t * noises[i, :, c * chunk:n]
+                seq = torch.cat(clean + [x], 1)
+                tt = torch.cat([torch.zeros(1, c * chunk), torch.full((1, chunk), t)], 1).double()
+                x0 = x - t * model(seq, tt, cond[:, :n], audio[:, :n], mask=mask)[:, -chunk:]
+            clean.append(x0)
+            assert_close(streamed[c], x0, 1e-6, f"chunk {c}")
+    assert (streamed[2] - streamed[1]).abs().max() > 1e-3
+
+
+def tiny_stream_models(seed=0):
+    """A random autoencoder and a perturbed tiny causal DiT (float32), as the stream runs them."""
+    torch.manual_seed(seed)
+    ae = L.VideoAE(L.AEConfig(width=8)).eval()
+    model = tiny_dit(causal=True).eval()
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    return ae, model
+
+
+def test_stream_output_does_not_depend_on_how_the_input_arrives():
+    """The stream's frames are the same whether the clip is pushed at once or in ragged pieces
+    (audio ahead of or behind the frames), one output frame per source frame; frames come out only
+    once their chunk's input (9, then 12 frames, plus the audio lookahead) is in."""
+    ae, model = tiny_stream_models()
+    clip = L.synthtalk_clip("test", 1, seconds=2.3, size=32)              # 57 frames: 4 chunks and a partial one
+    T = len(clip.frames)
+    whole = L.lipsync(model, ae, clip.frames, clip.audio, seed=3)
+    assert whole.shape == clip.frames.shape and whole.dtype == np.uint8
+    rng = np.random.default_rng(0)
+    stream = L.LipSyncStream(model, ae, seed=3)
+    out, f, a = [], 0, 0
+    audio_for = lambda n: (n + L.DiTConfig().audio_context) * SAMPLES_PER_FRAME + 120   # frames 0..n-1 need
+    while f < T or a < len(clip.audio):
+        nf, na = int(rng.integers(0, 7)), int(rng.integers(0, 9 * SAMPLES_PER_FRAME))
+        got = stream.push(clip.frames[f:f + nf], clip.audio[a:a + na])
+        f, a = min(T, f + nf), min(len(clip.audio), a + na)
+        out.append(got)
+        done = sum(len(o) for o in out)
+        assert done in (0, 9) or (done - 9) % 12 == 0
+        # no frame before its chunk's frames and audio are in, and no complete chunk held back
+        assert done <= f and (done == 0 or audio_for(done) <= a)
+        nxt = 9 if done == 0 else done + 12
+        assert nxt > f or audio_for(nxt) > a
+    out.append(stream.flush())
+    pieces = np.concatenate(out)
+    assert np.array_equal(pieces, whole)
+    # the generated lower face differs from the source, the upper face is the source
+    assert np.abs(whole[:, 20:].astype(int) - clip.frames[:, 20:]).mean() > 1
+    assert np.array_equal(whole[:, :14], clip.frames[:, :14])
+
+
+def test_stream_memory_is_bounded():
+    """Once the window has filled, the stream's state (KV cache, decoder memory, buffered input)
+    is the same size after chunk 4 as after chunk 30."""
+    ae, model = tiny_stream_models()
+    frames = np.zeros((12, 32, 32, 3), np.uint8)
+    audio = np.zeros(12 * SAMPLES_PER_FRAME, np.float32)
+    stream = L.LipSyncStream(model, ae)
+    stream.push(frames[:9], audio[:9 * SAMPLES_PER_FRAME])
+    sizes = []
+    for c in range(30):
+        stream.push(frames, audio)
+        sizes.append(stream.nbytes())
+    assert sizes[3] == sizes[29] and stream.cache.cached_frames == 4 and stream.done > 300
+
+
+# -----------------------------------------------------------------------------
+# sample.py: the command line
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny causal DiT (zero-init weights perturbed, so the output depends on the audio) and a
+    tiny random autoencoder, saved as checkpoints; returns the sample.py options that load them."""
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    student = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, causal=True))
+    for p in student.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    ae = L.VideoAE(L.AEConfig(width=8))
+    L.save_checkpoint(d / "student.safetensors", student, student.cfg)
+    L.save_checkpoint(d / "vae.safetensors", ae, ae.cfg)
+    return ["--ckpt", str(d / "student.safetensors"), "--vae", str(d / "vae.safetensors"), "--size", "32"]
+
+
+def face_video(path, T, H=48, W=48, fps=25):
+    """T frames whose upper half is a flat grey that identifies the frame (levels 40 apart) over a
+    reddish lower half; returns the frames as written."""
+    frames = np.zeros((T, H, W, 3), np.uint8)
+    frames[:] = (20 + 40 * (np.arange(T) % 6)).astype(np.uint8)[:, None, None, None]
+    frames[:, H // 2:, :, 0] = 200
+    L.write_video(path, frames, fps=fps)
+    return frames
+
+
+def speech(path, n_frames, sr=SAMPLE_RATE, channels=1, silent=False):
+    """A noise 'voice' of n_frames video frames (16-bit wav); returns the 16 kHz mono length in samples."""
+    n = round(n_frames * SAMPLES_PER_FRAME * sr / SAMPLE_RATE)
+    x = np.zeros((n, channels), np.float32) if silent else \
+        np.clip(0.2 * np.random.default_rng(0).standard_normal((n, channels)), -1, 1).astype(np.float32)
+    sf.write(path, x, sr)
+    return round(n * SAMPLE_RATE / sr)
+
+
+def run(argv, cap):
+    """sample.main(argv) in-process -> (exit code, stdout, stderr) as captured by capsys(binary)."""
+    try:
+        sample.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = cap.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines() if isinstance(err, str) else err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+class Trickle:
+    """A stdin whose reads return the bytes in ragged pieces (odd sizes too), as a pipe does."""
+    def __init__(self, data, seed=0):
+        self.data, self.pos, self.rng = data, 0, np.random.default_rng(seed)
+
+    def read1(self, n):
+        k = min(n, int(self.rng.integers(1, 3000)))
+        b, self.pos = self.data[self.pos:self.pos + k], self.pos + k
+        return b
+
+
+def pcm(path):
+    """The wav at `path` as the raw s16le bytes ffmpeg -f s16le would send."""
+    x, sr = sf.read(path, dtype="int16")
+    assert sr == SAMPLE_RATE and x.ndim == 1
+    return x.astype("<i2").tobytes()
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing written
+
+
+def _missing(tmp):
+    return tmp / "missing.mp4", tmp / "a.wav"
+
+
+def _directory(tmp):
+    return tmp, tmp / "a.wav"
+
+
+def _zero_length_audio(tmp):
+    sf.write(tmp / "empty.wav", np.zeros(0, np.float32), SAMPLE_RATE)
+    return tmp / "v.mp4", tmp / "empty.wav"
+
+
+def _audio_as_video(tmp):
+    return tmp / "a.wav", tmp / "a.wav"
+
+
+def _corrupt_video(tmp):
+    (tmp / "bad.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    return tmp / "bad.mp4", tmp / "a.wav"
+
+
+def _corrupt_audio(tmp):
+    (tmp / "bad.m4a").write_bytes(np.random.default_rng(1).bytes(5000))
+    return tmp / "v.mp4", tmp / "bad.m4a"
+
+
+@pytest.mark.parametrize("make, words", [
+    (_missing, ("missing.mp4", "does not exist")),
+    (_directory, ("is a directory",)),
+    (_zero_length_audio, ("empty.wav", "no audio samples")),
+    (_audio_as_video, ("a.wav", "no video stream")),
+    (_corrupt_video, ("bad.mp4", "could not be decoded")),
+    (_corrupt_audio, ("bad.m4a", "could not be decoded")),
+])
+def test_bad_media_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, ckpt, make, words):
+    """Every bad media input ends with one line `sample.py: error: <what, what to do>`, exit code 2,
+    and nothing at --out (not even its folder, nor a temp file)."""
+    face_video(tmp_path / "v.mp4", 12)
+    speech(tmp_path / "a.wav", 12)
+    video, audio = make(tmp_path)
+    out = tmp_path / "o" / "x.mp4"
+    code, _, err = run(["--video", video, "--audio", audio, "--out", out, *ckpt], capsys)
+    assert_one_line_error(code, err, *words)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--steps", "3"], ("--steps 3", "1 or 2")),
+    (["--out", "x.txt"], ("x.txt", ".mp4")),
+    (["--size", "40"], ("multiple of 16",)),
+    (["--bogus"], ("unrecognized arguments: --bogus",)),
+    (["--stream", "--out", "-", "--benchmark"], ("pick one",)),
+])
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
+    """Bad options fail before any work with one line and exit code 2 (argparse's usage block too)."""
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 3)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", *ckpt, *argv], capsys)
+    assert_one_line_error(code, err, *words)
+
+
+def test_missing_student_says_how_to_train_it(tmp_path, capsys, monkeypatch):
+    """With no student checkpoint the demo fails in one line naming the command that trains one."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run([], capsys)
+    assert_one_line_error(code, err, "python train.py df")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
+    """A bidirectional checkpoint passed as --ckpt is an error (one line), not a silent wrong model."""
+    teacher = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128))
+    L.save_checkpoint(tmp_path / "t.safetensors", teacher, teacher.cfg)
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 3)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt, "--ckpt", tmp_path / "t.safetensors"], capsys)
+    assert_one_line_error(code, err, "bidirectional")
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    """Run as a program, a missing input exits with status 2 and prints exactly one stderr line."""
+    speech(tmp_path / "a.wav", 3)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--video", tmp_path / "nope.mp4",
+                        "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4"], capture_output=True, text=True)
+    assert_one_line_error(p.returncode, p.stderr, "nope.mp4", "does not exist")
+    assert not (tmp_path / "o.mp4").exists() and p.stdout == ""
+
+
+# -----------------------------------------------------------------------------
+# awkward but valid input: defined behaviour
+
+
+def _silent(tmp):
+    return face_video(tmp / "v.mp4", 12), speech(tmp / "a.wav", 20, silent=True), tmp / "v.mp4", tmp / "a.wav"
+
+
+def _one_frame(tmp):
+    return face_video(tmp / "v.mp4", 1), speech(tmp / "a.wav", 20), tmp / "v.mp4", tmp / "a.wav"
+
+
+def _odd_size(tmp):
+    return face_video(tmp / "v.mp4", 12, H=77, W=123), speech(tmp / "a.wav", 20), tmp / "v.mp4", tmp / "a.wav"
+
+
+def _8k_stereo(tmp):
+    return face_video(tmp / "v.mp4", 30), speech(tmp / "a.wav", 19.5, sr=8000, channels=2), tmp / "v.mp4", tmp / "a.wav"
+
+
+def _60fps(tmp):
+    frames = face_video(tmp / "v.mp4", 60, fps=60)                      # 1 s at 60 fps = 25 frames at 25 fps
+    return frames[:25], speech(tmp / "a.wav", 20), tmp / "v.mp4", tmp / "a.wav"
+
+
+def _shorter_than_a_chunk(tmp):
+    return face_video(tmp / "v.mp4", 4), speech(tmp / "a.wav", 6), tmp / "v.mp4", tmp / "a.wav"
+
+
+@pytest.mark.parametrize("make", [_silent, _one_frame, _odd_size, _8k_stereo, _60fps, _shorter_than_a_chunk])
+def test_awkward_input_runs(tmp_path, capsys, ckpt, make):
+    """Silent audio, a 1-frame video, odd sizes (123x77), 8 kHz stereo audio, 60 fps video and a
+    video shorter than one chunk all run: the output has ceil(samples / 640) frames at the source's
+    size (padded to even as write_video does), an audio track, and lands in a folder made for it."""
+    _, n_samples, video, audio = make(tmp_path)
+    src = L.read_video(video)[0]
+    out = tmp_path / "new" / "folder" / "out.mp4"
+    code, _, err = run(["--video", video, "--audio", audio, "--out", out, *ckpt], capsys)
+    assert code == 0, err
+    got = L.read_video(out)[0]
+    H, W = src.shape[1:3]
+    assert got.shape == (math.ceil(n_samples / SAMPLES_PER_FRAME), H + H % 2, W + W % 2, 3)
+    assert L.has_audio(out)
+    assert os.listdir(out.parent) == ["out.mp4"]                        # no temp file left beside it
+
+
+@pytest.mark.parametrize("n_video, n_audio", [(5, 13), (20, 7.5)])
+def test_length_follows_the_audio_with_ping_pong(tmp_path, capsys, ckpt, n_video, n_audio):
+    """Output frames = ceil(audio samples / 640); output frame i shows source frame pingpong(i):
+    0, 1, .., T-1, T-2, .., 0, 1, .. when the audio is longer, the first frames when it is shorter."""
+    src = face_video(tmp_path / "v.mp4", n_video)
+    n = speech(tmp_path / "a.wav", n_audio)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt], capsys)
+    assert code == 0, err
+    got = L.read_video(tmp_path / "o.mp4")[0]
+    assert len(got) == math.ceil(n / SAMPLES_PER_FRAME)
+    # which source frame each output frame shows, by its upper face (grey levels 40 apart)
+    top = lambda f: f[:, :12].reshape(len(f), -1).astype(float).mean(1)
+    shown = np.abs(top(got)[:, None] - top(src[:6])[None, :]).argmin(1)       # the levels repeat every 6 frames
+    expect = [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4] if n_video == 5 else list(range(8))
+    assert list(shown) == [e % 6 for e in expect]
+    assert [sample.pingpong(i, n_video) for i in range(len(got))] == expect
+
+
+# -----------------------------------------------------------------------------
+# the stream
+
+
+def test_stream_equals_offline_and_keeps_the_upper_face(tmp_path, capsysbinary, ckpt, monkeypatch):
+    """--stream with the audio piped in ragged pieces writes (raw, on stdout) exactly the frames the
+    offline path hands to write_video for the same inputs; those frames are the source, pixel for
+    pixel, wherever the composite mask is 0 (the upper face), at the source's odd size, and differ
+    from it in the lower face."""
+    src = face_video(tmp_path / "v.mp4", 7, H=45, W=38)
+    n = speech(tmp_path / "a.wav", 57.5)                                   # 4 chunks, a partial one, the cache rolls
+    written = {}
+    write = L.write_video
+    monkeypatch.setattr(L, "write_video", lambda path, frames, audio=None: (written.update(frames=frames),
+                                                                            write(path, frames, audio)))
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt], capsysbinary)
+    assert code == 0, err
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(pcm(tmp_path / "a.wav"))))
+    code, raw, err = run(["--stream", "--video", tmp_path / "v.mp4", "--audio", "-", "--out", "-", *ckpt], capsysbinary)
+    assert code == 0, err
+    assert b"TTFF" in err                                                  # stderr: stdout carries the frames
+    src = L.read_video(tmp_path / "v.mp4")[0]
+    H, W = src.shape[1:3]
+    live = np.frombuffer(raw, np.uint8).reshape(-1, H, W, 3)
+    assert len(live) == math.ceil(n / SAMPLES_PER_FRAME)
+    assert np.array_equal(live, written["frames"])
+    same = L.composite_mask(H, W)[:, 0, 0] == 0                           # rows the generated face never touches
+    ping = src[[sample.pingpong(i, len(src)) for i in range(len(live))]]
+    assert np.array_equal(live[:, same], ping[:, same])
+    assert np.abs(live[:, H * 3 // 4:].astype(int) - ping[:, H * 3 // 4:]).mean() > 1
+
+
+def test_stream_to_mp4_from_a_growing_file(tmp_path, capsysbinary, ckpt, monkeypatch):
+    """--stream from a raw PCM file (read as it grows, ended after GROW_IDLE s of quiet) to an mp4:
+    finalised with the audio, the same frames as --out - (up to H.264), one per 640 samples."""
+    monkeypatch.setattr(sample, "GROW_IDLE", 0.1)
+    face_video(tmp_path / "v.mp4", 6)
+    n = speech(tmp_path / "a.wav", 22)
+    (tmp_path / "a.pcm").write_bytes(pcm(tmp_path / "a.wav"))
+    args = ["--stream", "--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.pcm", *ckpt]
+    code, _, err = run(args + ["--out", tmp_path / "live" / "o.mp4"], capsysbinary)
+    assert code == 0, err
+    code, raw, err = run(args + ["--out", "-"], capsysbinary)
+    assert code == 0, err
+    got, ref = L.read_video(tmp_path / "live" / "o.mp4")[0], np.frombuffer(raw, np.uint8).reshape(-1, 48, 48, 3)
+    assert len(got) == len(ref) == math.ceil(n / SAMPLES_PER_FRAME)
+    assert np.abs(got.astype(int) - ref).mean() < 3 and L.has_audio(tmp_path / "live" / "o.mp4")
+    assert os.listdir(tmp_path / "live") == ["o.mp4"]
+
+
+@pytest.mark.parametrize("data, words", [(b"", "no audio arrived"), (b"RIFF\x24\x00\x00\x00WAVEfmt ", "wav")])
+def test_stream_without_usable_audio_fails_cleanly(tmp_path, capsysbinary, ckpt, monkeypatch, data, words):
+    """--stream with nothing on stdin, or a wav instead of raw PCM: one line, exit 2, no mp4 left."""
+    face_video(tmp_path / "v.mp4", 3)
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(data)))
+    code, _, err = run(["--stream", "--video", tmp_path / "v.mp4", "--audio", "-", "--out", tmp_path / "o.mp4",
+                        *ckpt], capsysbinary)
+    assert_one_line_error(code, err, words)
+    assert os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_steps_one_differs_from_two_and_the_schedule_is_restored(tmp_path, capsysbinary, ckpt, monkeypatch):
+    """--steps 1 samples a different (one-pass) chunk than --steps 2, and the library's schedule
+    is the two-step one again afterwards."""
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 9)
+    outs = []
+    for steps in ("1", "2"):
+        monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(pcm(tmp_path / "a.wav"))))
+        code, raw, err = run(["--stream", "--video", tmp_path / "v.mp4", "--audio", "-", "--out", "-", *ckpt,
+                              "--steps", steps], capsysbinary)
+        assert code == 0, err
+        outs.append(np.frombuffer(raw, np.uint8))
+    assert len(outs[0]) == len(outs[1]) == 9 * 48 * 48 * 3 and not np.array_equal(*outs)
+    assert len(L.STUDENT_STEPS) == 2 and L.sample_chunk.__name__ == "sample_chunk"
+
+
+def test_student_input_wait_is_what_the_stream_needs(ckpt):
+    """The input wait sample.py reports for the student (live TTFF = wait + compute) is exactly the
+    input LipSyncStream waits for: 9 frames and one sample less give nothing, one more sample the chunk."""
+    student = L.load_checkpoint(ckpt[1], L.DiTConfig, L.DiT)[0]
+    ae = L.load_checkpoint(ckpt[3], L.AEConfig, L.VideoAE)[0]
+    need = round(sample.student_wait(ae, student.cfg) * SAMPLE_RATE)
+    assert need == 11 * SAMPLES_PER_FRAME + 120                            # frames 0-8, 2 frames of context, 120
+    stream = L.LipSyncStream(student, ae)
+    frames = np.zeros((9, 32, 32, 3), np.uint8)
+    assert len(stream.push(frames, np.zeros(need - 1, np.float32))) == 0
+    assert len(stream.push(audio=np.zeros(1, np.float32))) == 9
+
+
+# -----------------------------------------------------------------------------
+# demo, benchmark, long stream (smoke tests at toy size)
+
+
+def test_demo_writes_side_by_side_and_reports(tmp_path, capsys, ckpt):
+    """The demo writes source | dubbed (twice the width) with the dub audio and prints FPS, TTFF
+    and both Sync-C numbers."""
+    syncnet = os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors")
+    code, out, err = run([*ckpt, "--seconds", "1", "--syncnet", syncnet,
+                          "--out", tmp_path / "demo.mp4"], capsys)
+    assert code == 0, err
+    assert L.read_video(tmp_path / "demo.mp4")[0].shape == (25, 32, 64, 3)
+    assert "FPS" in out and "TTFF" in out and out.count("Sync-C") == 1 and "source vs its own audio" in out
+
+
+def test_benchmark_smoke(tmp_path, capsys, ckpt):
+    """--benchmark at a toy size prints the markdown table and writes results/benchmark.json with
+    positive speeds for both models, the teacher stitched from 33-frame windows."""
+    code, out, err = run(["--benchmark", *ckpt, "--seconds", "1.4", "--teacher", tmp_path / "none.safetensors",
+                          "--results", tmp_path / "res"], capsys)
+    assert code == 0, err
+    assert "| FPS, end to end |" in out and "live TTFF" in out and "teacher random init" in out
+    res = json.loads((tmp_path / "res" / "benchmark.json").read_text())
+    s, t = res["student"], res["teacher"]
+    assert s["frames"] == 35 and t["frames"] == 33
+    assert min(s["fps"], s["dit_fps"], t["fps"], t["dit_fps"], res["throughput_ratio"]) > 0
+    assert s["live_ttff_ms"] == pytest.approx(s["input_wait_ms"] + s["ttff_compute_ms"])
+    assert t["input_wait_ms"] > s["input_wait_ms"] and s["chunk_p95_ms"] >= s["chunk_p50_ms"] > 0
+
+
+def test_long_stream_smoke(tmp_path, capsys, ckpt):
+    """--long-stream at a toy length writes results/long_stream.json with the stream's state size,
+    memory and Sync-C of the first and last stretch."""
+    syncnet = os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors")
+    code, out, err = run(["--long-stream", "1.5", *ckpt, "--syncnet", syncnet, "--results", tmp_path], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "long_stream.json").read_text())
+    assert res["frames"] == 38 and res["memory"]["end"]["state_bytes"] > 0
+    assert np.isfinite([res["sync_c_first_30s"], res["sync_c_last_30s"]]).all() and "| stream state" in out
+
+
+# -----------------------------------------------------------------------------
+# analyze.py: the teacher-trajectory analysis
+
+def tiny_teacher(drop_mode="audio", seed=0):
+    """A small DiT nudged away from adaLN-Zero's all-zero output, so its predictions depend on the
+    inputs (and on the audio, so CFG does something)."""
+    torch.manual_seed(seed)
+    model = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, drop_mode=drop_mode))
+    for p in model.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    return model.eval()
+
+
+def tiny_batch(model, B=2, Fr=3, hw=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A_dim = (4 + 2 * model.cfg.audio_context) * L.MELS_PER_FRAME * L.N_MELS
+    return A.Batch(cond=torch.randn(B, Fr, model.cfg.cond_channels, hw, hw, generator=g),
+                   audio=torch.randn(B, Fr, A_dim, generator=g),
+                   noise=torch.randn(B, Fr, 16, hw, hw, generator=g), fresh=torch.randn(B, Fr, 16, hw, hw, generator=g))
+
+
+def test_analysed_predictions_are_the_samplers():
+    """For either drop mode: the trajectory's last x0 prediction is L.sample_ode's final sample (same
+    noise, scale, mode); the factorial landing at j1 = 1 with s0 = s1 = s is the s-run's x0
+    prediction at step 1 (one Euler step is the ODE's first step); the two-step operating point is
+    x0 at t = 0.999, re-noised with the fresh noise to ode_t(30), x0 again."""
+    steps = 6
+    for mode in ("audio", "all"):
+        model = tiny_teacher(mode)
+        b = tiny_batch(model)
+        for s in (A.NO_CFG, A.CFG):
+            preds = [x0 for _, x0 in A.trajectory(model, b, s, steps)]
+            final = L.sample_ode(model, b.cond, b.audio, b.noise, steps=steps, cfg=s, mode=mode)
+            assert_close(preds[-1], final, 1e-5, f"{mode} CFG {s}: last prediction vs sampler")
+            landed = {(s0, s1): x0 for s0, s1, j1, x0 in A.factorial(model, b, [1], steps)}
+            assert_close(landed[s, s], preds[1], 1e-5, f"{mode} CFG {s}: factorial j1 = 1 vs step 1")
+        assert (landed[A.CFG, A.CFG] - landed[A.NO_CFG, A.NO_CFG]).abs().max() > 1e-4   # CFG changes something
+        with torch.no_grad():
+            t0, t1 = 0.999, L.ode_t(30)
+            tt = lambda t: torch.full(b.noise.shape[:2], t)
+            x0 = b.noise - t0 * model(b.noise, tt(t0), b.cond, b.audio)
+            x = (1 - t1) * x0 + t1 * b.fresh
+            ref = x - t1 * model(x, tt(t1), b.cond, b.audio)
+        assert_close(A.two_step(model, b), ref, 1e-5, f"{mode}: two-step operating point")
+
+
+def test_window_and_landing_rules():
+    """The CFG window is the contiguous run around the largest Sync-C advantage that stays >= half of
+    it (none if CFG never helps); the landing step maximises a mixed schedule's share of the CFG
+    sync gap, skipping landings where the gap is under half its max (there a share is noise)."""
+    assert A.cfg_window(np.array([0.0, 1.0, 3.0, 4.0, 2.5, 1.0, 3.0])) == (2, 4)   # the late 3.0 is not contiguous
+    assert A.cfg_window(np.array([-1.0, -0.5, 0.0])) is None
+    j1s = [1, 10, 20, 30, 40]
+    none = [1.0, 1.0, 1.0, 1.0, 1.0]
+    full = [1.1, 3.0, 3.0, 3.0, 3.0]          # the gap at j1 = 1 is tiny ...
+    mixed = [1.2, 1.5, 2.0, 2.8, 2.2]         # ... so its share (200%) must not win: j1 = 30 (90%)
+    other = [1.0, 1.2, 1.2, 1.2, 1.2]
+    rows = [{"j1": j, "s0": s0, "s1": s1, "sync_c": c} for k, j in enumerate(j1s) for (s0, s1), c in
+            (((1.0, 1.0), none[k]), ((4.5, 4.5), full[k]), ((1.0, 4.5), mixed[k]), ((4.5, 1.0), other[k]))]
+    A.add_gap_shares(rows)
+    j1, s0, s1, share, gap = A.best_landing(rows)
+    assert (j1, s0, s1) == (30, 1.0, 4.5) and math.isclose(share, 0.9) and math.isclose(gap, 2.0)
+
+
+def test_analysis_writes_tidy_finite_csvs(tmp_path, monkeypatch):
+    """analyze.main on tiny models (a teacher per drop mode, found by default in --ckpt-dir) writes
+    one tidy CSV per part with the documented columns, one row per (teacher, scale, step), per
+    (teacher, s0, s1, j1) and per (teacher, endpoint), every mean and SE finite, both modes labelled;
+    without matplotlib the plots are skipped, not crashed."""
+    torch.manual_seed(0)
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    L.save_checkpoint(tmp_path / "syncnet_eval.safetensors", L.SyncNet(L.SyncNetConfig(width=4)), L.SyncNetConfig(width=4))
+    for name, mode in (("teacher", "audio"), ("teacher_all", "all")):
+        m = tiny_teacher(mode)
+        L.save_checkpoint(tmp_path / f"{name}.safetensors", m, m.cfg)
+    out = tmp_path / "out"
+    steps, landing = 4, [1, 3]
+    A.main(["--ckpt-dir", str(tmp_path), "--out", str(out), "--clips", "2", "--seconds", "1.32",
+            "--steps", str(steps), "--landing-steps", *map(str, landing), "--device", "cpu"])
+    metrics = [c for m in A.METRICS for c in (m, f"{m}_se")]
+    head = ["part", "teacher", "drop_mode"]
+    expect = {"trajectory": (head + ["scale", "step", "t", "n"] + metrics, 2 * 2 * steps),
+              "factorial": (head + ["s0", "s1", "j1", "t", "n"] + metrics + ["sync_gap_share"], 2 * 4 * len(landing)),
+              "endpoints": (head + ["schedule", "scale", "nfe", "n"] + metrics, 2 * (len(A.ENDPOINT_SCALES) + 1))}
+    for part, (columns, n_rows) in expect.items():
+        with open(out / f"{part}.csv") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        assert reader.fieldnames == columns, part
+        assert len(rows) == n_rows, part
+        assert {r["drop_mode"] for r in rows} == {"audio", "all"}
+        assert all(r["n"] == "2" and all(math.isfinite(float(r[c])) for c in metrics) for r in rows), part
+    traj = list(csv.DictReader(open(out / "trajectory.csv")))
+    assert sorted({int(r["step"]) for r in traj}) == list(range(steps))
+    assert "drop modes analysed: all, audio" in (out / "summary.txt").read_text()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # `import matplotlib` now raises ImportError
+    assert A.plot(str(tmp_path / "no_plots"), {}, []) is False and not (tmp_path / "no_plots").exists()

@@ -10,6 +10,8 @@ Every training stage of lipforcing, in one flat script.
   python train.py export --out DIR         # write SynthTalk clips as mp4 files (the --data layout)
   python train.py teacher                  # the bidirectional audio-conditioned DiT (flow matching)
   python train.py eval-teacher             # the teacher's table (50 steps, CFG 4.5 / none)
+  python train.py df                       # Diffusion-Forcing init of the causal student from the teacher
+  python train.py eval-student             # the student streamed over the test clips (2 steps per chunk)
 
 On a GPU: add --device cuda (the default when one is present; bf16 autocast) and --compile.
 
@@ -51,13 +53,15 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
     p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoints are read and written")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights and config (fine-tuning)")
     p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors)")
     p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors); "
                                               "folder for export")
     p.add_argument("--results", default="results", help="folder for JSON results")
     p.add_argument("--test-clips", type=int, default=L.TEST_CLIPS, help="test clips to evaluate on")
     p.add_argument("--preset", choices=list(L.DIT_PRESETS), default="tiny", help="DiT size")
-    p.add_argument("--latent-frames", type=int, default=9, help="latent frames per training window (9 = 33 video frames)")
+    p.add_argument("--latent-frames", type=int, default=None,
+                   help="latent frames per training window (teacher 9 = 33 video frames, df 12 = 4 chunks)")
     p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
@@ -185,8 +189,12 @@ def train_vae(args):
     torch.manual_seed(args.seed or 0)
     rng = np.random.default_rng(args.seed or 0)
     clips = train_pool(args, n_default=384, seconds_default=2.0)
-    cfg = L.AEConfig(seed=args.seed or 0)
-    ae = L.VideoAE(cfg).to(args.device)
+    if args.init:
+        ae, cfg, _ = L.load_checkpoint(args.init, L.AEConfig, L.VideoAE, args.device)
+        ae.train()
+    else:
+        cfg = L.AEConfig(seed=args.seed or 0)
+        ae = L.VideoAE(cfg).to(args.device)
     print(cfg, f"\nVideoAE: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M parameters")
     n_frames = 1 + 2 * cfg.time_down                        # 9 frames -> 3 latent frames
     batch = args.batch or 16
@@ -198,12 +206,29 @@ def train_vae(args):
         loss = F.mse_loss(y, x) + F.mse_loss(L.mouth_crop(y), L.mouth_crop(x))
         return loss, batch * n_frames
 
-    fit(ae, step, args.steps or 5000, args.lr or 2e-3, "vae", unit="frames")
+    fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames")
+    ae, cfg = latent_statistics(ae, clips[:64], args.device)
+    print(f"latent mean {np.round(cfg.latent_mean, 3).tolist()}\nlatent std {np.round(cfg.latent_std, 3).tolist()}")
     out = args.out or os.path.join(args.ckpt_dir, "vae.safetensors")
     metrics = eval_vae(ae, test_pool(args), args.device)
     print(f"test split: PSNR {metrics['psnr']:.2f} dB, mouth PSNR {metrics['mouth_psnr']:.2f} dB")
     L.save_checkpoint(out, ae, cfg, extra=metrics)
     print(f"saved {out}")
+
+
+@torch.no_grad()
+def latent_statistics(ae, clips, device):
+    """Measure the raw encoder output's per-channel mean and std on training clips and return
+    the autoencoder rebuilt with them in its config (so its latents come out normalised)."""
+    raw = L.VideoAE(dataclasses.replace(ae.cfg, latent_mean=(), latent_std=())).to(device).eval()
+    raw.load_state_dict(ae.state_dict())
+    z = torch.cat([raw.encode(L.frames_to_tensor(c.frames[:1 + 4 * ((len(c.frames) - 1) // 4)])[None].to(device))[0]
+                   for c in clips])                                           # (N, 16, h, w)
+    cfg = dataclasses.replace(ae.cfg, latent_mean=tuple(z.mean((0, 2, 3)).tolist()),
+                              latent_std=tuple(z.std((0, 2, 3)).tolist()))
+    out = L.VideoAE(cfg).to(device).eval()
+    out.load_state_dict(ae.state_dict())
+    return out, cfg
 
 
 @torch.no_grad()
@@ -415,7 +440,7 @@ def train_teacher(args):
     ema = copy.deepcopy(model).requires_grad_(False)
     fwd = torch.compile(model) if args.compile else model
     print(cfg, f"\nDiT ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    n_latent, batch = args.latent_frames, args.batch or 16
+    n_latent, batch = args.latent_frames or 9, args.batch or 16
     h = w = args.size // ae.cfg.space_down
     tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
     bins = np.zeros((2, len(T_BINS) - 1))                      # loss sums and counts per t bin
@@ -464,6 +489,71 @@ def mfu(flops_per_s, device):
 
 
 # -----------------------------------------------------------------------------
+# stage: df, the Diffusion-Forcing init of the causal student
+
+# (window, sink) configurations of the KV cache, in latent frames, drawn per training step as the
+# paper did; inference uses (7, 1)
+DF_CACHES = [(7, 1), (10, 1), (13, 1), (9, 3), (12, 3)]
+
+
+def df_loss(model, x0, cond, audio, rng, window, sink):
+    """One Diffusion-Forcing step through the KV cache, exactly as the student streams: chunk by
+    chunk, each chunk noised to its own level from the two-step schedule (drawn per sample and
+    chunk), its velocity loss taken, then the clean chunk written into the cache at t = 0 (the KV
+    refresh, without gradient), so later chunks attend a clean past with dynamic RoPE and rolling."""
+    B, n = x0.shape[:2]
+    chunk = model.cfg.chunk
+    cache = L.KVCache(model.cfg.depth, sink, window, chunk)
+    steps = torch.tensor(L.STUDENT_STEPS, device=x0.device)
+    losses = []
+    for c0 in range(0, n, chunk):
+        sl = slice(c0, c0 + chunk)
+        t = steps[torch.from_numpy(rng.integers(len(steps), size=B)).to(x0.device)][:, None].expand(-1, chunk)
+        eps = torch.randn_like(x0[:, sl])
+        v = model(L.add_noise(x0[:, sl], eps, t), t, cond[:, sl], audio[:, sl], cache=cache)
+        losses.append((v.float() - (eps - x0[:, sl])).pow(2).mean((1, 2, 3, 4)))
+        with torch.no_grad():
+            model(x0[:, sl], torch.zeros_like(t), cond[:, sl], audio[:, sl], cache=cache, update_cache=True)
+    return torch.stack(losses, 1)                                   # (B, chunks)
+
+
+def train_df(args):
+    seed = args.seed if args.seed is not None else 0
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
+    teacher, tcfg, _ = L.load_checkpoint(args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"),
+                                         L.DiTConfig, L.DiT, args.device)
+    cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
+    model = L.DiT(cfg).to(args.device)
+    model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
+    ema = copy.deepcopy(model).requires_grad_(False)
+    encoded = encode_pool(ae, train_pool(args, n_default=512, seconds_default=4.0), cfg.audio_context,
+                          desc="encoding the training clips")
+    n_latent, batch = args.latent_frames or 12, args.batch or 16
+    assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
+    tokens = n_latent * (args.size // ae.cfg.space_down // cfg.patch) ** 2
+
+    def step(i):
+        x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
+        window, sink = DF_CACHES[rng.integers(len(DF_CACHES))]
+        with autocast(args.device):
+            per_chunk = df_loss(model, x0, cond, audio, rng, window, sink)
+        text = "loss by chunk " + " ".join(f"{v:.3f}" for v in per_chunk.mean(0).tolist())
+        return per_chunk.mean(), batch * tokens, text
+
+    state = args.state or os.path.join(args.ckpt_dir, "student_df.state.safetensors")
+    if not args.resume and os.path.isfile(state):
+        os.remove(state)
+    steps = args.steps or 1000
+    losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
+                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
+    out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
+    L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
+    print(f"saved {out} (EMA weights)")
+
+
+# -----------------------------------------------------------------------------
 # stage: eval-teacher (the teacher's table on the test split)
 
 EVAL_LATENT = 9                 # generate 33-frame segments (9 latent frames), as the teacher trained
@@ -509,10 +599,7 @@ def eval_teacher(args):
     for ci, c in enumerate(tqdm(test, desc="teacher on the test split")):
         T = 1 + segment_starts(len(c.frames))[-1] + EVAL_HOP
         gt = c.frames[:T]
-        add = lambda name, m: rows.setdefault(name, []).append(m)
-        add("ground truth", clip_metrics(gt, c.audio, c.mouth, gt, sync_eval, mouth_net))
-        add("autoencoder reconstruction", clip_metrics(reconstruct(ae, L.Clip(gt, c.audio), args.device),
-                                                       c.audio, c.mouth, gt, sync_eval, mouth_net))
+        add = reference_rows(rows, ae, c, T, sync_eval, mouth_net, args.device)
         enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context)
         for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
@@ -520,10 +607,47 @@ def eval_teacher(args):
             for name, scale in (("CFG 4.5", 4.5), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
-    res = {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in rows.items()}
-    res["test_clips"] = len(test)
+    res = mean_rows(rows, len(test))
     print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet")
     save_json(os.path.join(args.results, "teacher.json"), res)
+
+
+def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
+    """Add the ground-truth and autoencoder rows for the first T frames of clip c; returns add(name, metrics)."""
+    add = lambda name, m: rows.setdefault(name, []).append(m)
+    gt = c.frames[:T]
+    add("ground truth", clip_metrics(gt, c.audio, c.mouth, gt, sync_net, mouth_net))
+    add("autoencoder reconstruction", clip_metrics(reconstruct(ae, L.Clip(gt, c.audio), device),
+                                                   c.audio, c.mouth, gt, sync_net, mouth_net))
+    return add
+
+
+def mean_rows(rows, n_clips):
+    res = {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in rows.items()}
+    res["test_clips"] = n_clips
+    return res
+
+
+# -----------------------------------------------------------------------------
+# stage: eval-student (the causal student streamed over whole test clips)
+
+
+def eval_student(args):
+    ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
+    path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
+    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    test = test_pool(args)
+    rows = {}
+    name = f"student {os.path.basename(path).split('.')[0]}, {len(L.STUDENT_STEPS)} steps"
+    for ci, c in enumerate(tqdm(test, desc="student on the test split")):
+        add = reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
+        for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
+            out = L.lipsync(model, ae, c.frames, audio, seed=ci)
+            add(f"{name}, {task}", clip_metrics(out, audio, mouth, c.frames, sync_eval, mouth_net))
+    res = mean_rows(rows, len(test))
+    print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole test clips; "
+                     "sync by the eval SyncNet")
+    save_json(os.path.join(args.results, f"{os.path.basename(path).split('.')[0]}.json"), res)
 
 
 def print_table(res, title):
@@ -628,7 +752,7 @@ def export_synthtalk(args):
 # -----------------------------------------------------------------------------
 
 STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet, "teacher": train_teacher,
-          "eval-teacher": eval_teacher, "eval": eval_foundation,
+          "eval-teacher": eval_teacher, "df": train_df, "eval-student": eval_student, "eval": eval_foundation,
           "foundation": foundation, "export": export_synthtalk}
 
 
