@@ -105,11 +105,8 @@ def make_batch(model, ae, clips, device):
     context = model.cfg.audio_context
     cond, audio, noise, fresh = [], [], [], []
     for i, c in enumerate(clips):
-        n_frames = len(c.frames)
         enc = L.encode_clip(ae, c.frames, c.audio, context)
-        ref = lambda s: 4 * (((s + n_frames // 2) % n_frames) // 4)
-        items = [L.latent_window(enc, s, T.EVAL_LATENT, ref(s), context) for s in T.segment_starts(n_frames)]
-        x0, cd, au = [torch.stack(x) for x in zip(*items)]                     # (S, F, ...)
+        x0, cd, au = T.teacher_windows(enc, len(c.frames), context)             # (S, F, ...)
         g = torch.Generator().manual_seed(i)
         cond.append(cd), audio.append(au)
         noise.append(torch.randn(x0.shape, generator=g)), fresh.append(torch.randn(x0.shape, generator=g))
@@ -120,11 +117,6 @@ def make_batch(model, ae, clips, device):
 # scores: decode, stitch each clip's windows, score against the source clip
 
 
-def stitch(frames):
-    """Windows (S, 33, H, W, 3) sharing one frame each -> one clip (1 + 32 S, H, W, 3)."""
-    return np.concatenate([f[:T.EVAL_HOP] for f in frames[:-1]] + [frames[-1]])
-
-
 @torch.no_grad()
 def score(z, ae, sync_net, clips):
     """Latents z (n S, F, 16, h, w) of all clips -> one dict of METRICS per clip."""
@@ -132,7 +124,7 @@ def score(z, ae, sync_net, clips):
     S = len(z) // len(clips)
     out = []
     for i, c in enumerate(clips):
-        f = stitch(frames[i * S:(i + 1) * S])                                  # (T, H, W, 3)
+        f = T.stitch(frames[i * S:(i + 1) * S])                                  # (T, H, W, 3)
         n = len(f)
         s = L.evaluate_sync(sync_net, [f], [c.audio[:n * L.SAMPLES_PER_FRAME]])
         mouth, ref = L.mouth_crop(f), L.mouth_crop(c.frames[:n])

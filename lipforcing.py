@@ -8,11 +8,13 @@ Read bottom-up, one section at a time:
   3. media I/O (any video / audio in, H.264 + AAC mp4 out)
   4. the video autoencoder (Wan/TAEHV layout: 4x time, 8x space, 16 channels)
   5. the DiT (adaLN-Zero, 3D RoPE, qk-norm, channel-concat conditions, added audio)
-  6. flow matching and the teacher's 50-step sampler with CFG
+  6. flow matching, the teacher's 50-step sampler with CFG, the student's two-step sampler
   7. conditioning: latents, the lower-face mask, packed audio
   8. SyncNet, the sync metrics (Sync-C / Sync-D as syncnet_python computes them), MouthNet
   9. SynthTalk, the procedural talking-face corpus every number here is measured on
  10. data: clip pools from SynthTalk or from a folder of real clips
+ 11. streaming lip sync with the causal student (LipSyncStream)
+ 12. distillation: Self-Forcing rollout, Sync-Window DMD, SyncNet reward
 """
 
 import contextlib
@@ -61,14 +63,16 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path, model, config, extra=None):
+def save_checkpoint(path, model, config, extra=None, dtype=None):
     """Weights as safetensors; the dataclass config (and any extra info) as json metadata, so the
-    file alone rebuilds its model. Written atomically."""
+    file alone rebuilds its model. Written atomically. dtype (e.g. torch.float16) stores floating
+    weights at that precision, half the size for a shipped model; loading casts them back."""
     from safetensors.torch import save_file
     meta = {"config": json.dumps(asdict(config)), "config_class": type(config).__name__}
     if extra:
         meta["extra"] = json.dumps(extra)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    tensors = {k: cast(v.detach().cpu().contiguous()) for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
@@ -774,22 +778,25 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=4.5, cfg_schedule
 STUDENT_STEPS = (0.999, ode_t(30))
 
 
-@torch.no_grad()
-def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS):
+def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS, grad=False):
     """One chunk of the student's few-step sampler, no CFG: predict x0 from pure noise at steps[0],
     re-noise the prediction to steps[1] with fresh noise, predict x0 again, and so on. With a
     cache, a last pass on the clean output at t = 0 writes the chunk's keys and values into it
     (the KV refresh), so the next chunk attends a clean past.
 
+    grad=True (Self-Forcing's rollout): the last step runs with gradient; the earlier steps and the
+    KV refresh never do, so no gradient crosses steps or chunks.
     cond (B, F, 33, h, w), audio (B, F, A), noises (len(steps), B, F, 16, h, w) -> x0 (B, F, 16, h, w)."""
     B, Fr = noises.shape[1:3]
     x0 = None
     for i, t in enumerate(steps):
         tt = torch.full((B, Fr), t, device=noises.device)
         x = noises[0] if x0 is None else add_noise(x0, noises[i], tt)
-        x0 = x - t * model(x, tt, cond, audio, cache=cache)
+        with torch.set_grad_enabled(grad and i == len(steps) - 1):
+            x0 = x - t * model(x, tt, cond, audio, cache=cache)
     if cache is not None:
-        model(x0, torch.zeros(B, Fr, device=noises.device), cond, audio, cache=cache, update_cache=True)
+        with torch.no_grad():                                                  # the KV refresh
+            model(x0.detach(), torch.zeros(B, Fr, device=noises.device), cond, audio, cache=cache, update_cache=True)
     return x0
 
 
@@ -1456,6 +1463,12 @@ def composite_mask(H, W, feather=None):
     return np.broadcast_to(rows[:, None, None], (H, W, 1)).astype(np.float32)
 
 
+def composite(source, generated):
+    """Paste the generated lower face into the source frames (uint8 (T, H, W, 3) both)."""
+    m = composite_mask(*source.shape[-3:-1])
+    return (source * (1 - m) + generated * m).round().astype(np.uint8)
+
+
 class LipSyncStream:
     """Live lip sync: push source frames and driving audio as they arrive, get finished frames
     back chunk by chunk.
@@ -1546,8 +1559,7 @@ class LipSyncStream:
         y, self.memory = self.ae.decode(z, self.memory)                          # (1, n, 3, H, W)
         out = tensor_to_frames(y[0])
         if self.composite:
-            m = composite_mask(H, W)
-            out = (src * (1 - m) + out * m).round().astype(np.uint8)
+            out = composite(src, out)
         self.latents += Fr
         self.done += n
         # drop audio no later chunk reads (its rows start at frame v0 + 4F, with one frame of margin)
@@ -1568,3 +1580,92 @@ def lipsync(student, ae, frames, audio, reference=None, seed=0, composite=True, 
     16 kHz -> uint8 (T, H, W, 3)."""
     stream = LipSyncStream(student, ae, reference, seed, composite, steps)
     return np.concatenate([stream.push(frames, audio), stream.flush()])
+
+
+# -----------------------------------------------------------------------------
+# 12. distillation: Self-Forcing rollout, Sync-Window DMD, SyncNet reward
+
+
+def self_forcing_rollout(model, cond, audio, noises, exit_step, steps=STUDENT_STEPS):
+    """Self-Forcing rollout (Huang et al. 2025): the student generates the clip chunk by chunk
+    exactly as it streams (sample_chunk with its own outputs written into a sink + window KV cache
+    by the KV refresh), except that every chunk stops at denoising step `exit_step` and returns that
+    step's x0 prediction. Steps before the exit and the refresh run without gradient, the exit step
+    with it (when grad is enabled at all): gradient reaches the weights only through each chunk's
+    exit pass. With exit_step = len(steps) - 1 the output is what the stream makes from the same noises.
+    cond (B, F, 33, h, w), audio (B, F, A), noises (len(steps), B, F, 16, h, w) -> x (B, F, 16, h, w)."""
+    cfg = model.cfg
+    cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)
+    n, grad = exit_step + 1, torch.is_grad_enabled()
+    return torch.cat([sample_chunk(model, cond[:, c:c + cfg.chunk], audio[:, c:c + cfg.chunk],
+                                   noises[:n, :, c:c + cfg.chunk], cache, steps[:n], grad)
+                      for c in range(0, noises.shape[2], cfg.chunk)], 1)
+
+
+DMD_T_RANGE = (0.02, 0.98)                 # re-noise times: shift_t of a uniform in this range
+SYNC_WINDOW = (ode_t(40), ode_t(20))        # the teacher's ODE steps 20..40: t in [0.556, 0.882]
+
+
+def dmd_timesteps(batch, device=None):
+    """DMD's re-noise times, one per sample: t = shift_t(u), u ~ U[0.02, 0.98] -> (B,)."""
+    lo, hi = DMD_T_RANGE
+    return shift_t(lo + (hi - lo) * torch.rand(batch, device=device))
+
+
+def sync_window_cfg(t, scale=4.5, window=SYNC_WINDOW):
+    """Sync-Window CFG (METHOD, component 3): the teacher's guidance scale per sample for re-noise
+    times t (B,): `scale` where t lies in the window (bounds included), 1 (no CFG) elsewhere.
+    window = (0, 1) is a fixed scale everywhere; scale = 1 is no CFG at all."""
+    lo, hi = window
+    return torch.where((t >= lo) & (t <= hi), scale, 1.0)
+
+
+def predict_x0(model, x, t, cond, audio, scale=1.0, mode="audio"):
+    """x0_hat = x_t - t v with classifier-free guidance at a per-sample scale (B,) or one float.
+    The unconditional pass is only run when some sample is guided. t (B, F)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).expand(len(x))
+    if (scale == 1).all():
+        v = model(x, t, cond, audio)
+    else:
+        v = guided_velocity(model, x, t, cond, audio, scale.view(-1, 1, 1, 1, 1), mode)
+    return x - t[..., None, None, None] * v
+
+
+def dmd_loss(x, real_x0, fake_x0):
+    """Distribution Matching Distillation (Yin et al. 2024, as DMD2 / Self Forcing implement it),
+    per sample: grad = (fake - real) / mean|x - real|, L = 0.5 mean (x - stopgrad(x - grad))^2.
+    Its gradient in x is grad / numel, so the generator moves its sample along real - fake: toward
+    the teacher's x0 prediction and away from the critic's (its own distribution's).
+    x, real_x0, fake_x0 (B, ...); only x carries gradient -> (B,)."""
+    dims = tuple(range(1, x.ndim))
+    real, fake = real_x0.detach().double(), fake_x0.detach().double()
+    grad = (fake - real) / (x.detach().double() - real).abs().mean(dims, keepdim=True)
+    target = (x.detach().double() - torch.nan_to_num(grad)).to(x.dtype)
+    return 0.5 * (x - target).pow(2).mean(dims)
+
+
+def reward_weights(R, beta=2.0, scale=1.0):
+    """The SyncNet reward's per-sample weight w = exp(beta R / scale) (METHOD, component 4; the
+    paper's w = exp(beta R) is scale = 1), in float64 and without gradient through R. Exact, but
+    with our SyncNets' Sync-C of 20-30 it is ~1e26: use reward_weighted_mean to apply it."""
+    return torch.exp(beta * R.detach().double() / scale)
+
+
+def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
+    """mean_i(w_i L_i) with w = reward_weights(R, beta, scale), divided by mean_i(w_i).
+
+    Why the division: the weights' relative sizes exp(beta (R_i - R_j) / scale), which decide how
+    the batch is weighted, are kept exactly; only the common factor exp(beta mean R / scale) goes.
+    That factor is ~1e26 at our Sync-C of ~30 (1e7 at the paper's ~8): the raw loss overflows
+    float32 grad norms (clip_grad_norm would see inf and zero the step), and even where it is
+    finite, grad clipping at 10 plus Adam throw the absolute scale away anyway. Computed as a
+    softmax in float64, so it is finite for any R. beta = 0 gives the plain mean. L (B,), R (B,)."""
+    w = torch.softmax(beta * R.detach().double() / scale, 0) * len(R)     # w_i / mean_j w_j
+    return (w.to(losses.dtype) * losses).mean()
+
+
+def effective_batch(R, beta=2.0, scale=1.0):
+    """How many samples the reward weighting effectively keeps, (sum w)^2 / sum w^2, in 1..B:
+    B when the weights are equal, 1 when one sample takes all the weight. A cheap diagnostic."""
+    p = torch.softmax(beta * R.detach().double() / scale, 0)
+    return float(1 / p.pow(2).sum())

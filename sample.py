@@ -216,15 +216,15 @@ def pingpong(i, T):
     return j if j < T else 2 * (T - 1) - j
 
 
-def paste(source, generated, mask):
-    """Blend generated frames into the source frames at the source's resolution: source uint8
-    (n, H, W, 3), generated uint8 (n, s, s, 3), mask (H, W, 1) -> uint8 (n, H, W, 3)."""
+def paste(source, generated):
+    """Blend generated frames into the source frames at the source's resolution (L.composite):
+    source uint8 (n, H, W, 3), generated uint8 (n, s, s, 3) -> uint8 (n, H, W, 3)."""
     H, W = source.shape[1:3]
     if generated.shape[1:3] != (H, W):
         x = L.frames_to_tensor(generated)                                          # (n, 3, s, s)
         mode = "bilinear" if H * W >= x.shape[-1] * x.shape[-2] else "area"
         generated = L.tensor_to_frames(F.interpolate(x, size=(H, W), mode=mode))   # (n, H, W, 3)
-    return (source * (1 - mask) + generated * mask).round().astype(np.uint8)
+    return L.composite(source, generated)
 
 
 def dub(stream, source, pieces, size):
@@ -236,7 +236,6 @@ def dub(stream, source, pieces, size):
     returns whole generated frames, which are pasted into the source frames here."""
     T = len(source)
     small = L.resize_frames(source, size)                                  # (T, size, size, 3)
-    mask = L.composite_mask(*source.shape[1:3])                            # (H, W, 1)
     heard = pushed = done = 0
     for piece in itertools.chain(pieces, [None]):                          # None: the input has ended
         if piece is None:
@@ -247,7 +246,7 @@ def dub(stream, source, pieces, size):
             out = stream.push([small[pingpong(i, T)] for i in range(pushed, n)], piece)
             pushed = n
         if len(out):
-            yield paste(source[[pingpong(i, T) for i in range(done, done + len(out))]], out, mask)
+            yield paste(source[[pingpong(i, T) for i in range(done, done + len(out))]], out)
             done += len(out)
 
 

@@ -11,6 +11,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py teacher                  # the bidirectional audio-conditioned DiT (flow matching)
   python train.py eval-teacher             # the teacher's table (50 steps, CFG 4.5 / none)
   python train.py df                       # Diffusion-Forcing init of the causal student from the teacher
+  python train.py dmd                      # Self-Forcing DMD, Sync-Window CFG teacher, SyncNet reward
   python train.py eval-student             # the student streamed over the test clips (2 steps per chunk)
 
 On a GPU: add --device cuda (the default when one is present; bf16 autocast) and --compile.
@@ -67,6 +68,22 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
     p.add_argument("--state", default=None, help="training-state file (default: <ckpt-dir>/<stage>.state.safetensors)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state saved)")
+    g = p.add_argument_group("dmd")
+    g.add_argument("--teacher", default=None, help="teacher checkpoint (default: <ckpt-dir>/teacher.safetensors); "
+                                                   "the critic starts from it too")
+    g.add_argument("--teacher-cfg", choices=TEACHER_CFG, default="window",
+                   help="the teacher's guidance in DMD: none, fixed (--cfg-scale everywhere), "
+                        "window (--cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
+    g.add_argument("--cfg-scale", type=float, default=4.5, help="the teacher's guidance scale")
+    g.add_argument("--beta", type=float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
+    g.add_argument("--reward-scale", type=float, default=1.0,
+                   help="divide the reward's Sync-C by this before exp(beta R). 1 is the paper's formula, "
+                        "but our SyncNets' distances have their own scale (ground-truth Sync-C 31.2 for the "
+                        "reward SyncNet vs 7.95 for syncnet_python on HDTF), so exp(2 R) weights samples "
+                        "far more sharply here: a Sync-C gap of 5 is a factor e^10. 3.93 (= 31.22 / 7.95) "
+                        "puts R in the paper's units")
+    g.add_argument("--critic-lr", type=float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
+    g.add_argument("--critic-steps", type=int, default=5, help="critic updates per student update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
@@ -408,16 +425,23 @@ def random_ref(rng, T, start, length):
             return r
 
 
-def teacher_batch(encoded, batch, n_latent, rng, context, device):
-    """Random windows of n_latent latent frames: x0 (B, F, 16, h, w), cond, audio."""
+def teacher_batch(encoded, batch, n_latent, rng, context, device, audios=None):
+    """Random windows of n_latent latent frames: x0 (B, F, 16, h, w), cond, audio features. With
+    `audios` (audios[i] = encoded[i]'s waveform) also each window's raw audio (B, T * 640) on the
+    CPU: the 640 samples of each of its 1 + 4 (n_latent - 1) frames (what ae.decode returns)."""
     n_frames = 1 + 4 * (n_latent - 1)
-    items = []
+    n_samples = n_frames * L.SAMPLES_PER_FRAME
+    items, raw = [], []
     for _ in range(batch):
-        e = encoded[rng.integers(len(encoded))]
-        T = e.n_frames
+        i = rng.integers(len(encoded))
+        T = encoded[i].n_frames
         start = 4 * int(rng.integers((T - n_frames) // 4 + 1))
-        items.append(L.latent_window(e, start, n_latent, random_ref(rng, T, start, n_frames), context))
-    return [torch.stack(x).to(device) for x in zip(*items)]
+        items.append(L.latent_window(encoded[i], start, n_latent, random_ref(rng, T, start, n_frames), context))
+        if audios is not None:
+            a = audios[i][start * L.SAMPLES_PER_FRAME:][:n_samples]
+            raw.append(np.pad(a, (0, n_samples - len(a))))
+    out = [torch.stack(x).to(device) for x in zip(*items)]
+    return out + [torch.from_numpy(np.stack(raw))] if audios is not None else out
 
 
 def dit_train_flops_per_token(cfg, seq_len):
@@ -428,13 +452,17 @@ def dit_train_flops_per_token(cfg, seq_len):
     return 3 * cfg.depth * 2 * (4 * d * d + 2 * d * cfg.ffn + 2 * seq_len * d)
 
 
+TEACHER_STEPS = 2400     # the tiny teacher's run fits in 20 min on 2 CPU cores
+DIT_CLIPS = 256          # SynthTalk clips of 4 s in the training pool of the DiT stages (teacher, df, dmd)
+
+
 def train_teacher(args):
     seed = args.seed if args.seed is not None else 0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     cfg = L.DiTConfig(**L.DIT_PRESETS[args.preset], drop_mode=args.drop_mode, seed=seed)
-    clips = train_pool(args, n_default=512, seconds_default=4.0)
+    clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
     model = L.DiT(cfg).to(args.device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -466,8 +494,8 @@ def train_teacher(args):
     state = args.state or os.path.join(args.ckpt_dir, "teacher.state.safetensors")
     if not args.resume and os.path.isfile(state):
         os.remove(state)
-    steps = args.steps or 3000
-    losses = fit(model, step, steps, args.lr or 3e-4, "teacher", unit="tokens", ema=ema,
+    steps = args.steps or TEACHER_STEPS
+    losses = fit(model, step, steps, args.lr or 1e-3, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
     out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
@@ -490,6 +518,8 @@ def mfu(flops_per_s, device):
 
 # -----------------------------------------------------------------------------
 # stage: df, the Diffusion-Forcing init of the causal student
+
+STUDENT_DTYPE = torch.float16   # students are shipped (the demo loads one): stored at half size
 
 # (window, sink) configurations of the KV cache, in latent frames, drawn per training step as the
 # paper did; inference uses (7, 1)
@@ -528,7 +558,7 @@ def train_df(args):
     model = L.DiT(cfg).to(args.device)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
     ema = copy.deepcopy(model).requires_grad_(False)
-    encoded = encode_pool(ae, train_pool(args, n_default=512, seconds_default=4.0), cfg.audio_context,
+    encoded = encode_pool(ae, train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), cfg.audio_context,
                           desc="encoding the training clips")
     n_latent, batch = args.latent_frames or 12, args.batch or 16
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
@@ -549,8 +579,151 @@ def train_df(args):
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
     out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
-    L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
+    L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))},
+                      dtype=STUDENT_DTYPE)
     print(f"saved {out} (EMA weights)")
+
+
+# -----------------------------------------------------------------------------
+# stage: dmd, Self-Forcing DMD with the Sync-Window CFG teacher and the SyncNet reward
+
+GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (METHOD's table)
+DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
+DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); 600 steps is a short run
+DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
+TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
+
+
+@torch.no_grad()
+def sync_rewards(net, ae, x, raw_audio):
+    """R = Sync-C of each decoded clip against its audio, exactly as the evaluation measures it
+    (uint8 frames, syncnet_python's algorithm): x (B, F, 16, h, w) latents, raw_audio (B, T * 640) -> (B,)."""
+    frames = L.tensor_to_frames(ae.decode(x.detach().float())[0])             # (B, T, H, W, 3)
+    return torch.tensor([L.evaluate_sync(net, [f], [a.numpy()])["sync_c"] for f, a in zip(frames, raw_audio)],
+                        dtype=torch.float64)
+
+
+def critic_loss(critic, x, cond, audio):
+    """The critic's flow-matching (v-prediction) loss on the student's detached samples x, at the
+    re-noise times DMD uses: it learns the score of the student's current distribution."""
+    t = L.dmd_timesteps(len(x), x.device)[:, None].expand(-1, x.shape[1])        # (B, F)
+    eps = torch.randn_like(x)
+    with autocast(x.device):
+        v = critic(L.add_noise(x, eps, t), t, cond, audio)
+    return (v.float() - (eps - x)).pow(2).mean()
+
+
+def train_dmd(args):
+    seed = args.seed if args.seed is not None else 0
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    dev, ckpt = args.device, lambda name: os.path.join(args.ckpt_dir, f"{name}.safetensors")
+    ae = L.load_checkpoint(ckpt("vae"), L.AEConfig, L.VideoAE, dev)[0]
+    sync_net, _, sync_meta = L.load_checkpoint(ckpt("syncnet_reward"), L.SyncNetConfig, L.SyncNet, dev)
+    teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT, dev)
+    init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT, dev)
+    # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
+    cfg = icfg if icfg.causal else dataclasses.replace(icfg, causal=True, sink=1, window=7)
+    cfg = dataclasses.replace(cfg, seed=seed)
+    assert (cfg.audio_context, cfg.latent_channels) == (tcfg.audio_context, tcfg.latent_channels), \
+        "student and teacher must read the same latents and packed audio"
+    student = L.DiT(cfg).to(dev)
+    student.load_state_dict(init.state_dict())
+    ema = copy.deepcopy(student).requires_grad_(False)
+    critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
+    teacher.requires_grad_(False)
+    student.train()
+    n_param = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+    print(cfg, f"\nstudent {n_param(student)}, teacher and critic {n_param(teacher)} parameters")
+    gt = sync_meta.get("gt_sync_c")
+    if gt:
+        print(f"reward SyncNet: ground-truth Sync-C {gt:.2f}; --reward-scale {gt / GT_SYNC_C_PAPER:.2f} "
+              f"would put R in the paper's units (now {args.reward_scale:g})")
+
+    clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
+    encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
+    audios = [c.audio for c in clips]                               # EncodedClip keeps features only
+    del clips
+    n_latent, batch = args.latent_frames or 12, args.batch or 16
+    assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
+    scale = 1.0 if args.teacher_cfg == "none" else args.cfg_scale
+    window = L.SYNC_WINDOW if args.teacher_cfg == "window" else (0.0, 1.0)       # (0, 1): every t
+
+    def rollout(cond, audio):
+        """The student's clip with a fresh exit step (the same for every chunk) and fresh noise."""
+        exit_step = int(rng.integers(len(L.STUDENT_STEPS)))
+        noises = torch.randn(len(L.STUDENT_STEPS), *cond.shape[:2], cfg.latent_channels, *cond.shape[-2:], device=dev)
+        with autocast(dev):
+            return L.self_forcing_rollout(student, cond, audio, noises, exit_step).float()
+
+    s_opt = torch.optim.Adam(student.parameters(), lr=args.lr or DMD_LR, betas=(0.0, 0.999))
+    c_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or DMD_LR, betas=(0.0, 0.999))
+    state = args.state or ckpt("student.state")
+    c_state = os.path.join(os.path.dirname(state), "critic-" + os.path.basename(state))
+    if not args.resume:
+        for f in (state, c_state):
+            if os.path.isfile(f):
+                os.remove(f)
+    start = 0
+    if os.path.isfile(state):
+        start = load_train_state(state, student, ema, s_opt, rng)
+        load_train_state(c_state, critic, None, c_opt, None)
+        print(f"dmd: resumed from {state} at step {start}")
+    steps = args.steps or 600
+    end = min(steps, args.stop_after) if args.stop_after else steps
+    log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
+    t0 = time.time()
+    for step in tqdm(range(start, end), desc="dmd", initial=start, total=steps,
+                     mininterval=1 if sys.stderr.isatty() else 30):
+        # the critic tracks the student: flow matching on fresh rollouts, several updates per student update
+        for _ in range(args.critic_steps):
+            _, cond, audio, _ = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev, audios)
+            with torch.no_grad():
+                x = rollout(cond, audio)
+            loss = critic_loss(critic, x, cond, audio)
+            c_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), DMD_CLIP)
+            c_opt.step()
+            log["critic"].append(loss.item())
+        # the student: a rollout with gradient at the exit steps, scored by teacher and critic
+        _, cond, audio, raw = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev, audios)
+        x = rollout(cond, audio)
+        with torch.no_grad(), autocast(dev):
+            t = L.dmd_timesteps(batch, dev)
+            tt = t[:, None].expand(-1, n_latent)                                   # (B, F)
+            x_t = L.add_noise(x.detach(), torch.randn_like(x), tt)
+            real = L.predict_x0(teacher, x_t, tt, cond, audio, L.sync_window_cfg(t, scale, window), tcfg.drop_mode)
+            fake = L.predict_x0(critic, x_t, tt, cond, audio)
+        R = sync_rewards(sync_net, ae, x, raw)
+        per_sample = L.dmd_loss(x, real.float(), fake.float())
+        loss = L.reward_weighted_mean(per_sample, R.to(dev), args.beta, args.reward_scale)
+        s_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), DMD_CLIP)
+        s_opt.step()
+        decay = min(DMD_EMA, (1 + step) / (10 + step))                # EMA warm-up, as fit does
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), student.parameters()):
+                pe.lerp_(p, 1 - decay)
+        log["dmd"].append(per_sample.mean().item())
+        log["sync_c"].append(R.mean().item())
+        log["ess"].append(L.effective_batch(R, args.beta, args.reward_scale))
+        if (step + 1) % 10 == 0 or step + 1 == end:
+            k, dt = 10 * args.critic_steps, time.time() - t0
+            tqdm.write(f"dmd step {step + 1}/{steps} dmd loss {np.mean(log['dmd'][-10:]):.4f} "
+                       f"critic loss {np.mean(log['critic'][-k:]):.4f} reward Sync-C {np.mean(log['sync_c'][-10:]):.2f} "
+                       f"effective batch {np.mean(log['ess'][-10:]):.1f}/{batch} "
+                       f"{dt / (step + 1 - start):.2f} s/step elapsed {dt:.0f}s")
+        if (step + 1) % 50 == 0 or step + 1 == end:
+            save_train_state(state, student, ema, s_opt, step + 1, rng)
+            save_train_state(c_state, critic, None, c_opt, step + 1, None)
+    out = args.out or ckpt("student")
+    extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
+             "reward_scale": args.reward_scale, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
+    L.save_checkpoint(out, ema, cfg, extra=extra, dtype=STUDENT_DTYPE)
+    print(f"saved {out} (EMA weights)")
+    return log
 
 
 # -----------------------------------------------------------------------------
@@ -565,20 +738,29 @@ def segment_starts(T):
     return list(range(0, T - (EVAL_HOP + 1) + 1, EVAL_HOP))
 
 
+def teacher_windows(enc, T, context):
+    """The teacher's inputs for a T-frame clip: its 33-frame windows (32-frame hop), each with the
+    reference frame half a clip away. Returns x0, cond, audio, each (S, F, ...)."""
+    ref = lambda s: 4 * (((s + T // 2) % T) // 4)                  # half a clip away, on the latent grid
+    items = [L.latent_window(enc, s, EVAL_LATENT, ref(s), context) for s in segment_starts(T)]
+    return [torch.stack(x) for x in zip(*items)]
+
+
+def stitch(frames):
+    """Windows (S, 33, H, W, 3) that share one frame each -> one clip (1 + 32 S, H, W, 3)."""
+    return np.concatenate([f[:EVAL_HOP] for f in frames[:-1]] + [frames[-1]])
+
+
 @torch.no_grad()
 def teacher_generate(model, ae, enc, T, cfg_scale, seed, device, cfg_schedule=None):
-    """Generate a clip segment by segment (all segments in one batch) with the 50-step sampler,
+    """Generate a clip window by window (all windows in one batch) with the 50-step sampler,
     decode, and stitch: (T_out, H, W, 3) uint8 with T_out = 1 + 32 n."""
-    starts = segment_starts(T)
-    ref = lambda s: 4 * (((s + T // 2) % T) // 4)                  # half a clip away, on the latent grid
-    items = [L.latent_window(enc, s, EVAL_LATENT, ref(s), model.cfg.audio_context) for s in starts]
-    x0, cond, audio = [torch.stack(x).to(device) for x in zip(*items)]
+    x0, cond, audio = [x.to(device) for x in teacher_windows(enc, T, model.cfg.audio_context)]
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g).to(device)
     with autocast(device):
         z = L.sample_ode(model, cond, audio, noise, cfg=cfg_scale, cfg_schedule=cfg_schedule, mode=model.cfg.drop_mode)
-    frames = L.tensor_to_frames(ae.decode(z.float())[0])                                # (S, 33, H, W, 3)
-    return np.concatenate([f[:EVAL_HOP] for f in frames[:-1]] + [frames[-1]])
+    return stitch(L.tensor_to_frames(ae.decode(z.float())[0]))                         # from (S, 33, H, W, 3)
 
 
 def clip_metrics(frames, audio, mouth, gt, sync_net, mouth_net):
@@ -606,6 +788,7 @@ def eval_teacher(args):
             enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context))
             for name, scale in (("CFG 4.5", 4.5), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
+                out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
     res = mean_rows(rows, len(test))
     print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet")
@@ -730,7 +913,10 @@ def print_foundation_table(r):
 
 def foundation(args):
     """Every foundation model in order, then the table."""
-    for stage, extra in (("vae", []), ("syncnet", ["--role", "reward"]), ("syncnet", ["--role", "eval"]),
+    vae = os.path.join(args.ckpt_dir, "vae.safetensors")
+    # the autoencoder: 5000 steps, then 2000 more at a lower rate (the committed checkpoint's recipe)
+    for stage, extra in (("vae", []), ("vae", ["--init", vae, "--steps", "2000", "--lr", "5e-4"]),
+                         ("syncnet", ["--role", "reward"]), ("syncnet", ["--role", "eval"]),
                          ("mouthnet", []), ("eval", [])):
         STAGES[stage](get_args([stage, *extra, "--ckpt-dir", args.ckpt_dir, "--size", str(args.size),
                                  "--device", args.device, "--results", args.results]))
@@ -752,7 +938,7 @@ def export_synthtalk(args):
 # -----------------------------------------------------------------------------
 
 STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet, "teacher": train_teacher,
-          "eval-teacher": eval_teacher, "df": train_df, "eval-student": eval_student, "eval": eval_foundation,
+          "eval-teacher": eval_teacher, "df": train_df, "dmd": train_dmd, "eval-student": eval_student, "eval": eval_foundation,
           "foundation": foundation, "export": export_synthtalk}
 
 
@@ -760,7 +946,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    STAGES[args.stage](args)
+    return STAGES[args.stage](args)
 
 
 if __name__ == "__main__":
