@@ -44,8 +44,8 @@ import train as T
 # -----------------------------------------------------------------------------
 # what is compared
 
-NO_CFG, CFG = 1.0, 4.5                   # the two guidance scales of the tradeoff and the factorial
-ENDPOINT_SCALES = (1.0, 3.0, 4.5, 6.0)   # fixed-CFG endpoints of part (c)
+NO_CFG, CFG = 1.0, L.CFG_SCALE           # the two guidance scales of the tradeoff and the factorial
+ENDPOINT_SCALES = (1.0, 3.0, CFG, 6.0)   # fixed-CFG endpoints of part (c)
 METRICS = ("sync_c", "sync_d", "mouth_ssim", "mouth_l1")
 LABELS = {"sync_c": "Sync-C (higher = better)", "sync_d": "Sync-D (lower = better)",
           "mouth_ssim": "mouth SSIM to reference", "mouth_l1": "mouth L1 to reference"}
@@ -81,8 +81,8 @@ def get_args(argv=None):
     args.landing_steps = args.landing_steps or sorted({1, last, *range(2, last, 2)})
     if not all(1 <= j <= last for j in args.landing_steps):
         p.error(f"landing steps must lie in 1..{last} (the ODE has {args.steps} steps)")
-    if round(args.seconds * L.FPS) < T.EVAL_HOP + 1:
-        p.error(f"--seconds must hold one {T.EVAL_HOP + 1}-frame window: at least {(T.EVAL_HOP + 1) / L.FPS:g} s")
+    if round(args.seconds * L.FPS) < L.TEACHER_HOP + 1:
+        p.error(f"--seconds must hold one {L.TEACHER_HOP + 1}-frame window: at least {(L.TEACHER_HOP + 1) / L.FPS:g} s")
     return args
 
 
@@ -138,24 +138,15 @@ def score(z, ae, sync_net, clips):
 
 
 def velocity(model, x, t, b, scale, mode):
-    """The velocity a run with guidance `scale` uses, as L.sample_ode computes it (scale 1 = the
-    plain conditional prediction)."""
-    tt = torch.full(x.shape[:2], t, device=x.device)                            # (B, F)
-    if scale == 1:
-        return model(x, tt, b.cond, b.audio)
-    return L.guided_velocity(model, x, tt, b.cond, b.audio, scale, mode)
+    """The velocity a run with guidance `scale` uses (L.velocity at one t for the whole batch)."""
+    return L.velocity(model, x, torch.full(x.shape[:2], t, device=x.device), b.cond, b.audio, scale, mode)
 
 
-@torch.no_grad()
 def trajectory(model, b, scale, steps):
     """The Euler ODE from b.noise at guidance `scale`: yields (j, x0_hat) at every step j = 0..steps-1,
     x0_hat = x_tj - t_j v. The last one equals L.sample_ode's final sample."""
-    x = b.noise
-    for j in range(steps):
-        t, t_next = L.ode_t(j, steps), L.ode_t(j + 1, steps)
-        v = velocity(model, x, t, b, scale, model.cfg.drop_mode)
+    for j, t, x, v in L.ode_trajectory(model, b.cond, b.audio, b.noise, steps, scale, mode=model.cfg.drop_mode):
         yield j, x - t * v
-        x = x + (t_next - t) * v
 
 
 @torch.no_grad()
@@ -204,7 +195,7 @@ def analyze_teacher(path, label, ae, sync_net, clips, args):
     print(f"\n{path}: drop_mode {cfg.drop_mode}, {len(clips)} clips x {len(b.noise) // len(clips)} windows")
 
     t0 = time.time()
-    with T.autocast(args.device):
+    with L.autocast(args.device):
         for scale in ENDPOINT_SCALES:                        # (a) for 1 and 4.5 at every step, (c) the endpoints
             every_step = scale in (NO_CFG, CFG)
             for j, x0 in tqdm(trajectory(model, b, scale, steps), total=steps, desc=f"(a, c) ODE at CFG {scale:g}"):

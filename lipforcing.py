@@ -63,6 +63,19 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def save_json(path, obj):
+    """Write obj as indented json, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+
+def autocast(device):
+    """bf16 autocast on GPU, plain fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
+
+
 def save_checkpoint(path, model, config, extra=None, dtype=None):
     """Weights as safetensors; the dataclass config (and any extra info) as json metadata, so the
     file alone rebuilds its model. Written atomically. dtype (e.g. torch.float16) stores floating
@@ -719,6 +732,9 @@ class DiT(nn.Module):
 
 SHIFT = 5.0              # timestep shift, Wan's default for this resolution class
 ODE_STEPS = 50           # the teacher's ODE
+CFG_SCALE = 4.5          # the teacher's guidance scale
+TEACHER_LATENT = 9       # the teacher generates windows of 9 latent frames (33 video frames), as it trains,
+TEACHER_HOP = 4 * (TEACHER_LATENT - 1)   # stitched with a 32-frame hop (consecutive windows share a frame)
 
 
 def shift_t(t, shift=SHIFT):
@@ -757,9 +773,21 @@ def guided_velocity(model, x, t, cond, audio, scale, mode="audio", **kw):
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def velocity(model, x, t, cond, audio, scale=1.0, mode="audio", **kw):
+    """The velocity a sampler uses at guidance `scale` (one float, or one per sample (B,)): the
+    conditional prediction alone (one pass) where every scale is 1, else guided_velocity."""
+    if (torch.as_tensor(scale) == 1).all():
+        return model(x, t, cond, audio, **kw)
+    if torch.is_tensor(scale):
+        scale = scale.to(x.device, torch.float32).view(-1, 1, 1, 1, 1)            # one per sample
+    return guided_velocity(model, x, t, cond, audio, scale, mode, **kw)
+
+
 @torch.no_grad()
-def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=4.5, cfg_schedule=None, mode="audio"):
-    """The teacher's Euler sampler from pure noise: x <- x + (t_{j+1} - t_j) v at t_j = shift(1 - j/steps).
+def ode_trajectory(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_schedule=None, mode="audio"):
+    """The teacher's Euler sampler from pure noise, step by step: yields (j, t_j, x_tj, v_j) at
+    t_j = shift(1 - j/steps), before the step x <- x + (t_{j+1} - t_j) v. x_tj - t_j v_j is the x0
+    prediction at step j; at the last step (t_{steps} = 0) it is the sample itself.
 
     cfg: the guidance scale (1 = no CFG); cfg_schedule(j) -> scale overrides it per step, so
     windowed guidance (e.g. only for ODE steps 20..40) can be run."""
@@ -768,10 +796,16 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=4.5, cfg_schedule
     for j in range(steps):
         t, t_next = ode_t(j, steps), ode_t(j + 1, steps)
         s = cfg_schedule(j) if cfg_schedule is not None else cfg
-        tt = torch.full((B, Fr), t, device=x.device)
-        v = model(x, tt, cond, audio) if s == 1 else guided_velocity(model, x, tt, cond, audio, s, mode)
+        v = velocity(model, x, torch.full((B, Fr), t, device=x.device), cond, audio, s, mode)
+        yield j, t, x, v
         x = x + (t_next - t) * v
-    return x
+
+
+@torch.no_grad()
+def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_schedule=None, mode="audio"):
+    """The teacher's 50-step Euler sampler (ode_trajectory run to the end): the sample at t = 0."""
+    *_, (j, t, x, v) = ode_trajectory(model, cond, audio, noise, steps, cfg, cfg_schedule, mode)
+    return x + (ode_t(steps, steps) - t) * v
 
 
 # The student's two-step schedule: ODE steps 0 and 30 of the teacher's 50 (t = 0.999, 0.769).
@@ -835,6 +869,12 @@ def audio_frame_features(audio, context):
     return frame_features(audio, -3 - context, T + context)
 
 
+def audio_lookahead(context):
+    """Audio samples past a frame's end that its features need: `context` frames of audio context,
+    plus the 120 samples a mel window reaches into the next frame. What a stream waits for."""
+    return context * SAMPLES_PER_FRAME + (MEL_WIN - MEL_HOP) // 2
+
+
 def pack_audio(feats, start, n_latent, context):
     """Audio of latent frames 0..n_latent-1 of a window starting at video frame `start`: latent f
     covers video frames start + 4f - 3 .. start + 4f (its 4 frames; the first latent frame's 3
@@ -873,7 +913,7 @@ def encode_clip(ae, frames, audio, context, batch=64):
     def enc(v):
         grid = v[:1 + 4 * G:4, None]                                               # (G + 1, 1, 3, H, W)
         single = torch.cat([ae.encode(grid[i:i + batch].to(dev))[:, 0] for i in range(0, len(grid), batch)])
-        groups = ae.encode(v[None, :1 + 4 * G].to(dev))[0, 1:]                     # (G, 16, h, w)
+        groups = ae.encode_groups(v[None, 1:1 + 4 * G].to(dev))[0]                  # (G, 16, h, w)
         return single.cpu(), groups.cpu()
 
     (s, g), (ms, mg) = enc(x), enc(masked)
@@ -1501,10 +1541,9 @@ class LipSyncStream:
         self.memory = None                               # the decoder's memory
 
     def _need(self):
-        """(source frames, absolute audio samples) the next chunk needs."""
+        """(source frames, audio samples since the start of the stream) the next chunk needs."""
         n = self.tf * self.chunk - (self.tf - 1 if self.latents == 0 else 0)    # 9, then 12
-        last = self.done + n - 1
-        return n, (last + self.context + 1) * SAMPLES_PER_FRAME + (MEL_WIN - MEL_HOP) // 2
+        return n, (self.done + n) * SAMPLES_PER_FRAME + audio_lookahead(self.context)
 
     def push(self, frames=(), audio=None):
         """Add source frames (uint8 (n, H, W, 3)) and/or audio (16 kHz mono float samples).
@@ -1612,7 +1651,7 @@ def dmd_timesteps(batch, device=None):
     return shift_t(lo + (hi - lo) * torch.rand(batch, device=device))
 
 
-def sync_window_cfg(t, scale=4.5, window=SYNC_WINDOW):
+def sync_window_cfg(t, scale=CFG_SCALE, window=SYNC_WINDOW):
     """Sync-Window CFG (METHOD, component 3): the teacher's guidance scale per sample for re-noise
     times t (B,): `scale` where t lies in the window (bounds included), 1 (no CFG) elsewhere.
     window = (0, 1) is a fixed scale everywhere; scale = 1 is no CFG at all."""
@@ -1621,14 +1660,8 @@ def sync_window_cfg(t, scale=4.5, window=SYNC_WINDOW):
 
 
 def predict_x0(model, x, t, cond, audio, scale=1.0, mode="audio"):
-    """x0_hat = x_t - t v with classifier-free guidance at a per-sample scale (B,) or one float.
-    The unconditional pass is only run when some sample is guided. t (B, F)."""
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).expand(len(x))
-    if (scale == 1).all():
-        v = model(x, t, cond, audio)
-    else:
-        v = guided_velocity(model, x, t, cond, audio, scale.view(-1, 1, 1, 1, 1), mode)
-    return x - t[..., None, None, None] * v
+    """x0_hat = x_t - t v with classifier-free guidance at a per-sample scale (B,) or one float. t (B, F)."""
+    return x - t[..., None, None, None] * velocity(model, x, t, cond, audio, scale, mode)
 
 
 def dmd_loss(x, real_x0, fake_x0):
@@ -1651,6 +1684,11 @@ def reward_weights(R, beta=2.0, scale=1.0):
     return torch.exp(beta * R.detach().double() / scale)
 
 
+def _reward_share(R, beta, scale):
+    """w_i / sum_j w_j for w = reward_weights(R, beta, scale), as a float64 softmax (finite for any R)."""
+    return torch.softmax(beta * R.detach().double() / scale, 0)
+
+
 def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     """mean_i(w_i L_i) with w = reward_weights(R, beta, scale), divided by mean_i(w_i).
 
@@ -1660,12 +1698,11 @@ def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     float32 grad norms (clip_grad_norm would see inf and zero the step), and even where it is
     finite, grad clipping at 10 plus Adam throw the absolute scale away anyway. Computed as a
     softmax in float64, so it is finite for any R. beta = 0 gives the plain mean. L (B,), R (B,)."""
-    w = torch.softmax(beta * R.detach().double() / scale, 0) * len(R)     # w_i / mean_j w_j
+    w = _reward_share(R, beta, scale) * len(R)                           # w_i / mean_j w_j
     return (w.to(losses.dtype) * losses).mean()
 
 
 def effective_batch(R, beta=2.0, scale=1.0):
     """How many samples the reward weighting effectively keeps, (sum w)^2 / sum w^2, in 1..B:
     B when the weights are equal, 1 when one sample takes all the weight. A cheap diagnostic."""
-    p = torch.softmax(beta * R.detach().double() / scale, 0)
-    return float(1 / p.pow(2).sum())
+    return float(1 / _reward_share(R, beta, scale).pow(2).sum())

@@ -35,10 +35,8 @@ TTFF (time to first frame), as the benchmark reports it:
 """
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
-import json
 import os
 import resource
 import subprocess
@@ -59,9 +57,6 @@ import lipforcing as L
 SPF = L.SAMPLES_PER_FRAME
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
-TEACHER_LATENT = 9            # the teacher samples 9-latent windows (33 frames) as it trained, ...
-TEACHER_HOP = 4 * (TEACHER_LATENT - 1)   # ... stitched with a 32-frame hop (train.py eval-teacher)
-TEACHER_CFG = 4.5             # its guidance scale (50 Euler steps: L.ODE_STEPS)
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
 GROW_IDLE = 1.0               # --stream from a growing file: it has ended after this many seconds without new data
 
@@ -181,27 +176,16 @@ def load_ae(args):
     return load(args.vae, L.AEConfig, L.VideoAE, args.device, "train it with `python train.py vae`")
 
 
-def autocast(device):
-    """bf16 autocast on GPU, plain fp32 on CPU (as train.py)."""
-    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
-
-
-def lookahead(cfg):
-    """Audio samples past a frame's end that its chunk needs: audio_context frames, plus the 120
-    samples a mel window reaches into the next frame (the lookahead of L.LipSyncStream)."""
-    return cfg.audio_context * SPF + (L.MEL_WIN - L.MEL_HOP) // 2
-
-
 def student_wait(ae, cfg):
     """Seconds of live input before the student's first chunk can run: its 9 frames (the first
     latent frame holds one frame, the other chunk - 1 hold 4) and the audio lookahead after them."""
     first = ae.cfg.time_down * cfg.chunk - (ae.cfg.time_down - 1)
-    return (first * SPF + lookahead(cfg)) / L.SAMPLE_RATE
+    return (first * SPF + L.audio_lookahead(cfg.audio_context)) / L.SAMPLE_RATE
 
 
 def teacher_wait(cfg):
     """Seconds of live input before the teacher's first window can run: 33 frames and the lookahead."""
-    return ((1 + TEACHER_HOP) * SPF + lookahead(cfg)) / L.SAMPLE_RATE
+    return ((1 + L.TEACHER_HOP) * SPF + L.audio_lookahead(cfg.audio_context)) / L.SAMPLE_RATE
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +257,7 @@ def demo(args):
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
     stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
     out, t0, ttff = [], time.perf_counter(), None
-    with autocast(args.device):
+    with L.autocast(args.device):
         for frames in dub(stream, clip.frames, frame_pieces(clip.dub_audio), args.size):
             ttff = ttff or time.perf_counter() - t0
             out.append(frames)
@@ -299,7 +283,7 @@ def files(args):
           + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
     stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
     out = []
-    with autocast(args.device), tqdm(total=n, unit="frame") as bar:
+    with L.autocast(args.device), tqdm(total=n, unit="frame") as bar:
         for frames in dub(stream, source, frame_pieces(audio), args.size):
             out.append(frames)
             bar.update(len(frames))
@@ -419,7 +403,7 @@ def live(args):
 
     stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
     try:
-        with autocast(args.device):
+        with L.autocast(args.device):
             for frames in dub(stream, source, arriving(), args.size):
                 if raw:
                     sys.stdout.buffer.write(frames.tobytes())
@@ -489,11 +473,11 @@ def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_ST
     lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies."""
     timed = Timed(student)
     stream = L.LipSyncStream(timed, ae, seed=seed, composite=False, steps=steps)
-    look = lookahead(student.cfg)
+    look = L.audio_lookahead(student.cfg.audio_context)
     lat, n, ttff = [], 0, None
     sync(device)
     t0 = time.perf_counter()
-    with autocast(device):
+    with L.autocast(device):
         stream.push(audio=audio[:look])
         for i in range(len(frames) + 1):                  # the last round is the flush
             t = time.perf_counter()
@@ -518,11 +502,11 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
     50 Euler steps and CFG 4.5 (batch 2: conditional and unconditional), decoded, one after another.
     (encode_clip also encodes the unmasked frames, which sampling does not use: a few % of encode
     time on top of 100 DiT passes per window.)"""
-    ctx, T = teacher.cfg.audio_context, 1 + TEACHER_HOP
+    ctx, T = teacher.cfg.audio_context, 1 + L.TEACHER_HOP
     timed = Timed(teacher)
     g = torch.Generator().manual_seed(seed)
     n, ttff = 0, None
-    starts = range(0, len(frames) - T + 1, TEACHER_HOP)
+    starts = range(0, len(frames) - T + 1, L.TEACHER_HOP)
     sync(device)
     t0 = time.perf_counter()
     feats = L.audio_frame_features(audio, ctx)            # row i = frame i - 3 - ctx (all audio is in)
@@ -530,12 +514,12 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
         # encode_clip of the window alone; its audio rows come from the whole clip (the window's
         # first latent frame hears the 3 + ctx frames before it)
         enc = dataclasses.replace(L.encode_clip(ae, frames[s:s + T], audio[s * SPF:(s + T) * SPF], ctx), feats=feats[s:])
-        x0, cond, a = (x[None].to(device) for x in L.latent_window(enc, 0, TEACHER_LATENT, 0, ctx))
+        x0, cond, a = (x[None].to(device) for x in L.latent_window(enc, 0, L.TEACHER_LATENT, 0, ctx))
         noise = torch.randn(x0.shape, generator=g).to(device)
-        with autocast(device):
-            z = L.sample_ode(timed, cond, a, noise, steps, cfg=TEACHER_CFG, mode=teacher.cfg.drop_mode)
+        with L.autocast(device):
+            z = L.sample_ode(timed, cond, a, noise, steps, cfg=L.CFG_SCALE, mode=teacher.cfg.drop_mode)
             out = L.tensor_to_frames(ae.decode(z.float())[0][0])                  # (33, H, W, 3)
-        n += len(out) if k == len(starts) - 1 else TEACHER_HOP
+        n += len(out) if k == len(starts) - 1 else L.TEACHER_HOP
         ttff = ttff or time.perf_counter() - t0
     dt = time.perf_counter() - t0
     return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
@@ -546,8 +530,8 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
 def benchmark(args):
     dev, cuda = args.device, args.device.startswith("cuda")
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
-    if len(clip.frames) < 1 + TEACHER_HOP:
-        fail(f"--seconds {args.seconds}: the teacher needs one {1 + TEACHER_HOP}-frame window; pass --seconds 1.4 or more")
+    if len(clip.frames) < 1 + L.TEACHER_HOP:
+        fail(f"--seconds {args.seconds}: the teacher needs one {1 + L.TEACHER_HOP}-frame window; pass --seconds 1.4 or more")
     # weights from the checkpoints where they exist, else random init: speed does not depend on them.
     # The DiTs wait on the CPU; each goes to the device for its own run, so its peak memory is its own.
     if os.path.isfile(args.vae):
@@ -571,7 +555,7 @@ def benchmark(args):
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()
         weights += ", teacher random init (the student's config, bidirectional)"
     frames, audio = clip.frames, clip.dub_audio
-    warm = 1 + TEACHER_HOP + 2 * ae.cfg.time_down * cfg.chunk    # a teacher window, or two student chunks
+    warm = 1 + L.TEACHER_HOP + 2 * ae.cfg.time_down * cfg.chunk    # a teacher window, or two student chunks
 
     def run(fn, model, kw, warm_kw):
         model.to(dev)
@@ -590,12 +574,12 @@ def benchmark(args):
     res["throughput_ratio"] = res["student"]["fps"] / res["teacher"]["fps"]
     res["setup"] = {"device": dev, "threads": torch.get_num_threads(), "size": args.size, "seconds": args.seconds,
                     "dit": dataclasses.asdict(cfg), "weights": weights, "student_steps": args.steps,
-                    "teacher": f"{L.ODE_STEPS} Euler steps, CFG {TEACHER_CFG}, {TEACHER_LATENT}-latent windows, "
-                               f"{TEACHER_HOP}-frame hop",
+                    "teacher": f"{L.ODE_STEPS} Euler steps, CFG {L.CFG_SCALE}, {L.TEACHER_LATENT}-latent windows, "
+                               f"{L.TEACHER_HOP}-frame hop",
                     "memory": "torch.cuda.max_memory_allocated (one DiT on the GPU at a time; fp32 weights, bf16 "
                               "autocast)" if cuda else "process peak RSS so far (the teacher's includes the student's run)"}
     print_benchmark(res)
-    save_json(os.path.join(args.results, "benchmark.json"), res)
+    L.save_json(os.path.join(args.results, "benchmark.json"), res)
 
 
 def print_benchmark(res):
@@ -616,13 +600,6 @@ def print_benchmark(res):
     print(f"\nthroughput student / teacher: {res['throughput_ratio']:.1f}x; memory: {setup['memory']}")
 
 
-def save_json(path, obj):
-    with L.atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    print(f"wrote {path}")
-
-
 # -----------------------------------------------------------------------------
 # long stream: is memory constant and does sync hold over minutes?
 
@@ -639,7 +616,7 @@ def long_stream(args):
     stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
     memory = lambda: {"frames": n, "peak_rss_mb": peak_memory_mb("cpu"), "rss_mb": rss_mb(), "state_bytes": stream.nbytes()}
     t0 = time.perf_counter()
-    with autocast(args.device), tqdm(total=len(clip.frames), unit="frame") as bar:
+    with L.autocast(args.device), tqdm(total=len(clip.frames), unit="frame") as bar:
         for frames in dub(stream, clip.frames, frame_pieces(clip.dub_audio), args.size):
             first.extend(frames[:max(0, keep - n)])
             last.extend(frames)
@@ -661,7 +638,7 @@ def long_stream(args):
         print(f"| {label} | {get('20s', key, f)} | {get('end', key, f)} |")
     print(f"\nSync-C (eval SyncNet, vs the dub audio): first 30 s {res['sync_c_first_30s']:.2f}, "
           f"last 30 s {res['sync_c_last_30s']:.2f}")
-    save_json(os.path.join(args.results, "long_stream.json"), res)
+    L.save_json(os.path.join(args.results, "long_stream.json"), res)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ config inside, written to checkpoints/ unless --out says otherwise.
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -74,7 +73,7 @@ def get_args(argv=None):
     g.add_argument("--teacher-cfg", choices=TEACHER_CFG, default="window",
                    help="the teacher's guidance in DMD: none, fixed (--cfg-scale everywhere), "
                         "window (--cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
-    g.add_argument("--cfg-scale", type=float, default=4.5, help="the teacher's guidance scale")
+    g.add_argument("--cfg-scale", type=float, default=L.CFG_SCALE, help="the teacher's guidance scale")
     g.add_argument("--beta", type=float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
     g.add_argument("--reward-scale", type=float, default=1.0,
                    help="divide the reward's Sync-C by this before exp(beta R). 1 is the paper's formula, "
@@ -136,12 +135,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if ema is not None:
-            # warm the EMA up: early on average over the steps so far, so a short run's EMA is not
-            # mostly the (zero-output) initial model; then settle at ema_decay
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - decay)
+            ema_update(ema, model, step, ema_decay)
         seen += n
         losses.append(loss.item())
         run_loss = losses[-1] if run_loss is None else 0.98 * run_loss + 0.02 * losses[-1]
@@ -154,6 +148,26 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         if state and ((step + 1) % save_every == 0 or step + 1 == end):
             save_train_state(state, model, ema, opt, step + 1, rng)
     return losses
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, decay):
+    """ema <- lerp toward model. Warmed up: early on an average over the steps so far, so a short
+    run's EMA is not mostly the (zero-output) initial model; then it settles at `decay`."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - d)
+
+
+def fresh_state(args, default, derived=lambda state: []):
+    """The training-state file (--state, else `default`); unless --resume, it and the files
+    derived(state) names beside it are deleted, so the run starts from scratch."""
+    state = args.state or default
+    if not args.resume:
+        for f in [state, *derived(state)]:
+            if os.path.isfile(f):
+                os.remove(f)
+    return state
 
 
 def save_train_state(path, model, ema, opt, step, rng):
@@ -189,13 +203,6 @@ def load_train_state(path, model, ema, opt, rng):
     if rng is not None:
         rng.bit_generator.state = json.loads(meta["np_rng"])
     return int(meta["step"])
-
-
-def save_json(path, obj):
-    with L.atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    print(f"wrote {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -237,10 +244,8 @@ def train_vae(args):
 def latent_statistics(ae, clips, device):
     """Measure the raw encoder output's per-channel mean and std on training clips and return
     the autoencoder rebuilt with them in its config (so its latents come out normalised)."""
-    raw = L.VideoAE(dataclasses.replace(ae.cfg, latent_mean=(), latent_std=())).to(device).eval()
-    raw.load_state_dict(ae.state_dict())
-    z = torch.cat([raw.encode(L.frames_to_tensor(c.frames[:1 + 4 * ((len(c.frames) - 1) // 4)])[None].to(device))[0]
-                   for c in clips])                                           # (N, 16, h, w)
+    z = torch.cat([ae.encode(L.frames_to_tensor(c.frames[:1 + 4 * ((len(c.frames) - 1) // 4)])[None].to(device))[0]
+                   for c in clips]) * ae.z_std + ae.z_mean                    # (N, 16, h, w), raw
     cfg = dataclasses.replace(ae.cfg, latent_mean=tuple(z.mean((0, 2, 3)).tolist()),
                               latent_std=tuple(z.std((0, 2, 3)).tolist()))
     out = L.VideoAE(cfg).to(device).eval()
@@ -408,11 +413,6 @@ def train_mouthnet(args):
 T_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)     # the training loss is also logged per t bin
 
 
-def autocast(device):
-    """bf16 autocast on GPU, plain fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
-
-
 def encode_pool(ae, clips, context, desc="encoding"):
     return [L.encode_clip(ae, c.frames, c.audio, context) for c in tqdm(clips, desc=desc)]
 
@@ -479,7 +479,7 @@ def train_teacher(args):
         eps = torch.randn_like(x0)
         drop = torch.rand(batch, device=args.device) < cfg.cfg_drop
         cond, audio = L.drop_conditions(cond, audio, drop, cfg.drop_mode)
-        with autocast(args.device):
+        with L.autocast(args.device):
             v = fwd(L.add_noise(x0, eps, t), t, cond, audio)
         per_sample = (v.float() - (eps - x0)).pow(2).mean((1, 2, 3, 4))
         b = np.digitize(t[:, 0].detach().cpu().numpy(), T_BINS[1:-1])
@@ -491,9 +491,7 @@ def train_teacher(args):
             bins[:] = 0
         return per_sample.mean(), batch * tokens, text
 
-    state = args.state or os.path.join(args.ckpt_dir, "teacher.state.safetensors")
-    if not args.resume and os.path.isfile(state):
-        os.remove(state)
+    state = fresh_state(args, os.path.join(args.ckpt_dir, "teacher.state.safetensors"))
     steps = args.steps or TEACHER_STEPS
     losses = fit(model, step, steps, args.lr or 1e-3, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
@@ -567,14 +565,12 @@ def train_df(args):
     def step(i):
         x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
         window, sink = DF_CACHES[rng.integers(len(DF_CACHES))]
-        with autocast(args.device):
+        with L.autocast(args.device):
             per_chunk = df_loss(model, x0, cond, audio, rng, window, sink)
         text = "loss by chunk " + " ".join(f"{v:.3f}" for v in per_chunk.mean(0).tolist())
         return per_chunk.mean(), batch * tokens, text
 
-    state = args.state or os.path.join(args.ckpt_dir, "student_df.state.safetensors")
-    if not args.resume and os.path.isfile(state):
-        os.remove(state)
+    state = fresh_state(args, os.path.join(args.ckpt_dir, "student_df.state.safetensors"))
     steps = args.steps or 1000
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
@@ -608,7 +604,7 @@ def critic_loss(critic, x, cond, audio):
     re-noise times DMD uses: it learns the score of the student's current distribution."""
     t = L.dmd_timesteps(len(x), x.device)[:, None].expand(-1, x.shape[1])        # (B, F)
     eps = torch.randn_like(x)
-    with autocast(x.device):
+    with L.autocast(x.device):
         v = critic(L.add_noise(x, eps, t), t, cond, audio)
     return (v.float() - (eps - x)).pow(2).mean()
 
@@ -653,17 +649,14 @@ def train_dmd(args):
         """The student's clip with a fresh exit step (the same for every chunk) and fresh noise."""
         exit_step = int(rng.integers(len(L.STUDENT_STEPS)))
         noises = torch.randn(len(L.STUDENT_STEPS), *cond.shape[:2], cfg.latent_channels, *cond.shape[-2:], device=dev)
-        with autocast(dev):
+        with L.autocast(dev):
             return L.self_forcing_rollout(student, cond, audio, noises, exit_step).float()
 
     s_opt = torch.optim.Adam(student.parameters(), lr=args.lr or DMD_LR, betas=(0.0, 0.999))
     c_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or DMD_LR, betas=(0.0, 0.999))
-    state = args.state or ckpt("student.state")
-    c_state = os.path.join(os.path.dirname(state), "critic-" + os.path.basename(state))
-    if not args.resume:
-        for f in (state, c_state):
-            if os.path.isfile(f):
-                os.remove(f)
+    critic_state = lambda state: os.path.join(os.path.dirname(state), "critic-" + os.path.basename(state))
+    state = fresh_state(args, ckpt("student.state"), lambda st: [critic_state(st)])
+    c_state = critic_state(state)
     start = 0
     if os.path.isfile(state):
         start = load_train_state(state, student, ema, s_opt, rng)
@@ -677,7 +670,7 @@ def train_dmd(args):
                      mininterval=1 if sys.stderr.isatty() else 30):
         # the critic tracks the student: flow matching on fresh rollouts, several updates per student update
         for _ in range(args.critic_steps):
-            _, cond, audio, _ = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev, audios)
+            _, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev)
             with torch.no_grad():
                 x = rollout(cond, audio)
             loss = critic_loss(critic, x, cond, audio)
@@ -689,7 +682,7 @@ def train_dmd(args):
         # the student: a rollout with gradient at the exit steps, scored by teacher and critic
         _, cond, audio, raw = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev, audios)
         x = rollout(cond, audio)
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), L.autocast(dev):
             t = L.dmd_timesteps(batch, dev)
             tt = t[:, None].expand(-1, n_latent)                                   # (B, F)
             x_t = L.add_noise(x.detach(), torch.randn_like(x), tt)
@@ -702,10 +695,7 @@ def train_dmd(args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), DMD_CLIP)
         s_opt.step()
-        decay = min(DMD_EMA, (1 + step) / (10 + step))                # EMA warm-up, as fit does
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), student.parameters()):
-                pe.lerp_(p, 1 - decay)
+        ema_update(ema, student, step, DMD_EMA)
         log["dmd"].append(per_sample.mean().item())
         log["sync_c"].append(R.mean().item())
         log["ess"].append(L.effective_batch(R, args.beta, args.reward_scale))
@@ -729,26 +719,24 @@ def train_dmd(args):
 # -----------------------------------------------------------------------------
 # stage: eval-teacher (the teacher's table on the test split)
 
-EVAL_LATENT = 9                 # generate 33-frame segments (9 latent frames), as the teacher trained
-EVAL_HOP = 4 * (EVAL_LATENT - 1)  # consecutive segments share one frame: 32-frame hop
 
 
 def segment_starts(T):
     """Starts of the 33-frame segments that tile the first 1 + 32 n frames of a T-frame clip."""
-    return list(range(0, T - (EVAL_HOP + 1) + 1, EVAL_HOP))
+    return list(range(0, T - (L.TEACHER_HOP + 1) + 1, L.TEACHER_HOP))
 
 
 def teacher_windows(enc, T, context):
     """The teacher's inputs for a T-frame clip: its 33-frame windows (32-frame hop), each with the
     reference frame half a clip away. Returns x0, cond, audio, each (S, F, ...)."""
     ref = lambda s: 4 * (((s + T // 2) % T) // 4)                  # half a clip away, on the latent grid
-    items = [L.latent_window(enc, s, EVAL_LATENT, ref(s), context) for s in segment_starts(T)]
+    items = [L.latent_window(enc, s, L.TEACHER_LATENT, ref(s), context) for s in segment_starts(T)]
     return [torch.stack(x) for x in zip(*items)]
 
 
 def stitch(frames):
     """Windows (S, 33, H, W, 3) that share one frame each -> one clip (1 + 32 S, H, W, 3)."""
-    return np.concatenate([f[:EVAL_HOP] for f in frames[:-1]] + [frames[-1]])
+    return np.concatenate([f[:L.TEACHER_HOP] for f in frames[:-1]] + [frames[-1]])
 
 
 @torch.no_grad()
@@ -758,7 +746,7 @@ def teacher_generate(model, ae, enc, T, cfg_scale, seed, device, cfg_schedule=No
     x0, cond, audio = [x.to(device) for x in teacher_windows(enc, T, model.cfg.audio_context)]
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g).to(device)
-    with autocast(device):
+    with L.autocast(device):
         z = L.sample_ode(model, cond, audio, noise, cfg=cfg_scale, cfg_schedule=cfg_schedule, mode=model.cfg.drop_mode)
     return stitch(L.tensor_to_frames(ae.decode(z.float())[0]))                         # from (S, 33, H, W, 3)
 
@@ -779,20 +767,20 @@ def eval_teacher(args):
     test = test_pool(args)
     rows = {}
     for ci, c in enumerate(tqdm(test, desc="teacher on the test split")):
-        T = 1 + segment_starts(len(c.frames))[-1] + EVAL_HOP
+        T = 1 + segment_starts(len(c.frames))[-1] + L.TEACHER_HOP
         gt = c.frames[:T]
         add = reference_rows(rows, ae, c, T, sync_eval, mouth_net, args.device)
         enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context)
         for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
             enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context))
-            for name, scale in (("CFG 4.5", 4.5), ("no CFG", 1.0)):
+            for name, scale in ((f"CFG {L.CFG_SCALE:g}", L.CFG_SCALE), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
     res = mean_rows(rows, len(test))
     print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet")
-    save_json(os.path.join(args.results, "teacher.json"), res)
+    L.save_json(os.path.join(args.results, "teacher.json"), res)
 
 
 def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
@@ -818,10 +806,11 @@ def mean_rows(rows, n_clips):
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
-    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
     test = test_pool(args)
     rows = {}
-    name = f"student {os.path.basename(path).split('.')[0]}, {len(L.STUDENT_STEPS)} steps"
+    stem = os.path.basename(path).split(".")[0]
+    name = f"student {stem}, {len(L.STUDENT_STEPS)} steps"
     for ci, c in enumerate(tqdm(test, desc="student on the test split")):
         add = reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
         for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
@@ -830,7 +819,7 @@ def eval_student(args):
     res = mean_rows(rows, len(test))
     print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole test clips; "
                      "sync by the eval SyncNet")
-    save_json(os.path.join(args.results, f"{os.path.basename(path).split('.')[0]}.json"), res)
+    L.save_json(os.path.join(args.results, f"{stem}.json"), res)
 
 
 def print_table(res, title):
@@ -886,7 +875,7 @@ def eval_foundation(args):
     res["mouth_err_shuffled"] = float(np.mean([L.mouth_error(mouth, c.frames, test[(i + 1) % len(test)].mouth)
                                                for i, c in enumerate(test)]))
     print_foundation_table(res)
-    save_json(os.path.join(args.results, "foundation.json"), res)
+    L.save_json(os.path.join(args.results, "foundation.json"), res)
 
 
 def print_foundation_table(r):
