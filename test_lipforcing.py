@@ -5,6 +5,7 @@ an independent reference where one exists. Run: python -m pytest -q test_lipforc
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -561,9 +562,9 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     base = ["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "6",
             "--batch", "2", "--latent-frames", "3", "--preset", "tiny"]
-    whole = train.STAGES["teacher"](train.get_args(base + ["--out", str(tmp_path / "a.safetensors")]))
-    first = train.STAGES["teacher"](train.get_args(base + ["--stop-after", "3", "--out", str(tmp_path / "b.safetensors")]))
-    rest = train.STAGES["teacher"](train.get_args(base + ["--resume", "--out", str(tmp_path / "b.safetensors")]))
+    whole = train.main(base + ["--out", str(tmp_path / "a.safetensors")])[1]
+    first = train.main(base + ["--stop-after", "3", "--out", str(tmp_path / "b.safetensors")])[1]
+    rest = train.main(base + ["--resume", "--out", str(tmp_path / "b.safetensors")])[1]
     assert len(first) == 3 and len(rest) == 3
     assert first + rest == whole
     a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
@@ -1494,8 +1495,8 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
     L.save_checkpoint(tmp_path / "syncnet_reward.safetensors", L.SyncNet(L.SyncNetConfig(width=4)).eval(),
                       L.SyncNetConfig(width=4))
-    log = train.main(["dmd", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--size", "32", "--steps", "2",
-                  "--batch", "2", "--critic-steps", "2", "--lr", "1e-3", "--critic-lr", "1e-3"])
+    _, log = train.main(["dmd", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--size", "32",
+                         "--steps", "2", "--batch", "2", "--critic-steps", "2", "--lr", "1e-3", "--critic-lr", "1e-3"])
     assert len(log["dmd"]) == 2 and len(log["critic"]) == 4
     assert all(np.isfinite(v) for k in ("dmd", "critic", "sync_c") for v in log[k])
     out, cfg, extra = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
@@ -1516,10 +1517,114 @@ def test_dmd_resumes_identically(tmp_path, monkeypatch):
     base = ["--ckpt-dir", str(tmp_path), "--init", str(tmp_path / "teacher.safetensors"), "--clips", "2",
             "--seconds", "2", "--size", "32", "--steps", "2", "--batch", "2", "--critic-steps", "1",
             "--latent-frames", "6", "--lr", "1e-3", "--critic-lr", "1e-3"]
-    whole = train.main(["dmd"] + base + ["--out", str(tmp_path / "a.safetensors")])
-    first = train.main(["dmd"] + base + ["--stop-after", "1", "--out", str(tmp_path / "b.safetensors")])
-    rest = train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "b.safetensors")])
+    whole = train.main(["dmd"] + base + ["--out", str(tmp_path / "a.safetensors")])[1]
+    first = train.main(["dmd"] + base + ["--stop-after", "1", "--out", str(tmp_path / "b.safetensors")])[1]
+    rest = train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "b.safetensors")])[1]
     assert first["dmd"] + rest["dmd"] == whole["dmd"] and first["critic"] + rest["critic"] == whole["critic"]
     a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# -----------------------------------------------------------------------------
+# scale-out: torchrun data parallel and FSDP, as 2 CPU processes over gloo
+
+
+def _torchrun_worker(rank, world, port, argv, out_dir):
+    """One process of a torchrun-like launch: the environment torchrun would set, then the stage.
+    Writes its final weights (its own shards, with --fsdp) and its loss log to out_dir."""
+    from safetensors.torch import save_file
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, log = train.main(argv)
+    local = lambda v: v.to_local() if hasattr(v, "to_local") else v                   # a DTensor's shard
+    weights = {k: local(v).detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(out_dir, f"rank{rank}.safetensors"), metadata={"log": json.dumps(log)})
+
+
+def run_processes(world, argv, out_dir):
+    """Launch `world` processes of train.main(argv); returns each rank's (weights, log)."""
+    import socket
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_torchrun_worker, args=(world, port, argv, str(out_dir)), nprocs=world)
+    out = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.safetensors")
+        with safe_open(path, "pt") as f:
+            out.append((load_file(path), json.loads(f.metadata()["log"])))
+    return out
+
+
+def flat_losses(log):
+    return log if isinstance(log, list) else log["dmd"] + log["critic"]
+
+
+def distributed_checkpoints(tmp_path):
+    """A tiny teacher, student and foundation in tmp_path, for the DiT stages."""
+    torch.manual_seed(0)
+    teacher = dmd_dit()
+    L.save_checkpoint(tmp_path / "teacher.safetensors", teacher, teacher.cfg)
+    student = L.DiT(dataclasses.replace(teacher.cfg, causal=True))
+    student.load_state_dict(teacher.state_dict())
+    L.save_checkpoint(tmp_path / "student_df.safetensors", student, student.cfg)
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    L.save_checkpoint(tmp_path / "syncnet_reward.safetensors", L.SyncNet(L.SyncNetConfig(width=4)).eval(),
+                      L.SyncNetConfig(width=4))
+
+
+DIST_RUNS = {   # stage arguments for a few steps of each training stage at toy size (global batch 4, or 16 for the SyncNet)
+    "vae": ["vae", "--clips", "2", "--seconds", "1", "--steps", "3", "--batch", "4"],
+    "syncnet": ["syncnet", "--clips", "4", "--seconds", "2", "--steps", "2", "--batch", "16"],
+    "teacher": ["teacher", "--clips", "2", "--seconds", "2", "--steps", "3", "--batch", "4", "--latent-frames", "3",
+                "--preset", "tiny"],
+    "df": ["df", "--clips", "2", "--seconds", "2", "--steps", "2", "--batch", "4", "--latent-frames", "6"],
+    "dmd": ["dmd", "--clips", "2", "--seconds", "2", "--steps", "2", "--batch", "4", "--latent-frames", "6",
+            "--critic-steps", "1", "--lr", "1e-3", "--critic-lr", "1e-3"],
+}
+
+
+@pytest.mark.parametrize("stage", list(DIST_RUNS))
+def test_two_processes_match_one(stage, tmp_path, monkeypatch):
+    """torchrun with 2 CPU processes (gloo): both ranks end with identical weights, and the
+    per-step losses and the weights match a one-process run of the same global batch."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    distributed_checkpoints(tmp_path)
+    init = {"df": ["--init", str(tmp_path / "teacher.safetensors")],
+            "dmd": ["--init", str(tmp_path / "student_df.safetensors")]}.get(stage, [])
+    argv = DIST_RUNS[stage] + init + ["--ckpt-dir", str(tmp_path), "--size", "32", "--test-clips", "1", "--device", "cpu"]
+    model, log = train.main(argv + ["--out", str(tmp_path / "one.safetensors")])
+    (w0, log0), (w1, log1) = run_processes(2, argv + ["--out", str(tmp_path / "two.safetensors")], tmp_path)
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)              # ranks in sync
+    assert log0 == log1
+    np.testing.assert_allclose(flat_losses(log0), flat_losses(log), rtol=1e-4, atol=1e-6)
+    one = model.state_dict()
+    for k in one:       # Adam's g / sqrt(v) turns float-level differences in tiny gradients into ~1e-5
+        assert_close(w0[k], one[k], 1e-4, k)
+    if stage == "teacher":                                  # the checkpoint rank 0 saved is the one-process one
+        a = L.load_checkpoint(tmp_path / "one.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+        b = L.load_checkpoint(tmp_path / "two.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+        assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_fsdp_shards_the_teacher_over_two_processes(tmp_path, monkeypatch):
+    """--fsdp (fully_shard over 2 gloo processes): each rank holds only its half of every weight
+    (the halves join into the one-process run's weights), and the losses and the saved EMA
+    teacher, gathered from the shards, match a one-process run."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    distributed_checkpoints(tmp_path)
+    argv = DIST_RUNS["teacher"] + ["--ckpt-dir", str(tmp_path), "--size", "32", "--device", "cpu"]
+    model, log = train.main(argv + ["--out", str(tmp_path / "one.safetensors")])
+    (w0, log0), (w1, log1) = run_processes(2, argv + ["--fsdp", "--out", str(tmp_path / "two.safetensors")], tmp_path)
+    assert log0 == log1
+    np.testing.assert_allclose(log0, log, rtol=1e-4, atol=1e-6)
+    for k, v in model.state_dict().items():
+        assert len(w0[k]) == (len(v) + 1) // 2 and len(w0[k]) + len(w1[k]) == len(v), k
+        assert_close(torch.cat([w0[k], w1[k]]), v, 1e-5, k)
+    a = L.load_checkpoint(tmp_path / "one.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+    b = L.load_checkpoint(tmp_path / "two.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)

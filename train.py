@@ -13,8 +13,15 @@ Every training stage of lipforcing, in one flat script.
   python train.py df                       # Diffusion-Forcing init of the causal student from the teacher
   python train.py dmd                      # Self-Forcing DMD, Sync-Window CFG teacher, SyncNet reward
   python train.py eval-student             # the student streamed over the test clips (2 steps per chunk)
+  python train.py ablation                 # the distillation's table: teacher, DF-init and every DMD student
+  python train.py pipeline                 # foundation, teacher, df, dmd: every model the final student needs
 
 On a GPU: add --device cuda (the default when one is present; bf16 autocast) and --compile.
+
+Several processes (nanoGPT-style data parallel; --batch stays the global batch):
+  torchrun --nproc_per_node=8 train.py teacher --preset small --size 256
+  torchrun --nproc_per_node=8 train.py teacher --preset wan1.3b --size 512 --fsdp --compile
+  torchrun --nproc_per_node=2 train.py vae --device cpu          # CPU processes talk over gloo
 
 Data is SynthTalk (generated, deterministic) unless --data DIR points at a folder of real clips
 (mp4/mov/webm/avi with an audio track, aligned face crops). Checkpoints are safetensors with their
@@ -31,6 +38,8 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -64,6 +73,8 @@ def get_args(argv=None):
                    help="latent frames per training window (teacher 9 = 33 video frames, df 12 = 4 chunks)")
     p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
+                                                      "optimiser state over the processes (teacher, df, dmd)")
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
     p.add_argument("--state", default=None, help="training-state file (default: <ckpt-dir>/<stage>.state.safetensors)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state saved)")
@@ -75,12 +86,12 @@ def get_args(argv=None):
                         "window (--cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
     g.add_argument("--cfg-scale", type=float, default=L.CFG_SCALE, help="the teacher's guidance scale")
     g.add_argument("--beta", type=float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
-    g.add_argument("--reward-scale", type=float, default=1.0,
-                   help="divide the reward's Sync-C by this before exp(beta R). 1 is the paper's formula, "
-                        "but our SyncNets' distances have their own scale (ground-truth Sync-C 31.2 for the "
-                        "reward SyncNet vs 7.95 for syncnet_python on HDTF), so exp(2 R) weights samples "
-                        "far more sharply here: a Sync-C gap of 5 is a factor e^10. 3.93 (= 31.22 / 7.95) "
-                        "puts R in the paper's units")
+    g.add_argument("--reward-scale", type=float, default=None,
+                   help="R = Sync-C / this in w = exp(beta R). Default: the reward SyncNet's ground-truth "
+                        "Sync-C over syncnet_python's on HDTF (31.22 / 7.95 = 3.93 for ours), which puts R in the "
+                        "paper's units: our SyncNets' distances have their own scale, and with R in them exp(2 R) "
+                        "weights samples far more sharply than the paper's (a Sync-C gap of 5 is a factor e^10). "
+                        "1 is the paper's formula applied to our raw Sync-C")
     g.add_argument("--critic-lr", type=float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
     g.add_argument("--critic-steps", type=int, default=5, help="critic updates per student update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,12 +118,202 @@ def test_pool(args):
     return L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size)
 
 
+# -----------------------------------------------------------------------------
+# data parallel over processes (torchrun), and FSDP for the large shapes
+#
+# nanoGPT's recipe: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is one
+# process. Every process draws the whole global batch from the same seeded RNGs (numpy for the
+# data, torch for noise and timesteps) and keeps its own rows (`shard`), so a run is the same run
+# for any number of processes: the global batch is --batch, and the losses match a one-process
+# run up to float summation order (a test checks it). Drawing the global batch on every process
+# costs little, since the DiT stages read pre-encoded latents.
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False      # the DiTs are sharded (fully_shard) and reduce their own gradients
+
+
+DIST = Dist()               # this process's place in the run, set by init_distributed
+
+
+def init_distributed(args):
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU). Only rank 0 prints and saves:
+    the others' stdout goes to /dev/null (their errors still reach stderr)."""
+    global DIST
+    if "RANK" not in os.environ:
+        if args.fsdp:
+            raise SystemExit("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+        return
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    DIST = Dist(dist.get_rank(), dist.get_world_size(), args.fsdp)
+    if DIST.rank:
+        sys.stdout = open(os.devnull, "w")
+
+
+def master():
+    return DIST.rank == 0
+
+
+def local_batch(batch):
+    """This process's share of the global batch."""
+    if batch % DIST.world:
+        raise SystemExit(f"--batch {batch} must be a multiple of the number of processes ({DIST.world})")
+    return batch // DIST.world
+
+
+def shard(*xs):
+    """This process's rows of global-batch tensors or arrays (B, ...): the rank-th of N equal parts."""
+    out = [x[DIST.rank * local_batch(len(x)):][:local_batch(len(x))] for x in xs]
+    return out if len(xs) > 1 else out[0]
+
+
+class GatherRows(torch.autograd.Function):
+    """Every process's rows, concatenated in rank order (B / N, ...) -> (B, ...), with gradient:
+    for losses over the whole batch that do not split per sample (the SyncNet's contrastive loss
+    pairs every video window with every audio window). Each process then holds the same loss;
+    backward sums the processes' gradients for these rows, so after the gradient average below the
+    weights get exactly the one-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if DIST.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(DIST.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        if DIST.world == 1:
+            return g
+        g = g.contiguous()
+        dist.all_reduce(g)
+        return shard(g)
+
+
+def gather_rows(x):
+    return GatherRows.apply(x)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes, with gradient (every process's loss depends on the
+    sum, so the backward sums the processes' gradients too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch (every process's rows), so N
+    processes train the same SyncNet / MouthNet as one. torch's SyncBatchNorm does this on GPUs
+    only; this one runs over gloo too. Same state as BatchNorm2d (checkpoints are unchanged)."""
+
+    def forward(self, x):                                            # x (b, C, H, W)
+        if not self.training or DIST.world == 1:
+            return super().forward(x)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), x.pow(2).sum((0, 2, 3)), count]))
+        C, n = x.shape[1], stats[-1]
+        mean, var = stats[:C] / n, stats[C:2 * C] / n - (stats[:C] / n) ** 2        # biased, as BatchNorm
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = (1, C, 1, 1)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) + \
+            self.bias.view(shape)
+
+
+def global_batchnorm(net):
+    """Swap net's BatchNorm2d layers for GlobalBatchNorm (a subclass with no extra state)."""
+    for m in net.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm
+    return net
+
+
+def global_mean(x):
+    """A per-process tensor (a loss, on the training device) averaged over the processes -> float."""
+    x = x.detach().double().clone()
+    if DIST.world > 1:
+        dist.all_reduce(x)
+        x /= DIST.world
+    return x.item()
+
+
+def average_gradients(model):
+    """Average the gradients over the processes after backward: what DDP does, without its
+    bucketing and overlap with the backward pass, so that models stay plain modules (the KV-cache
+    streaming code and the DMD rollout call them and read their cfg). FSDP-sharded models
+    average their own gradients (reduce-scatter) and are left alone."""
+    if DIST.world == 1 or DIST.fsdp:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    for h in [dist.all_reduce(g, async_op=True) for g in grads]:
+        h.wait()
+    for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
+        p.grad = g.div_(DIST.world)
+
+
+def place_dit(device, *models):
+    """Put DiTs built (or loaded) on the CPU onto the training device, or with --fsdp shard each
+    over the processes (FSDP2 fully_shard, one unit per block and one for the rest), which moves
+    only this process's shards to its device: no GPU holds a whole model, the layout for the
+    wan1.3b / wan14b shapes. A sharded module keeps its class and cfg; its forward gathers each
+    block's weights just in time."""
+    if not DIST.fsdp:
+        return [m.to(device) for m in models]
+    from torch.distributed.fsdp import fully_shard
+    for m in models:
+        for blk in m.blocks:
+            fully_shard(blk)
+        fully_shard(m)
+    return models
+
+
+def unsharded(model):
+    """The model with full weights for saving: itself, or with --fsdp a plain copy gathered onto
+    rank 0 (None on the other ranks; every rank must call this)."""
+    if not DIST.fsdp:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master():
+        return None
+    plain = L.DiT(model.cfg)                                     # only the DiTs are sharded
+    plain.load_state_dict(full)
+    return plain
+
+
+def progress(iterable, **kw):
+    """tqdm on rank 0 only; refreshed every 30 s when stderr is a log file."""
+    return tqdm(iterable, disable=not master(), mininterval=1 if sys.stderr.isatty() else 30, **kw)
+
+
 def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="samples", betas=(0.9, 0.999),
         ema=None, ema_decay=0.999, state=None, save_every=200, stop_after=None, rng=None, warmup=100,
         flops_per_unit=None, device="cpu"):
     """The shared optimisation loop: AdamW, warmup + cosine, grad clip 1, tqdm progress, and a log
     line of loss, throughput and elapsed time every `log_every` steps. step_fn(step) returns
-    (loss, items processed[, extra text for the log line]). Returns the list of per-step losses.
+    (loss, items processed[, extra text for the log line]) for this process's share of the global
+    batch; the loss logged and returned is the global batch's (the mean over processes).
+    Returns the list of per-step losses.
 
     ema: a copy of the model kept as an exponential moving average. state: a training-state file
     (model, EMA, optimiser, step, torch and numpy RNG): if it exists the run resumes from it, and
@@ -120,24 +321,26 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
     if it never stopped. stop_after: stop (and save the state) after this many steps.
     flops_per_unit: model FLOPs per item, for MFU on GPU."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    state = None if DIST.fsdp else state                 # (training-state files hold full, unsharded tensors)
     start = load_train_state(state, model, ema, opt, rng) if state and os.path.isfile(state) else 0
     if start:
         print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
     end = min(steps, stop_after) if stop_after else steps
-    bar = tqdm(range(start, end), desc=desc, initial=start, total=steps, mininterval=1 if sys.stderr.isatty() else 30)
+    bar = progress(range(start, end), desc=desc, initial=start, total=steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         loss, n, *extra = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if ema is not None:
             ema_update(ema, model, step, ema_decay)
-        seen += n
-        losses.append(loss.item())
+        seen += n * DIST.world
+        losses.append(global_mean(loss))
         run_loss = losses[-1] if run_loss is None else 0.98 * run_loss + 0.02 * losses[-1]
         bar.set_postfix(loss=f"{run_loss:.4f}")
         if (step + 1) % log_every == 0 or step + 1 == end:
@@ -145,7 +348,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
             util = f" MFU {mfu(seen / dt * flops_per_unit, device):.1%}" if flops_per_unit and str(device).startswith("cuda") else ""
             tqdm.write(f"{desc} step {step + 1}/{steps} loss {run_loss:.5f} {seen / dt:.1f} {unit}/s{util} "
                        f"elapsed {dt:.0f}s" + (f" {extra[0]}" if extra else ""))
-        if state and ((step + 1) % save_every == 0 or step + 1 == end):
+        if state and master() and ((step + 1) % save_every == 0 or step + 1 == end):
             save_train_state(state, model, ema, opt, step + 1, rng)
     return losses
 
@@ -224,13 +427,16 @@ def train_vae(args):
     batch = args.batch or 16
 
     def step(_):
-        x = L.sample_windows(clips, batch, n_frames, rng).to(args.device)
+        x = shard(L.sample_windows(clips, batch, n_frames, rng)).to(args.device)
         y = ae(x)
         # full-frame MSE plus the mouth box again: the lips are what this project is about
         loss = F.mse_loss(y, x) + F.mse_loss(L.mouth_crop(y), L.mouth_crop(x))
-        return loss, batch * n_frames
+        return loss, len(x) * n_frames
 
-    fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames")
+    losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames")
+    if not master():
+        return ae, losses
+    trained = ae
     ae, cfg = latent_statistics(ae, clips[:64], args.device)
     print(f"latent mean {np.round(cfg.latent_mean, 3).tolist()}\nlatent std {np.round(cfg.latent_std, 3).tolist()}")
     out = args.out or os.path.join(args.ckpt_dir, "vae.safetensors")
@@ -238,6 +444,7 @@ def train_vae(args):
     print(f"test split: PSNR {metrics['psnr']:.2f} dB, mouth PSNR {metrics['mouth_psnr']:.2f} dB")
     L.save_checkpoint(out, ae, cfg, extra=metrics)
     print(f"saved {out}")
+    return trained, losses
 
 
 @torch.no_grad()
@@ -290,7 +497,7 @@ def train_syncnet(args):
     rng = np.random.default_rng(seed)
     clips = role_subset(train_pool(args, n_default=512, seconds_default=4.0), args.role)
     cfg = L.SyncNetConfig(role=args.role, seed=seed)
-    net = L.SyncNet(cfg).to(args.device).train()
+    net = global_batchnorm(L.SyncNet(cfg).to(args.device).train())
     print(cfg, f"\nSyncNet ({args.role}): {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
           f"{len(clips)} training clips")
     mels = [L.log_mel(torch.from_numpy(c.audio)) for c in clips]            # (4T, N_MELS) each
@@ -316,17 +523,22 @@ def train_syncnet(args):
             for v in lo + rng.choice(SYNC_SPAN + 1, group, replace=False):
                 video.append(clips[ci].frames[v:v + n])
                 audio.append(mels[ci][v * mpf:(v + n) * mpf])
-        ve = net.embed_video(L.frames_to_tensor(np.stack(video)).to(args.device))
-        ae = net.embed_audio(torch.stack(audio).to(args.device))
-        return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), batch
+        # each process embeds its rows; the loss pairs all of them, so every process gathers the rest
+        ve = gather_rows(net.embed_video(L.frames_to_tensor(shard(np.stack(video))).to(args.device)))
+        ae = gather_rows(net.embed_audio(shard(torch.stack(audio)).to(args.device)))
+        return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), local_batch(batch)
 
-    fit(net, step, args.steps or SYNCNET_STEPS[args.role], args.lr or 1e-3, f"syncnet-{args.role}", weight_decay=1e-4, unit="windows")
+    losses = fit(net, step, args.steps or SYNCNET_STEPS[args.role], args.lr or 1e-3, f"syncnet-{args.role}",
+                 weight_decay=1e-4, unit="windows")
+    if not master():
+        return net, losses
     net.eval()
     metrics = eval_syncnet(net, test_pool(args), val_clips(args))
     print(json.dumps(metrics))
     out = args.out or os.path.join(args.ckpt_dir, f"syncnet_{args.role}.safetensors")
     L.save_checkpoint(out, net, cfg, extra=metrics)
     print(f"saved {out}")
+    return net, losses
 
 
 def val_clips(args):
@@ -386,18 +598,21 @@ def train_mouthnet(args):
     rng = np.random.default_rng(seed)
     clips = train_pool(args, n_default=512, seconds_default=4.0)
     cfg = L.MouthNetConfig(seed=seed)
-    net = L.MouthNet(cfg).to(args.device).train()
+    net = global_batchnorm(L.MouthNet(cfg).to(args.device).train())
     print(cfg, f"\nMouthNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
     batch = args.batch or 128
 
     def step(_):
         idx = [(rng.integers(len(clips)), None) for _ in range(batch)]
         idx = [(ci, rng.integers(len(clips[ci].frames))) for ci, _ in idx]
+        idx = shard(idx)
         x = L.frames_to_tensor(np.stack([clips[ci].frames[t] for ci, t in idx])).to(args.device)
         y = torch.from_numpy(np.stack([clips[ci].mouth[t] for ci, t in idx])).to(args.device)
-        return F.mse_loss(net(x), y), batch
+        return F.mse_loss(net(x), y), len(idx)
 
-    fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames")
+    losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames")
+    if not master():
+        return net, losses
     net.eval()
     test = test_pool(args)
     err = float(np.mean([L.mouth_error(net, c.frames, c.mouth) for c in test]))
@@ -405,6 +620,7 @@ def train_mouthnet(args):
     out = args.out or os.path.join(args.ckpt_dir, "mouthnet.safetensors")
     L.save_checkpoint(out, net, cfg, extra={"gt_mouth_err": err})
     print(f"saved {out}")
+    return net, losses
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +630,7 @@ T_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)     # the training loss is also logged p
 
 
 def encode_pool(ae, clips, context, desc="encoding"):
-    return [L.encode_clip(ae, c.frames, c.audio, context) for c in tqdm(clips, desc=desc)]
+    return [L.encode_clip(ae, c.frames, c.audio, context) for c in progress(clips, desc=desc)]
 
 
 def random_ref(rng, T, start, length):
@@ -464,8 +680,9 @@ def train_teacher(args):
     cfg = L.DiTConfig(**L.DIT_PRESETS[args.preset], drop_mode=args.drop_mode, seed=seed)
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
-    model = L.DiT(cfg).to(args.device)
+    model = L.DiT(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
+    model, ema = place_dit(args.device, model, ema)
     fwd = torch.compile(model) if args.compile else model
     print(cfg, f"\nDiT ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     n_latent, batch = args.latent_frames or 9, args.batch or 16
@@ -478,18 +695,19 @@ def train_teacher(args):
         t = L.shift_t(torch.rand(batch, device=args.device))[:, None].expand(-1, n_latent)   # (B, F)
         eps = torch.randn_like(x0)
         drop = torch.rand(batch, device=args.device) < cfg.cfg_drop
+        x0, cond, audio, t, eps, drop = shard(x0, cond, audio, t, eps, drop)                # this process's rows
         cond, audio = L.drop_conditions(cond, audio, drop, cfg.drop_mode)
         with L.autocast(args.device):
             v = fwd(L.add_noise(x0, eps, t), t, cond, audio)
         per_sample = (v.float() - (eps - x0)).pow(2).mean((1, 2, 3, 4))
-        b = np.digitize(t[:, 0].detach().cpu().numpy(), T_BINS[1:-1])
-        np.add.at(bins[0], b, per_sample.detach().cpu().numpy())
+        b = np.digitize(gather_rows(t[:, 0].detach()).cpu().numpy(), T_BINS[1:-1])
+        np.add.at(bins[0], b, gather_rows(per_sample.detach()).cpu().numpy())
         np.add.at(bins[1], b, 1)
         text = "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
                                        zip(T_BINS[:-1], T_BINS[1:], *bins))
         if (i + 1) % 100 == 0:                                 # the log line covers the last 100 steps
             bins[:] = 0
-        return per_sample.mean(), batch * tokens, text
+        return per_sample.mean(), len(x0) * tokens, text
 
     state = fresh_state(args, os.path.join(args.ckpt_dir, "teacher.state.safetensors"))
     steps = args.steps or TEACHER_STEPS
@@ -497,9 +715,11 @@ def train_teacher(args):
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
     out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
-    L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
-    print(f"saved {out} (EMA weights)")
-    return losses
+    ema = unsharded(ema)
+    if master():
+        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
+        print(f"saved {out} (EMA weights)")
+    return model, losses
 
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 FLOP/s
@@ -524,22 +744,31 @@ STUDENT_DTYPE = torch.float16   # students are shipped (the demo loads one): sto
 DF_CACHES = [(7, 1), (10, 1), (13, 1), (9, 3), (12, 3)]
 
 
-def df_loss(model, x0, cond, audio, rng, window, sink):
+def df_noise(x0, chunk, rng):
+    """Diffusion Forcing's randomness for a batch x0 (B, F, ...): each chunk's noise level, an
+    index into the two-step schedule drawn per sample and chunk (B, F / chunk), and its noise eps."""
+    levels, eps = [], []
+    for c0 in range(0, x0.shape[1], chunk):
+        levels.append(torch.from_numpy(rng.integers(len(L.STUDENT_STEPS), size=len(x0))))
+        eps.append(torch.randn_like(x0[:, c0:c0 + chunk]))
+    return torch.stack(levels, 1).to(x0.device), torch.cat(eps, 1)
+
+
+def df_loss(model, x0, cond, audio, levels, eps, window, sink):
     """One Diffusion-Forcing step through the KV cache, exactly as the student streams: chunk by
-    chunk, each chunk noised to its own level from the two-step schedule (drawn per sample and
-    chunk), its velocity loss taken, then the clean chunk written into the cache at t = 0 (the KV
-    refresh, without gradient), so later chunks attend a clean past with dynamic RoPE and rolling."""
-    B, n = x0.shape[:2]
-    chunk = model.cfg.chunk
+    chunk, each chunk noised to its own level from the two-step schedule (levels (B, F / chunk),
+    eps like x0, from df_noise), its velocity loss taken, then the clean chunk written into the
+    cache at t = 0 (the KV refresh, without gradient), so later chunks attend a clean past with
+    dynamic RoPE and rolling."""
+    n, chunk = x0.shape[1], model.cfg.chunk
     cache = L.KVCache(model.cfg.depth, sink, window, chunk)
     steps = torch.tensor(L.STUDENT_STEPS, device=x0.device)
     losses = []
-    for c0 in range(0, n, chunk):
+    for k, c0 in enumerate(range(0, n, chunk)):
         sl = slice(c0, c0 + chunk)
-        t = steps[torch.from_numpy(rng.integers(len(steps), size=B)).to(x0.device)][:, None].expand(-1, chunk)
-        eps = torch.randn_like(x0[:, sl])
-        v = model(L.add_noise(x0[:, sl], eps, t), t, cond[:, sl], audio[:, sl], cache=cache)
-        losses.append((v.float() - (eps - x0[:, sl])).pow(2).mean((1, 2, 3, 4)))
+        t = steps[levels[:, k]][:, None].expand(-1, chunk)                  # (B, chunk)
+        v = model(L.add_noise(x0[:, sl], eps[:, sl], t), t, cond[:, sl], audio[:, sl], cache=cache)
+        losses.append((v.float() - (eps[:, sl] - x0[:, sl])).pow(2).mean((1, 2, 3, 4)))
         with torch.no_grad():
             model(x0[:, sl], torch.zeros_like(t), cond[:, sl], audio[:, sl], cache=cache, update_cache=True)
     return torch.stack(losses, 1)                                   # (B, chunks)
@@ -551,11 +780,13 @@ def train_df(args):
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     teacher, tcfg, _ = L.load_checkpoint(args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"),
-                                         L.DiTConfig, L.DiT, args.device)
+                                         L.DiTConfig, L.DiT)
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
-    model = L.DiT(cfg).to(args.device)
+    model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
+    del teacher
     ema = copy.deepcopy(model).requires_grad_(False)
+    model, ema = place_dit(args.device, model, ema)
     encoded = encode_pool(ae, train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), cfg.audio_context,
                           desc="encoding the training clips")
     n_latent, batch = args.latent_frames or 12, args.batch or 16
@@ -565,19 +796,24 @@ def train_df(args):
     def step(i):
         x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
         window, sink = DF_CACHES[rng.integers(len(DF_CACHES))]
+        levels, eps = df_noise(x0, cfg.chunk, rng)
+        x0, cond, audio, levels, eps = shard(x0, cond, audio, levels, eps)        # this process's rows
         with L.autocast(args.device):
-            per_chunk = df_loss(model, x0, cond, audio, rng, window, sink)
-        text = "loss by chunk " + " ".join(f"{v:.3f}" for v in per_chunk.mean(0).tolist())
-        return per_chunk.mean(), batch * tokens, text
+            per_chunk = df_loss(model, x0, cond, audio, levels, eps, window, sink)
+        text = "loss by chunk " + " ".join(f"{v:.3f}" for v in gather_rows(per_chunk.detach()).mean(0).tolist())
+        return per_chunk.mean(), len(x0) * tokens, text
 
     state = fresh_state(args, os.path.join(args.ckpt_dir, "student_df.state.safetensors"))
     steps = args.steps or 1000
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
     out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
-    L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))},
-                      dtype=STUDENT_DTYPE)
-    print(f"saved {out} (EMA weights)")
+    ema = unsharded(ema)
+    if master():
+        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))},
+                          dtype=STUDENT_DTYPE)
+        print(f"saved {out} (EMA weights)")
+    return model, losses
 
 
 # -----------------------------------------------------------------------------
@@ -585,7 +821,8 @@ def train_df(args):
 
 GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (METHOD's table)
 DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
-DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); 600 steps is a short run
+DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); our runs are short
+DMD_STEPS, DMD_BATCH = 200, 8   # the tiny run: ~6.5 s per step on one CPU thread (a GPU run can afford 600 x 16)
 DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
 
@@ -599,11 +836,11 @@ def sync_rewards(net, ae, x, raw_audio):
                         dtype=torch.float64)
 
 
-def critic_loss(critic, x, cond, audio):
-    """The critic's flow-matching (v-prediction) loss on the student's detached samples x, at the
-    re-noise times DMD uses: it learns the score of the student's current distribution."""
-    t = L.dmd_timesteps(len(x), x.device)[:, None].expand(-1, x.shape[1])        # (B, F)
-    eps = torch.randn_like(x)
+def critic_loss(critic, x, cond, audio, t, eps):
+    """The critic's flow-matching (v-prediction) loss on the student's detached samples x, at
+    DMD's re-noise times t (B,) with noise eps like x: it learns the score of the student's
+    current distribution."""
+    t = t[:, None].expand(-1, x.shape[1])                                      # (B, F)
     with L.autocast(x.device):
         v = critic(L.add_noise(x, eps, t), t, cond, audio)
     return (v.float() - (eps - x)).pow(2).mean()
@@ -616,41 +853,48 @@ def train_dmd(args):
     dev, ckpt = args.device, lambda name: os.path.join(args.ckpt_dir, f"{name}.safetensors")
     ae = L.load_checkpoint(ckpt("vae"), L.AEConfig, L.VideoAE, dev)[0]
     sync_net, _, sync_meta = L.load_checkpoint(ckpt("syncnet_reward"), L.SyncNetConfig, L.SyncNet, dev)
-    teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT, dev)
-    init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT, dev)
+    # the DiTs are loaded on the CPU and placed (or sharded) a pair at a time, so a process's host
+    # memory peaks at about three whole models and its device holds only what place_dit puts there
+    teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT)
+    critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
+    teacher, critic = place_dit(dev, teacher.requires_grad_(False), critic)
+    init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT)
     # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
     cfg = icfg if icfg.causal else dataclasses.replace(icfg, causal=True, sink=1, window=7)
     cfg = dataclasses.replace(cfg, seed=seed)
     assert (cfg.audio_context, cfg.latent_channels) == (tcfg.audio_context, tcfg.latent_channels), \
         "student and teacher must read the same latents and packed audio"
-    student = L.DiT(cfg).to(dev)
+    student = L.DiT(cfg)
     student.load_state_dict(init.state_dict())
+    del init
     ema = copy.deepcopy(student).requires_grad_(False)
-    critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
-    teacher.requires_grad_(False)
-    student.train()
+    student, ema = place_dit(dev, student.train(), ema)
     n_param = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
     print(cfg, f"\nstudent {n_param(student)}, teacher and critic {n_param(teacher)} parameters")
     gt = sync_meta.get("gt_sync_c")
-    if gt:
-        print(f"reward SyncNet: ground-truth Sync-C {gt:.2f}; --reward-scale {gt / GT_SYNC_C_PAPER:.2f} "
-              f"would put R in the paper's units (now {args.reward_scale:g})")
+    reward_scale = args.reward_scale or (gt / GT_SYNC_C_PAPER if gt else 1.0)
+    print(f"reward SyncNet: ground-truth Sync-C {gt}; R = Sync-C / {reward_scale:.3f}")
 
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
     audios = [c.audio for c in clips]                               # EncodedClip keeps features only
     del clips
-    n_latent, batch = args.latent_frames or 12, args.batch or 16
+    n_latent, batch = args.latent_frames or 12, args.batch or DMD_BATCH
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
     scale = 1.0 if args.teacher_cfg == "none" else args.cfg_scale
     window = L.SYNC_WINDOW if args.teacher_cfg == "window" else (0.0, 1.0)       # (0, 1): every t
 
-    def rollout(cond, audio):
-        """The student's clip with a fresh exit step (the same for every chunk) and fresh noise."""
+    def draw(cond):
+        """A global batch's randomness: the rollout's exit step (the same for every chunk) and its
+        noises (B, steps, F, 16, h, w), and per sample a re-noise time t (B,) and noise eps."""
+        shape = (len(cond), n_latent, cfg.latent_channels, *cond.shape[-2:])
         exit_step = int(rng.integers(len(L.STUDENT_STEPS)))
-        noises = torch.randn(len(L.STUDENT_STEPS), *cond.shape[:2], cfg.latent_channels, *cond.shape[-2:], device=dev)
+        noises = torch.randn(shape[0], len(L.STUDENT_STEPS), *shape[1:], device=dev)
+        return exit_step, noises, L.dmd_timesteps(len(cond), dev), torch.randn(shape, device=dev)
+
+    def rollout(cond, audio, noises, exit_step):
         with L.autocast(dev):
-            return L.self_forcing_rollout(student, cond, audio, noises, exit_step).float()
+            return L.self_forcing_rollout(student, cond, audio, noises.transpose(0, 1), exit_step).float()
 
     s_opt = torch.optim.Adam(student.parameters(), lr=args.lr or DMD_LR, betas=(0.0, 0.999))
     c_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or DMD_LR, betas=(0.0, 0.999))
@@ -662,58 +906,67 @@ def train_dmd(args):
         start = load_train_state(state, student, ema, s_opt, rng)
         load_train_state(c_state, critic, None, c_opt, None)
         print(f"dmd: resumed from {state} at step {start}")
-    steps = args.steps or 600
+    steps = args.steps or DMD_STEPS
     end = min(steps, args.stop_after) if args.stop_after else steps
     log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
     t0 = time.time()
-    for step in tqdm(range(start, end), desc="dmd", initial=start, total=steps,
-                     mininterval=1 if sys.stderr.isatty() else 30):
+    for step in progress(range(start, end), desc="dmd", initial=start, total=steps):
         # the critic tracks the student: flow matching on fresh rollouts, several updates per student update
         for _ in range(args.critic_steps):
             _, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev)
+            exit_step, noises, t, eps = draw(cond)
+            cond, audio, noises, t, eps = shard(cond, audio, noises, t, eps)      # this process's rows
             with torch.no_grad():
-                x = rollout(cond, audio)
-            loss = critic_loss(critic, x, cond, audio)
+                x = rollout(cond, audio, noises, exit_step)
+            loss = critic_loss(critic, x, cond, audio, t, eps)
             c_opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(critic)
             torch.nn.utils.clip_grad_norm_(critic.parameters(), DMD_CLIP)
             c_opt.step()
-            log["critic"].append(loss.item())
+            log["critic"].append(global_mean(loss))
         # the student: a rollout with gradient at the exit steps, scored by teacher and critic
         _, cond, audio, raw = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev, audios)
-        x = rollout(cond, audio)
+        exit_step, noises, t, eps = draw(cond)
+        cond, audio, raw, noises, t, eps = shard(cond, audio, raw, noises, t, eps)
+        x = rollout(cond, audio, noises, exit_step)
         with torch.no_grad(), L.autocast(dev):
-            t = L.dmd_timesteps(batch, dev)
             tt = t[:, None].expand(-1, n_latent)                                   # (B, F)
-            x_t = L.add_noise(x.detach(), torch.randn_like(x), tt)
+            x_t = L.add_noise(x.detach(), eps, tt)
             real = L.predict_x0(teacher, x_t, tt, cond, audio, L.sync_window_cfg(t, scale, window), tcfg.drop_mode)
             fake = L.predict_x0(critic, x_t, tt, cond, audio)
-        R = sync_rewards(sync_net, ae, x, raw)
+        R = gather_rows(sync_rewards(sync_net, ae, x, raw).to(dev))                # the whole batch's rewards (B,)
         per_sample = L.dmd_loss(x, real.float(), fake.float())
-        loss = L.reward_weighted_mean(per_sample, R.to(dev), args.beta, args.reward_scale)
+        # w_i / mean_j w_j over the global batch, this process's rows: the mean over processes is
+        # reward_weighted_mean over the whole batch
+        w = shard(L.relative_reward_weights(R, args.beta, reward_scale))
+        loss = (w.to(per_sample.dtype) * per_sample).mean()
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(student)
         torch.nn.utils.clip_grad_norm_(student.parameters(), DMD_CLIP)
         s_opt.step()
         ema_update(ema, student, step, DMD_EMA)
-        log["dmd"].append(per_sample.mean().item())
+        log["dmd"].append(global_mean(per_sample.mean()))
         log["sync_c"].append(R.mean().item())
-        log["ess"].append(L.effective_batch(R, args.beta, args.reward_scale))
+        log["ess"].append(L.effective_batch(R, args.beta, reward_scale))
         if (step + 1) % 10 == 0 or step + 1 == end:
             k, dt = 10 * args.critic_steps, time.time() - t0
             tqdm.write(f"dmd step {step + 1}/{steps} dmd loss {np.mean(log['dmd'][-10:]):.4f} "
                        f"critic loss {np.mean(log['critic'][-k:]):.4f} reward Sync-C {np.mean(log['sync_c'][-10:]):.2f} "
                        f"effective batch {np.mean(log['ess'][-10:]):.1f}/{batch} "
                        f"{dt / (step + 1 - start):.2f} s/step elapsed {dt:.0f}s")
-        if (step + 1) % 50 == 0 or step + 1 == end:
+        if ((step + 1) % 50 == 0 or step + 1 == end) and master() and not DIST.fsdp:
             save_train_state(state, student, ema, s_opt, step + 1, rng)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
     out = args.out or ckpt("student")
     extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
-             "reward_scale": args.reward_scale, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
-    L.save_checkpoint(out, ema, cfg, extra=extra, dtype=STUDENT_DTYPE)
-    print(f"saved {out} (EMA weights)")
-    return log
+             "reward_scale": reward_scale, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
+    ema = unsharded(ema)
+    if master():
+        L.save_checkpoint(out, ema, cfg, extra=extra, dtype=STUDENT_DTYPE)
+        print(f"saved {out} (EMA weights)")
+    return student, log
 
 
 # -----------------------------------------------------------------------------
@@ -803,19 +1056,25 @@ def mean_rows(rows, n_clips):
 # stage: eval-student (the causal student streamed over whole test clips)
 
 
+def student_rows(rows, name, model, ae, test, sync_net, mouth_net):
+    """Stream the student over each whole test clip, with its own audio (recon) and the second
+    speaker's (dub), and add the metrics to rows["<name>, recon" / ", dub"]."""
+    for ci, c in enumerate(tqdm(test, desc=name)):
+        for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
+            out = L.lipsync(model, ae, c.frames, audio, seed=ci)
+            rows.setdefault(f"{name}, {task}", []).append(clip_metrics(out, audio, mouth, c.frames, sync_net, mouth_net))
+
+
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
     model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
     test = test_pool(args)
     rows = {}
+    for c in test:
+        reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
     stem = os.path.basename(path).split(".")[0]
-    name = f"student {stem}, {len(L.STUDENT_STEPS)} steps"
-    for ci, c in enumerate(tqdm(test, desc="student on the test split")):
-        add = reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
-        for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
-            out = L.lipsync(model, ae, c.frames, audio, seed=ci)
-            add(f"{name}, {task}", clip_metrics(out, audio, mouth, c.frames, sync_eval, mouth_net))
+    student_rows(rows, f"student {stem}, {len(L.STUDENT_STEPS)} steps", model, ae, test, sync_eval, mouth_net)
     res = mean_rows(rows, len(test))
     print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole test clips; "
                      "sync by the eval SyncNet")
@@ -823,13 +1082,62 @@ def eval_student(args):
 
 
 def print_table(res, title):
+    """The results table; an "fps" entry in a row adds the FPS column."""
     gt_c = res["ground truth"]["sync_c"]
+    fps = any("fps" in m for m in res.values() if isinstance(m, dict))
     print(f"\n{title}, {res['test_clips']} clips\n")
-    print("| row | Sync-C | Sync-C / GT | Sync-D | MouthErr | mouth PSNR | mouth SSIM | PSNR |\n|---|---|---|---|---|---|---|---|")
+    print("| row | Sync-C | Sync-C / GT | Sync-D | MouthErr | mouth PSNR | mouth SSIM | PSNR |" + " FPS |" * fps)
+    print("|---|---|---|---|---|---|---|---|" + "---|" * fps)
     for name, m in res.items():
         if isinstance(m, dict):
             fid = (f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if "dub" not in name else "- | - | -")
-            print(f"| {name} | {m['sync_c']:.2f} | {m['sync_c'] / gt_c:.2f} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | {fid} |")
+            speed = (f" {m['fps']:.1f} |" if m.get("fps") else " - |") * fps
+            print(f"| {name} | {m['sync_c']:.2f} | {m['sync_c'] / gt_c:.2f} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | "
+                  f"{fid} |{speed}")
+
+
+# the distillation's ablation: (row, student checkpoint in --ckpt-dir, the command that makes it)
+ABLATION = (
+    ("DF-init student", "student_df", "train.py df"),
+    ("DMD, teacher without CFG", "student_dmd_none",
+     "train.py dmd --teacher-cfg none --beta 0 --out checkpoints/student_dmd_none.safetensors"),
+    ("DMD, fixed CFG 4.5", "student_dmd_fixed",
+     "train.py dmd --teacher-cfg fixed --beta 0 --out checkpoints/student_dmd_fixed.safetensors"),
+    ("DMD, Sync-Window CFG", "student_dmd_window",
+     "train.py dmd --teacher-cfg window --beta 0 --out checkpoints/student_dmd_window.safetensors"),
+    ("DMD, Sync-Window CFG + SyncNet reward", "student", "train.py dmd"),
+)
+
+
+def eval_ablation(args):
+    """The distillation's table: ground truth, the teacher's rows (from results/teacher.json,
+    written by eval-teacher) and every student of ABLATION found in --ckpt-dir, streamed over the
+    test split (2 steps per chunk). FPS: end to end on this machine, from results/benchmark.json
+    (sample.py --benchmark); every student has the same architecture and so the same speed."""
+    ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
+    test = test_pool(args)
+    refs, students, found = {}, {}, []
+    for c in test:
+        reference_rows(refs, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
+    for name, stem, command in ABLATION:
+        path = os.path.join(args.ckpt_dir, f"{stem}.safetensors")
+        if not os.path.isfile(path):
+            print(f"{name}: {path} not found (made by python {command}); row skipped")
+            continue
+        model, _, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+        student_rows(students, name, model, ae, test, sync_eval, mouth_net)
+        found.append({"row": name, "checkpoint": path, **extra})
+    read = lambda name: json.load(open(os.path.join(args.results, name))) if \
+        os.path.isfile(os.path.join(args.results, name)) else {}
+    teacher, bench = read("teacher.json"), read("benchmark.json")
+    fps = lambda who: bench.get(who, {}).get("fps")
+    res = {**mean_rows(refs, len(test)),
+           **{k: dict(v, fps=fps("teacher") if "CFG 4.5" in k else None) for k, v in teacher.items() if k.startswith("teacher")},
+           **{k: dict(v, fps=fps("student")) for k, v in mean_rows(students, len(test)).items() if isinstance(v, dict)},
+           "test_clips": len(test), "students": found}
+    print_table(res, "the distillation on the SynthTalk test split (teacher rows from results/teacher.json); "
+                     "sync by the eval SyncNet")
+    L.save_json(os.path.join(args.results, "ablation.json"), res)
 
 
 # -----------------------------------------------------------------------------
@@ -911,6 +1219,20 @@ def foundation(args):
                                  "--device", args.device, "--results", args.results]))
 
 
+def pipeline(args):
+    """The whole tiny pipeline, each stage with its defaults: the foundation (autoencoder, both
+    SyncNets, MouthNet, their table), the teacher, the Diffusion-Forcing student and the final
+    DMD student (Sync-Window CFG + SyncNet reward); the wall time of each stage is printed."""
+    common = ["--ckpt-dir", args.ckpt_dir, "--size", str(args.size), "--device", args.device, "--results", args.results]
+    t_start, times = time.time(), {}
+    for stage in ("foundation", "teacher", "df", "dmd"):
+        t0 = time.time()
+        STAGES[stage](get_args([stage, *common]))
+        times[stage] = time.time() - t0
+        print(f"pipeline: {stage} took {times[stage] / 60:.1f} min ({(time.time() - t_start) / 60:.1f} min so far)")
+    return times
+
+
 # -----------------------------------------------------------------------------
 # stage: export SynthTalk as a folder of mp4 clips (the layout --data reads)
 
@@ -927,15 +1249,31 @@ def export_synthtalk(args):
 # -----------------------------------------------------------------------------
 
 STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet, "teacher": train_teacher,
-          "eval-teacher": eval_teacher, "df": train_df, "dmd": train_dmd, "eval-student": eval_student, "eval": eval_foundation,
-          "foundation": foundation, "export": export_synthtalk}
+          "eval-teacher": eval_teacher, "df": train_df, "dmd": train_dmd, "eval-student": eval_student,
+          "ablation": eval_ablation, "eval": eval_foundation, "foundation": foundation, "pipeline": pipeline,
+          "export": export_synthtalk}
+
+
+DISTRIBUTED_STAGES = ("vae", "syncnet", "mouthnet", "teacher", "df", "dmd")     # torchrun-able
 
 
 def main(argv=None):
+    """Run a stage. Training stages return (the trained model, its loss log)."""
+    global DIST
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return STAGES[args.stage](args)
+    if "RANK" in os.environ and args.stage not in DISTRIBUTED_STAGES:
+        raise SystemExit(f"{args.stage} runs in one process; torchrun runs {', '.join(DISTRIBUTED_STAGES)}")
+    if args.fsdp and args.stage not in ("teacher", "df", "dmd"):
+        raise SystemExit("--fsdp shards the DiT stages (teacher, df, dmd)")
+    init_distributed(args)
+    try:
+        return STAGES[args.stage](args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        DIST = Dist()
 
 
 if __name__ == "__main__":
