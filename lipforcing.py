@@ -1689,11 +1689,6 @@ def _reward_share(R, beta, scale):
     return torch.softmax(beta * R.detach().double() / scale, 0)
 
 
-def relative_reward_weights(R, beta=2.0, scale=1.0):
-    """w_i / mean_j w_j for w = reward_weights(R, beta, scale): (B,) float64, mean 1, no gradient."""
-    return _reward_share(R, beta, scale) * len(R)
-
-
 def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     """mean_i(w_i L_i) with w = reward_weights(R, beta, scale), divided by mean_i(w_i).
 
@@ -1703,7 +1698,8 @@ def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     float32 grad norms (clip_grad_norm would see inf and zero the step), and even where it is
     finite, grad clipping at 10 plus Adam throw the absolute scale away anyway. Computed as a
     softmax in float64, so it is finite for any R. beta = 0 gives the plain mean. L (B,), R (B,)."""
-    return (relative_reward_weights(R, beta, scale).to(losses.dtype) * losses).mean()
+    w = _reward_share(R, beta, scale) * len(R)                           # w_i / mean_j w_j
+    return (w.to(losses.dtype) * losses).mean()
 
 
 def effective_batch(R, beta=2.0, scale=1.0):

@@ -153,21 +153,28 @@ def load(path, config_class, model_class, device, how):
         fail(f"cannot load {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): {how}")
 
 
-def student_path(args):
+def student_path(args, required=True):
+    """--ckpt, else the first of STUDENT_CKPTS that exists (None if none does and not required)."""
     if args.ckpt:
         return args.ckpt
     found = [p for p in STUDENT_CKPTS if os.path.isfile(p)]
-    if not found:
+    if not found and required:
         fail(f"no student checkpoint ({' or '.join(STUDENT_CKPTS)}): train one with `python train.py df`, "
              "or pass --ckpt")
-    return found[0]
+    return found[0] if found else None
+
+
+def load_causal(path, device):
+    """A student checkpoint, refused in one line if it holds a bidirectional teacher."""
+    model = load(path, L.DiTConfig, L.DiT, device, "train a student with `python train.py df`")
+    if not model.cfg.causal:
+        fail(f"{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors")
+    return model
 
 
 def load_student(args):
     path = student_path(args)
-    model = load(path, L.DiTConfig, L.DiT, args.device, "train a student with `python train.py df`")
-    if not model.cfg.causal:
-        fail(f"{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors")
+    model = load_causal(path, args.device)
     log(args, f"student {path}: {model.cfg}")
     return torch.compile(model) if args.compile else model, path
 
@@ -538,11 +545,9 @@ def benchmark(args):
         ae, weights = load_ae(args), f"autoencoder {args.vae}"
     else:
         ae, weights = L.VideoAE(L.AEConfig()).to(dev).eval(), "autoencoder random init"
-    path = None if args.shape else args.ckpt or next((p for p in STUDENT_CKPTS if os.path.isfile(p)), None)
+    path = None if args.shape else student_path(args, required=False)
     if path:
-        student = load(path, L.DiTConfig, L.DiT, "cpu", "train a student with `python train.py df`")
-        if not student.cfg.causal:
-            fail(f"{path} is a bidirectional teacher, not the causal student: pass the student as --ckpt")
+        student = load_causal(path, "cpu")
         weights += f", student {path}"
     else:
         student = L.DiT(L.DiTConfig(**L.DIT_PRESETS[args.shape or "tiny"], causal=True)).eval()

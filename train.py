@@ -174,6 +174,13 @@ def shard(*xs):
     return out if len(xs) > 1 else out[0]
 
 
+def summed(x):
+    """x summed over the processes (a new tensor; x is left as it is)."""
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
 class GatherRows(torch.autograd.Function):
     """Every process's rows, concatenated in rank order (B / N, ...) -> (B, ...), with gradient:
     for losses over the whole batch that do not split per sample (the SyncNet's contrastive loss
@@ -191,11 +198,7 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if DIST.world == 1:
-            return g
-        g = g.contiguous()
-        dist.all_reduce(g)
-        return shard(g)
+        return g if DIST.world == 1 else shard(summed(g))
 
 
 def gather_rows(x):
@@ -208,15 +211,11 @@ class AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        return summed(x)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
+        return summed(g)
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):
@@ -250,11 +249,8 @@ def global_batchnorm(net):
 
 def global_mean(x):
     """A per-process tensor (a loss, on the training device) averaged over the processes -> float."""
-    x = x.detach().double().clone()
-    if DIST.world > 1:
-        dist.all_reduce(x)
-        x /= DIST.world
-    return x.item()
+    x = x.detach().double()
+    return (summed(x) / DIST.world).item() if DIST.world > 1 else x.item()
 
 
 def average_gradients(model):
@@ -264,11 +260,14 @@ def average_gradients(model):
     average their own gradients (reduce-scatter) and are left alone."""
     if DIST.world == 1 or DIST.fsdp:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
-    for h in [dist.all_reduce(g, async_op=True) for g in grads]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:                    # every process must send every gradient
+            p.grad = torch.zeros_like(p)
+    for h in [dist.all_reduce(p.grad, async_op=True) for p in params]:
         h.wait()
-    for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
-        p.grad = g.div_(DIST.world)
+    for p in params:
+        p.grad /= DIST.world
 
 
 def place_dit(device, *models):
@@ -321,7 +320,6 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
     if it never stopped. stop_after: stop (and save the state) after this many steps.
     flops_per_unit: model FLOPs per item, for MFU on GPU."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
-    state = None if DIST.fsdp else state                 # (training-state files hold full, unsharded tensors)
     start = load_train_state(state, model, ema, opt, rng) if state and os.path.isfile(state) else 0
     if start:
         print(f"{desc}: resumed from {state} at step {start}")
@@ -364,7 +362,10 @@ def ema_update(ema, model, step, decay):
 
 def fresh_state(args, default, derived=lambda state: []):
     """The training-state file (--state, else `default`); unless --resume, it and the files
-    derived(state) names beside it are deleted, so the run starts from scratch."""
+    derived(state) names beside it are deleted, so the run starts from scratch. None under
+    --fsdp: training-state files hold full, unsharded tensors."""
+    if DIST.fsdp:
+        return None
     state = args.state or default
     if not args.resume:
         for f in [state, *derived(state)]:
@@ -900,9 +901,9 @@ def train_dmd(args):
     c_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or DMD_LR, betas=(0.0, 0.999))
     critic_state = lambda state: os.path.join(os.path.dirname(state), "critic-" + os.path.basename(state))
     state = fresh_state(args, ckpt("student.state"), lambda st: [critic_state(st)])
-    c_state = critic_state(state)
+    c_state = state and critic_state(state)
     start = 0
-    if os.path.isfile(state):
+    if state and os.path.isfile(state):
         start = load_train_state(state, student, ema, s_opt, rng)
         load_train_state(c_state, critic, None, c_opt, None)
         print(f"dmd: resumed from {state} at step {start}")
@@ -935,19 +936,17 @@ def train_dmd(args):
             x_t = L.add_noise(x.detach(), eps, tt)
             real = L.predict_x0(teacher, x_t, tt, cond, audio, L.sync_window_cfg(t, scale, window), tcfg.drop_mode)
             fake = L.predict_x0(critic, x_t, tt, cond, audio)
-        R = gather_rows(sync_rewards(sync_net, ae, x, raw).to(dev))                # the whole batch's rewards (B,)
-        per_sample = L.dmd_loss(x, real.float(), fake.float())
-        # w_i / mean_j w_j over the global batch, this process's rows: the mean over processes is
-        # reward_weighted_mean over the whole batch
-        w = shard(L.relative_reward_weights(R, args.beta, reward_scale))
-        loss = (w.to(per_sample.dtype) * per_sample).mean()
+        # the reward weights are normalised over the whole batch: every process gathers its losses and rewards
+        R = gather_rows(sync_rewards(sync_net, ae, x, raw).to(dev))                # (B,)
+        per_sample = gather_rows(L.dmd_loss(x, real.float(), fake.float()))        # (B,)
+        loss = L.reward_weighted_mean(per_sample, R, args.beta, reward_scale)
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(student)
         torch.nn.utils.clip_grad_norm_(student.parameters(), DMD_CLIP)
         s_opt.step()
         ema_update(ema, student, step, DMD_EMA)
-        log["dmd"].append(global_mean(per_sample.mean()))
+        log["dmd"].append(per_sample.mean().item())
         log["sync_c"].append(R.mean().item())
         log["ess"].append(L.effective_batch(R, args.beta, reward_scale))
         if (step + 1) % 10 == 0 or step + 1 == end:
@@ -956,7 +955,7 @@ def train_dmd(args):
                        f"critic loss {np.mean(log['critic'][-k:]):.4f} reward Sync-C {np.mean(log['sync_c'][-10:]):.2f} "
                        f"effective batch {np.mean(log['ess'][-10:]):.1f}/{batch} "
                        f"{dt / (step + 1 - start):.2f} s/step elapsed {dt:.0f}s")
-        if ((step + 1) % 50 == 0 or step + 1 == end) and master() and not DIST.fsdp:
+        if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
             save_train_state(state, student, ema, s_opt, step + 1, rng)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
     out = args.out or ckpt("student")
@@ -1109,6 +1108,15 @@ ABLATION = (
 )
 
 
+def read_results(args, name):
+    """A JSON file in --results as a dict ({} if it has not been written yet)."""
+    path = os.path.join(args.results, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def eval_ablation(args):
     """The distillation's table: ground truth, the teacher's rows (from results/teacher.json,
     written by eval-teacher) and every student of ABLATION found in --ckpt-dir, streamed over the
@@ -1127,12 +1135,11 @@ def eval_ablation(args):
         model, _, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
         student_rows(students, name, model, ae, test, sync_eval, mouth_net)
         found.append({"row": name, "checkpoint": path, **extra})
-    read = lambda name: json.load(open(os.path.join(args.results, name))) if \
-        os.path.isfile(os.path.join(args.results, name)) else {}
-    teacher, bench = read("teacher.json"), read("benchmark.json")
+    teacher, bench = read_results(args, "teacher.json"), read_results(args, "benchmark.json")
     fps = lambda who: bench.get(who, {}).get("fps")
+    guided = f"CFG {L.CFG_SCALE:g}"                                  # the benchmark samples the teacher with CFG
     res = {**mean_rows(refs, len(test)),
-           **{k: dict(v, fps=fps("teacher") if "CFG 4.5" in k else None) for k, v in teacher.items() if k.startswith("teacher")},
+           **{k: dict(v, fps=fps("teacher") if guided in k else None) for k, v in teacher.items() if k.startswith("teacher")},
            **{k: dict(v, fps=fps("student")) for k, v in mean_rows(students, len(test)).items() if isinstance(v, dict)},
            "test_clips": len(test), "students": found}
     print_table(res, "the distillation on the SynthTalk test split (teacher rows from results/teacher.json); "
@@ -1208,6 +1215,12 @@ def print_foundation_table(r):
         print(f"| {name} | {a} | {b} |")
 
 
+def run_stage(args, stage, *extra):
+    """Run another stage with its defaults and this run's --ckpt-dir, --size, --device, --results."""
+    return STAGES[stage](get_args([stage, *extra, "--ckpt-dir", args.ckpt_dir, "--size", str(args.size),
+                                   "--device", args.device, "--results", args.results]))
+
+
 def foundation(args):
     """Every foundation model in order, then the table."""
     vae = os.path.join(args.ckpt_dir, "vae.safetensors")
@@ -1215,19 +1228,17 @@ def foundation(args):
     for stage, extra in (("vae", []), ("vae", ["--init", vae, "--steps", "2000", "--lr", "5e-4"]),
                          ("syncnet", ["--role", "reward"]), ("syncnet", ["--role", "eval"]),
                          ("mouthnet", []), ("eval", [])):
-        STAGES[stage](get_args([stage, *extra, "--ckpt-dir", args.ckpt_dir, "--size", str(args.size),
-                                 "--device", args.device, "--results", args.results]))
+        run_stage(args, stage, *extra)
 
 
 def pipeline(args):
     """The whole tiny pipeline, each stage with its defaults: the foundation (autoencoder, both
     SyncNets, MouthNet, their table), the teacher, the Diffusion-Forcing student and the final
     DMD student (Sync-Window CFG + SyncNet reward); the wall time of each stage is printed."""
-    common = ["--ckpt-dir", args.ckpt_dir, "--size", str(args.size), "--device", args.device, "--results", args.results]
     t_start, times = time.time(), {}
     for stage in ("foundation", "teacher", "df", "dmd"):
         t0 = time.time()
-        STAGES[stage](get_args([stage, *common]))
+        run_stage(args, stage)
         times[stage] = time.time() - t0
         print(f"pipeline: {stage} took {times[stage] / 60:.1f} min ({(time.time() - t_start) / 60:.1f} min so far)")
     return times
@@ -1255,6 +1266,7 @@ STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet
 
 
 DISTRIBUTED_STAGES = ("vae", "syncnet", "mouthnet", "teacher", "df", "dmd")     # torchrun-able
+FSDP_STAGES = ("teacher", "df", "dmd")                                          # the DiT stages
 
 
 def main(argv=None):
@@ -1265,8 +1277,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if "RANK" in os.environ and args.stage not in DISTRIBUTED_STAGES:
         raise SystemExit(f"{args.stage} runs in one process; torchrun runs {', '.join(DISTRIBUTED_STAGES)}")
-    if args.fsdp and args.stage not in ("teacher", "df", "dmd"):
-        raise SystemExit("--fsdp shards the DiT stages (teacher, df, dmd)")
+    if args.fsdp and args.stage not in FSDP_STAGES:
+        raise SystemExit(f"--fsdp shards the DiT stages ({', '.join(FSDP_STAGES)})")
     init_distributed(args)
     try:
         return STAGES[args.stage](args)
