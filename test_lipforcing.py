@@ -1577,6 +1577,13 @@ def distributed_checkpoints(tmp_path):
                       L.SyncNetConfig(width=4))
 
 
+def saved_dits_match(path_a, path_b, tol=1e-5):
+    """Two saved DiT checkpoints hold the same weights, within tol."""
+    a = L.load_checkpoint(path_a, L.DiTConfig, L.DiT)[0].state_dict()
+    b = L.load_checkpoint(path_b, L.DiTConfig, L.DiT)[0].state_dict()
+    return a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < tol for k in a)
+
+
 DIST_RUNS = {   # stage arguments for a few steps of each training stage at toy size (global batch 4, or 16 for the SyncNet)
     "vae": ["vae", "--clips", "2", "--seconds", "1", "--steps", "3", "--batch", "4"],
     "syncnet": ["syncnet", "--clips", "4", "--seconds", "2", "--steps", "2", "--batch", "16"],
@@ -1606,9 +1613,7 @@ def test_two_processes_match_one(stage, tmp_path, monkeypatch):
     for k in one:       # Adam's g / sqrt(v) turns float-level differences in tiny gradients into ~1e-5
         assert_close(w0[k], one[k], 1e-4, k)
     if stage == "teacher":                                  # the checkpoint rank 0 saved is the one-process one
-        a = L.load_checkpoint(tmp_path / "one.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
-        b = L.load_checkpoint(tmp_path / "two.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
-        assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+        assert saved_dits_match(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
 
 
 def test_fsdp_shards_the_teacher_over_two_processes(tmp_path, monkeypatch):
@@ -1625,6 +1630,4 @@ def test_fsdp_shards_the_teacher_over_two_processes(tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         assert len(w0[k]) == (len(v) + 1) // 2 and len(w0[k]) + len(w1[k]) == len(v), k
         assert_close(torch.cat([w0[k], w1[k]]), v, 1e-5, k)
-    a = L.load_checkpoint(tmp_path / "one.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
-    b = L.load_checkpoint(tmp_path / "two.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    assert saved_dits_match(tmp_path / "one.safetensors", tmp_path / "two.safetensors")

@@ -330,11 +330,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         loss, n, *extra = step_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(model, opt, loss, clip=1.0)
         if ema is not None:
             ema_update(ema, model, step, ema_decay)
         seen += n * DIST.world
@@ -349,6 +345,15 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         if state and master() and ((step + 1) % save_every == 0 or step + 1 == end):
             save_train_state(state, model, ema, opt, step + 1, rng)
     return losses
+
+
+def optimizer_step(model, opt, loss, clip):
+    """One update: backward, the gradient average over processes, grad-norm clipping at `clip`, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
 
 
 @torch.no_grad()
@@ -921,11 +926,7 @@ def train_dmd(args):
             with torch.no_grad():
                 x = rollout(cond, audio, noises, exit_step)
             loss = critic_loss(critic, x, cond, audio, t, eps)
-            c_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(critic)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), DMD_CLIP)
-            c_opt.step()
+            optimizer_step(critic, c_opt, loss, DMD_CLIP)
             log["critic"].append(global_mean(loss))
         # the student: a rollout with gradient at the exit steps, scored by teacher and critic
         _, cond, audio, raw = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, dev, audios)
@@ -941,11 +942,7 @@ def train_dmd(args):
         R = gather_rows(sync_rewards(sync_net, ae, x, raw).to(dev))                # (B,)
         per_sample = gather_rows(L.dmd_loss(x, real.float(), fake.float()))        # (B,)
         loss = L.reward_weighted_mean(per_sample, R, args.beta, reward_scale)
-        s_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(student)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), DMD_CLIP)
-        s_opt.step()
+        optimizer_step(student, s_opt, loss, DMD_CLIP)
         ema_update(ema, student, step, DMD_EMA)
         log["dmd"].append(per_sample.mean().item())
         log["sync_c"].append(R.mean().item())
@@ -1101,7 +1098,7 @@ ABLATION = (
     ("DF-init student", "student_df", "train.py df"),
     ("DMD, teacher without CFG", "student_dmd_none",
      "train.py dmd --teacher-cfg none --beta 0 --out checkpoints/student_dmd_none.safetensors"),
-    ("DMD, fixed CFG 4.5", "student_dmd_fixed",
+    (f"DMD, fixed CFG {L.CFG_SCALE:g}", "student_dmd_fixed",
      "train.py dmd --teacher-cfg fixed --beta 0 --out checkpoints/student_dmd_fixed.safetensors"),
     ("DMD, Sync-Window CFG", "student_dmd_window",
      "train.py dmd --teacher-cfg window --beta 0 --out checkpoints/student_dmd_window.safetensors"),
