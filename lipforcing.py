@@ -1535,6 +1535,7 @@ class LipSyncStream:
         self.reference = reference
         self.ref = None                                  # reference latent (1, 1, 16, h, w)
         self.frames = []                                 # source frames not yet used
+        self.frame_shape = None if reference is None else np.shape(reference)   # (H, W, 3) once known
         self.audio, self.audio_start = np.zeros(0, np.float32), 0   # audio from sample audio_start on
         self.latents = 0                                 # latent frames generated so far
         self.done = 0                                    # video frames output so far
@@ -1549,6 +1550,8 @@ class LipSyncStream:
         """Add source frames (uint8 (n, H, W, 3)) and/or audio (16 kHz mono float samples).
         Returns the frames finished by this call, uint8 (m, H, W, 3); m is often 0."""
         self.frames.extend(np.asarray(f) for f in frames)
+        if self.frames and self.frame_shape is None:
+            self.frame_shape = self.frames[0].shape
         if audio is not None:
             self.audio = np.concatenate([self.audio, np.asarray(audio, np.float32)])
         out = []
@@ -1557,7 +1560,7 @@ class LipSyncStream:
             if len(self.frames) < n or self.audio_start + len(self.audio) < samples:
                 break
             out.append(self._run_chunk(n))
-        return np.concatenate(out) if out else np.zeros((0, *self._frame_shape()), np.uint8)
+        return np.concatenate(out) if out else self._nothing()
 
     def flush(self):
         """End of input: the last partial chunk is completed by repeating the last source frame
@@ -1568,11 +1571,10 @@ class LipSyncStream:
             real = min(n, len(self.frames))
             self.frames += [self.frames[-1]] * (n - real)
             out.append(self._run_chunk(n)[:real])
-        return np.concatenate(out) if out else np.zeros((0, *self._frame_shape()), np.uint8)
+        return np.concatenate(out) if out else self._nothing()
 
-    def _frame_shape(self):
-        f = self.frames[0] if self.frames else self.reference
-        return f.shape if f is not None else (0, 0, 3)
+    def _nothing(self):
+        return np.zeros((0, *(self.frame_shape or (0, 0, 3))), np.uint8)
 
     @torch.no_grad()
     def _run_chunk(self, n):

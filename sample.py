@@ -97,7 +97,7 @@ def get_args(argv=None):
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
     p.add_argument("--results", default="results", help="folder for the JSON of --benchmark and --long-stream")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (--benchmark: and the teacher)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -564,7 +564,7 @@ def benchmark(args):
 
     def run(fn, model, kw, warm_kw):
         model.to(dev)
-        model = torch.compile(model) if args.compile and fn is bench_student else model
+        model = torch.compile(model) if args.compile else model        # both or neither: a like-for-like ratio
         fn(model, ae, frames[:warm], audio[:warm * SPF], dev, **{**kw, **warm_kw})   # warm-up (kernels, allocator), untimed
         if cuda:
             torch.cuda.empty_cache()

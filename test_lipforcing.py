@@ -771,6 +771,18 @@ def test_stream_output_does_not_depend_on_how_the_input_arrives():
     assert np.array_equal(whole[:, :14], clip.frames[:, :14])
 
 
+def test_lipsync_of_whole_chunks_only():
+    """33 frames (9 + 12 + 12) with audio to spare: every chunk runs during the push, so the flush
+    has nothing left, and the output is still one frame per source frame."""
+    ae, model = tiny_stream_models()
+    clip = L.synthtalk_clip("test", 1, seconds=2.0, size=32)
+    frames = clip.frames[:33]
+    stream = L.LipSyncStream(model, ae)
+    assert len(stream.push(frames, clip.audio)) == 33
+    assert stream.flush().shape == (0, 32, 32, 3)
+    assert L.lipsync(model, ae, frames, clip.audio).shape == frames.shape
+
+
 def test_stream_memory_is_bounded():
     """Once the window has filled, the stream's state (KV cache, decoder memory, buffered input)
     is the same size after chunk 4 as after chunk 30."""
