@@ -880,8 +880,8 @@ def train_dmd(args):
     print(cfg, f"\nstudent {n_param(student)}, teacher and critic {n_param(teacher)} parameters")
     gt = sync_meta.get("gt_sync_c")
     reward_scale = args.reward_scale or (gt / GT_SYNC_C_PAPER if gt else 1.0)
-    print(f"reward SyncNet: ground-truth Sync-C {gt:.2f}; R = Sync-C / {reward_scale:.3f}" if gt else
-          f"reward SyncNet: no ground-truth Sync-C in its metadata; R = Sync-C / {reward_scale:.3f}")
+    print(f"reward SyncNet: ground-truth Sync-C {f'{gt:.2f}' if gt else 'not in its metadata'}; "
+          f"R = Sync-C / {reward_scale:.3f}")
 
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
