@@ -1538,6 +1538,38 @@ def test_dmd_resumes_identically(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_non_finite_loss_stops_training():
+    model = torch.nn.Linear(2, 1)
+    before = model.weight.detach().clone()
+    step = lambda i: (model(torch.tensor([[1.0, float("nan") if i == 1 else 0.0]])).sum(), 1)
+    with pytest.raises(SystemExit, match="the loss is nan"):
+        train.fit(model, step, 3, 1e-2, "nan")
+    assert not torch.equal(model.weight, before) and model.weight.isfinite().all()    # step 0 ran, step 1 did not
+
+
+def test_syncnet_batch_must_hold_two_clip_groups(tmp_path):
+    with pytest.raises(SystemExit, match="--batch 8"):
+        train.main(["syncnet", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1", "--batch", "8"])
+
+
+def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
+    """`pipeline` with every stage cut to 2 steps on a toy pool: each stage finds what the one
+    before it wrote, and the options given to pipeline reach every stage (the autoencoder's
+    fine-tuning run included, whose own --steps 2000 they override)."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    times = train.main(["pipeline", "--ckpt-dir", str(tmp_path), "--results", str(tmp_path), "--size", "32",
+                        "--clips", "4", "--seconds", "2", "--steps", "2", "--batch", "16", "--test-clips", "1",
+                        "--device", "cpu"])
+    assert list(times) == ["foundation", "teacher", "df", "dmd"]
+    assert (tmp_path / "foundation.json").is_file()
+    for name in ("vae", "syncnet_reward", "syncnet_eval", "mouthnet", "teacher", "student_df", "student"):
+        assert (tmp_path / f"{name}.safetensors").is_file(), name
+    assert L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)[2]["steps"] == 2
+    student, cfg, _ = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
+    assert cfg.causal and cfg.dim == L.DIT_PRESETS["tiny"]["dim"]
+    assert all(p.isfinite().all() for p in student.parameters())
+
+
 # -----------------------------------------------------------------------------
 # scale-out: torchrun data parallel and FSDP, as 2 CPU processes over gloo
 

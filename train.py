@@ -15,6 +15,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py eval-student             # the student streamed over the test clips (2 steps per chunk)
   python train.py ablation                 # the distillation's table: teacher, DF-init and every DMD student
   python train.py pipeline                 # foundation, teacher, df, dmd: every model the final student needs
+  python train.py pipeline --steps 2 --clips 4 --seconds 2 --batch 16 --size 32 --ckpt-dir /tmp/dry   # its dry run
 
 On a GPU: add --device cuda (the default when one is present; bf16 autocast) and --compile.
 
@@ -348,7 +349,11 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
 
 
 def optimizer_step(model, opt, loss, clip):
-    """One update: backward, the gradient average over processes, grad-norm clipping at `clip`, step."""
+    """One update: backward, the gradient average over processes, grad-norm clipping at `clip`, step.
+    A loss of NaN or inf stops the run before it reaches the weights."""
+    if not torch.isfinite(loss.detach()):
+        raise SystemExit(f"the loss is {loss.item()}: training diverged, or a checkpoint it reads holds NaN; "
+                         f"lower --lr, or retrain that checkpoint")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(model)
@@ -500,6 +505,11 @@ SYNCNET_LR = {"reward": 3e-4, "eval": 1e-3}
 
 def train_syncnet(args):
     seed = args.seed if args.seed is not None else {"reward": 1, "eval": 2}[args.role]
+    group = 8                                                               # windows per clip in a batch
+    batch = args.batch or 64
+    if batch % group or batch < 2 * group:       # the loss needs windows of other clips (easy negatives)
+        raise SystemExit(f"--batch {batch}: a SyncNet batch is groups of {group} windows from one clip, at least "
+                         f"two of them; pass a multiple of {group} from {2 * group} up")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     clips = role_subset(train_pool(args, n_default=512, seconds_default=4.0), args.role)
@@ -509,8 +519,6 @@ def train_syncnet(args):
           f"{len(clips)} training clips")
     mels = [L.log_mel(torch.from_numpy(c.audio)) for c in clips]            # (4T, N_MELS) each
     n, mpf = cfg.frames, L.MELS_PER_FRAME
-    group = 8                                                               # windows per clip in a batch
-    batch = args.batch or 64
     # every video window is paired with every audio window of the batch: the diagonal is in sync;
     # the same clip at another start is a shifted (hard) negative, other clips are easy negatives
     gid = torch.arange(batch) // group
@@ -1215,10 +1223,17 @@ def print_foundation_table(r):
         print(f"| {name} | {a} | {b} |")
 
 
+SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "clips", "seconds", "steps", "batch",
+                  "test_clips")     # what foundation and pipeline pass on to every stage they run
+
+
 def run_stage(args, stage, *extra):
-    """Run another stage with its defaults and this run's --ckpt-dir, --size, --device, --results."""
-    return STAGES[stage](get_args([stage, *extra, "--ckpt-dir", args.ckpt_dir, "--size", str(args.size),
-                                   "--device", args.device, "--results", args.results]))
+    """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set)
+    and --compile: they come last, so they win. `pipeline --data DIR` trains every stage on DIR;
+    `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
+    shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None
+              for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+    return STAGES[stage](get_args([stage, *extra, *shared] + ["--compile"] * args.compile))
 
 
 def foundation(args):
