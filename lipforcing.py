@@ -18,6 +18,7 @@ Read bottom-up, one section at a time:
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -918,6 +919,30 @@ def encode_clip(ae, frames, audio, context, batch=64):
 
     (s, g), (ms, mg) = enc(x), enc(masked)
     return EncodedClip(s, g, ms, mg, audio_frame_features(audio, context))
+
+
+def encode_pool(ae, clips, context, cache_dir=None, progress=True):
+    """encode_clip of every clip, cached on disk. The cache file is named by a hash of the
+    autoencoder's weights, the audio context and every clip's frames and audio, so it is found
+    only for exactly this input (SynthTalk or a folder of real clips) and a retrained autoencoder
+    never reads stale latents. The DiT stages all train on one pool: only the first encodes it."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+    h = hashlib.sha1(str(context).encode())
+    for v in ae.state_dict().values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for c in clips:
+        h.update(np.ascontiguousarray(c.frames).tobytes()), h.update(np.ascontiguousarray(c.audio).tobytes())
+    path = os.path.join(cache_dir or os.environ.get("LIPFORCING_CACHE", ".cache"), f"encoded-{h.hexdigest()[:16]}.safetensors")
+    names = [f.name for f in fields(EncodedClip)]
+    if os.path.isfile(path):
+        t = load_file(path)
+        return [EncodedClip(*(t[f"{i}.{k}"] for k in names)) for i in range(len(clips))]
+    encoded = [encode_clip(ae, c.frames, c.audio, context)
+               for c in tqdm(clips, desc="encoding the training clips", disable=not progress)]
+    with atomic_path(path) as tmp:
+        save_file({f"{i}.{k}": getattr(e, k).contiguous() for i, e in enumerate(encoded) for k in names}, tmp)
+    return encoded
 
 
 def latent_window(enc, start, n_latent, ref, context):

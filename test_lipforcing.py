@@ -557,14 +557,16 @@ def test_pack_audio_alignment():
 
 
 def test_training_resumes_identically(tmp_path, monkeypatch):
-    """A teacher run stopped after 3 steps and resumed gives the same losses as one uninterrupted run."""
+    """A teacher run stopped after 3 steps and resumed gives the same losses as one uninterrupted run,
+    even when another run (another --out, so another training-state file) ran in between."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     base = ["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "6",
             "--batch", "2", "--latent-frames", "3", "--preset", "tiny"]
-    whole = train.main(base + ["--out", str(tmp_path / "a.safetensors")])[1]
     first = train.main(base + ["--stop-after", "3", "--out", str(tmp_path / "b.safetensors")])[1]
+    whole = train.main(base + ["--out", str(tmp_path / "a.safetensors")])[1]
     rest = train.main(base + ["--resume", "--out", str(tmp_path / "b.safetensors")])[1]
+    assert (tmp_path / "a.state.safetensors").is_file() and (tmp_path / "b.state.safetensors").is_file()
     assert len(first) == 3 and len(rest) == 3
     assert first + rest == whole
     a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
@@ -1395,6 +1397,28 @@ def test_reward_weight_is_exp_beta_r_without_gradient_through_r():
     assert L.effective_batch(R, 0.0) == pytest.approx(3) and L.effective_batch(torch.tensor([0., 0, 50]), 2.0) < 1.01
 
 
+def test_encoded_pool_is_cached_for_exactly_its_inputs(tmp_path):
+    """encode_pool writes one cache file and reads it back equal to a fresh encode_clip of every
+    clip; another autoencoder, another audio context or another clip is a new file, not a hit."""
+    torch.manual_seed(0)
+    ae = L.VideoAE(L.AEConfig(width=8)).eval()
+    clips = [L.synthtalk_clip("train", i, 1.4, size=32) for i in range(2)]
+    c = L.DiTConfig().audio_context
+    first = L.encode_pool(ae, clips, c, tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 1
+    again = L.encode_pool(ae, clips, c, tmp_path, progress=False)
+    for k, fresh in enumerate(L.encode_clip(ae, x.frames, x.audio, c) for x in clips):
+        for name in ("single", "groups", "m_single", "m_groups", "feats"):
+            assert torch.equal(getattr(first[k], name), getattr(fresh, name)), name
+            assert torch.equal(getattr(again[k], name), getattr(fresh, name)), name
+    with torch.no_grad():
+        ae.dec_in.bias[0] += 1                       # even a decoder-only change is another autoencoder
+    L.encode_pool(ae, clips, c, tmp_path, progress=False)
+    L.encode_pool(ae, clips, c + 1, tmp_path, progress=False)
+    L.encode_pool(ae, clips[:1] + [L.synthtalk_clip("train", 5, 1.4, size=32)], c, tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 4
+
+
 def test_teacher_batch_returns_the_windows_audio():
     """teacher_batch with the clips' waveforms draws the same windows as without (same latents, conditions, packed audio),
     and its raw audio is each window's: log-mel features recomputed from it equal the rows of
@@ -1568,6 +1592,12 @@ def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     student, cfg, _ = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
     assert cfg.causal and cfg.dim == L.DIT_PRESETS["tiny"]["dim"]
     assert all(p.isfinite().all() for p in student.parameters())
+    # the held-out gap of that teacher: one error per ODE step and kind of clip
+    monkeypatch.setattr(train, "HELDOUT_CLIPS", 2)
+    err = train.main(["heldout", "--ckpt-dir", str(tmp_path), "--results", str(tmp_path), "--size", "32",
+                      "--clips", "4", "--seconds", "2", "--device", "cpu"])
+    assert list(err) == list(train.HELDOUT_STEPS) and all(0 < v < 10 for e in err.values() for v in e.values())
+    assert json.loads((tmp_path / "heldout.json").read_text())["steps"] == 2
 
 
 # -----------------------------------------------------------------------------

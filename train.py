@@ -9,6 +9,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py foundation               # all of the above, in order
   python train.py export --out DIR         # write SynthTalk clips as mp4 files (the --data layout)
   python train.py teacher                  # the bidirectional audio-conditioned DiT (flow matching)
+  python train.py heldout                  # the teacher's x0 error on its training identities vs unseen ones
   python train.py eval-teacher             # the teacher's table (50 steps, CFG 4.5 / none)
   python train.py df                       # Diffusion-Forcing init of the causal student from the teacher
   python train.py dmd                      # Self-Forcing DMD, Sync-Window CFG teacher, SyncNet reward
@@ -77,7 +78,7 @@ def get_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
                                                       "optimiser state over the processes (teacher, df, dmd)")
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
-    p.add_argument("--state", default=None, help="training-state file (default: <ckpt-dir>/<stage>.state.safetensors)")
+    p.add_argument("--state", default=None, help="training-state file (default: the output's name with .state.safetensors)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state saved)")
     g = p.add_argument_group("dmd")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default: <ckpt-dir>/teacher.safetensors); "
@@ -337,7 +338,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         seen += n * DIST.world
         losses.append(global_mean(loss))
         run_loss = losses[-1] if run_loss is None else 0.98 * run_loss + 0.02 * losses[-1]
-        bar.set_postfix(loss=f"{run_loss:.4f}")
+        bar.set_postfix(loss=f"{run_loss:.4f}", refresh=False)     # shown at the bar's own interval
         if (step + 1) % log_every == 0 or step + 1 == end:
             dt = time.time() - t0
             util = f" MFU {mfu(seen / dt * flops_per_unit, device):.1%}" if flops_per_unit and str(device).startswith("cuda") else ""
@@ -370,13 +371,15 @@ def ema_update(ema, model, step, decay):
         pe.lerp_(p, 1 - d)
 
 
-def fresh_state(args, default, derived=lambda state: []):
-    """The training-state file (--state, else `default`); unless --resume, it and the files
-    derived(state) names beside it are deleted, so the run starts from scratch. None under
-    --fsdp: training-state files hold full, unsharded tensors."""
+def fresh_state(args, out, derived=lambda state: []):
+    """The training-state file of the run that saves `out`: --state, else out's name with
+    .state.safetensors (teacher.safetensors -> teacher.state.safetensors), so runs with different
+    --out never share one. Unless --resume, it and the files derived(state) names beside it are
+    deleted, so the run starts from scratch. None under --fsdp: training-state files hold full,
+    unsharded tensors."""
     if DIST.fsdp:
         return None
-    state = args.state or default
+    state = args.state or os.path.splitext(out)[0] + ".state.safetensors"
     if not args.resume:
         for f in [state, *derived(state)]:
             if os.path.isfile(f):
@@ -556,10 +559,11 @@ def train_syncnet(args):
     return net, losses
 
 
-def val_clips(args):
+def val_clips(args, n=16):
     """Training-distribution clips that no model trains on (indices far past every pool), used
-    to choose the off-sync decision threshold before it is applied to the test split."""
-    return [L.synthtalk_clip("train", 100_000 + i, 4.0, args.size) for i in range(16)]
+    to choose the off-sync decision threshold before it is applied to the test split, and to
+    measure the teacher's held-out gap."""
+    return [L.synthtalk_clip("train", 100_000 + i, 4.0, args.size) for i in range(n)]
 
 
 OFFSYNC_SHIFT = (3, 15)    # off-sync detection test: audio shifted by 3..15 frames (120-600 ms)
@@ -644,10 +648,6 @@ def train_mouthnet(args):
 T_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)     # the training loss is also logged per t bin
 
 
-def encode_pool(ae, clips, context, desc="encoding"):
-    return [L.encode_clip(ae, c.frames, c.audio, context) for c in progress(clips, desc=desc)]
-
-
 def random_ref(rng, T, start, length):
     """A reference frame on the 4-frame grid, outside the target window [start, start + length)."""
     while True:
@@ -695,7 +695,7 @@ def train_teacher(args):
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     cfg = L.DiTConfig(**L.DIT_PRESETS[args.preset], drop_mode=args.drop_mode, seed=seed)
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
-    encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
+    encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
     model = L.DiT(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
@@ -725,12 +725,12 @@ def train_teacher(args):
             bins[:] = 0
         return per_sample.mean(), len(x0) * tokens, text
 
-    state = fresh_state(args, os.path.join(args.ckpt_dir, "teacher.state.safetensors"))
+    out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
+    state = fresh_state(args, out)
     steps = args.steps or TEACHER_STEPS
     losses = fit(model, step, steps, args.lr or TEACHER_LR, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
-    out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
@@ -803,8 +803,8 @@ def train_df(args):
     del teacher
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
-    encoded = encode_pool(ae, train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), cfg.audio_context,
-                          desc="encoding the training clips")
+    encoded = L.encode_pool(ae, train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), cfg.audio_context,
+                            progress=master())
     n_latent, batch = args.latent_frames or 12, args.batch or 16
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
     tokens = n_latent * (args.size // ae.cfg.space_down // cfg.patch) ** 2
@@ -819,11 +819,11 @@ def train_df(args):
         text = "loss by chunk " + " ".join(f"{v:.3f}" for v in gather_rows(per_chunk.detach()).mean(0).tolist())
         return per_chunk.mean(), len(x0) * tokens, text
 
-    state = fresh_state(args, os.path.join(args.ckpt_dir, "student_df.state.safetensors"))
+    out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
+    state = fresh_state(args, out)
     steps = args.steps or 1000
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
-    out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))},
@@ -893,7 +893,7 @@ def train_dmd(args):
           f"R = Sync-C / {reward_scale:.3f}")
 
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
-    encoded = encode_pool(ae, clips, cfg.audio_context, desc="encoding the training clips")
+    encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
     audios = [c.audio for c in clips]                               # EncodedClip keeps features only
     del clips
     n_latent, batch = args.latent_frames or 12, args.batch or DMD_BATCH
@@ -916,7 +916,8 @@ def train_dmd(args):
     s_opt = torch.optim.Adam(student.parameters(), lr=args.lr or DMD_LR, betas=(0.0, 0.999))
     c_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or DMD_LR, betas=(0.0, 0.999))
     critic_state = lambda state: os.path.join(os.path.dirname(state), "critic-" + os.path.basename(state))
-    state = fresh_state(args, ckpt("student.state"), lambda st: [critic_state(st)])
+    out = args.out or ckpt("student")
+    state = fresh_state(args, out, lambda st: [critic_state(st)])
     c_state = state and critic_state(state)
     start = 0
     if state and os.path.isfile(state):
@@ -966,7 +967,6 @@ def train_dmd(args):
         if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
             save_train_state(state, student, ema, s_opt, step + 1, rng)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
-    out = args.out or ckpt("student")
     extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
              "reward_scale": reward_scale, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
     ema = unsharded(ema)
@@ -1041,6 +1041,54 @@ def eval_teacher(args):
     res = mean_rows(rows, len(test))
     print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet")
     L.save_json(os.path.join(args.results, "teacher.json"), res)
+
+
+HELDOUT_STEPS = (0, 20, 30, 40)    # the teacher's ODE steps at which the held-out gap is measured
+HELDOUT_CLIPS = 64                 # clips of each kind; 2 windows of 9 latent frames from each
+
+
+@torch.no_grad()
+def eval_heldout(args):
+    """Does the DiT generalise to new identities? Its x0-prediction error (MSE over the lower-face
+    latent rows, the region it regenerates; conditional, no CFG) at a few ODE times, on windows of
+    SynthTalk training clips it trained on (the first clips of every pool) and on windows of
+    clips of the same distribution whose identities no model saw (val_clips). Same noise, times
+    and window draw for both. A ratio well above 1 means the DiT memorised its training
+    identities and more clips (--clips) will help; near 1, it is limited by steps or size."""
+    if args.data:
+        raise SystemExit("heldout compares SynthTalk training clips with unseen SynthTalk identities; it takes no --data")
+    ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
+    path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
+    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    assert not cfg.causal, "heldout measures the bidirectional teacher"
+    pools = {"training": train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)[:HELDOUT_CLIPS],
+             "unseen": val_clips(args, HELDOUT_CLIPS)}
+    err = {}
+    for kind, clips in pools.items():
+        enc = [L.encode_clip(ae, c.frames, c.audio, cfg.audio_context) for c in progress(clips, desc=f"{kind} clips")]
+        rng = np.random.default_rng(0)
+        torch.manual_seed(0)
+        x0, cond, audio = teacher_batch(enc, 2 * HELDOUT_CLIPS, L.TEACHER_LATENT, rng, cfg.audio_context, args.device)
+        eps = torch.randn_like(x0)
+        region = L.lower_face_mask(*x0.shape[-2:], args.device)                  # (h, w)
+        silent = L.drop_conditions(cond, audio, torch.ones(len(x0), dtype=torch.bool, device=args.device), "audio")
+        for j in HELDOUT_STEPS:
+            t = torch.full(x0.shape[:2], L.ode_t(j), device=args.device)
+            for name, (c, a) in ((kind, (cond, audio)), (f"{kind}, audio dropped", silent)):
+                with L.autocast(args.device):
+                    x0_hat = L.predict_x0(model, L.add_noise(x0, eps, t), t, c, a).float()
+                mse = ((x0_hat - x0).pow(2) * region).sum() / (region.sum() * x0.shape[:3].numel())
+                err.setdefault(j, {})[name] = float(mse)
+    print(f"\n{path} ({extra.get('steps')} steps): lower-face x0 MSE, {2 * HELDOUT_CLIPS} windows of each kind; "
+          f"'audio dropped' is the CFG-negative condition\n")
+    print("| ODE step (t) | training identities | unseen identities | unseen / training | "
+          "training, audio dropped | unseen, audio dropped |\n|---|---|---|---|---|---|")
+    for j, e in err.items():
+        print(f"| {j} ({L.ode_t(j):.3f}) | {e['training']:.4f} | {e['unseen']:.4f} | {e['unseen'] / e['training']:.2f} | "
+              f"{e['training, audio dropped']:.4f} | {e['unseen, audio dropped']:.4f} |")
+    L.save_json(os.path.join(args.results, "heldout.json"), {"checkpoint": path, "steps": extra.get("steps"),
+                                                             "mse": {str(j): e for j, e in err.items()}})
+    return err
 
 
 def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
@@ -1277,7 +1325,7 @@ def export_synthtalk(args):
 STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet, "teacher": train_teacher,
           "eval-teacher": eval_teacher, "df": train_df, "dmd": train_dmd, "eval-student": eval_student,
           "ablation": eval_ablation, "eval": eval_foundation, "foundation": foundation, "pipeline": pipeline,
-          "export": export_synthtalk}
+          "export": export_synthtalk, "heldout": eval_heldout}
 
 
 DISTRIBUTED_STAGES = ("vae", "syncnet", "mouthnet", "teacher", "df", "dmd")     # torchrun-able
