@@ -64,6 +64,11 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def cache_path(name, cache_dir=None):
+    """Where a cache file of derived data lives: cache_dir, else $LIPFORCING_CACHE, else .cache."""
+    return os.path.join(cache_dir or os.environ.get("LIPFORCING_CACHE", ".cache"), name)
+
+
 def save_json(path, obj):
     """Write obj as indented json, atomically."""
     with atomic_path(path) as tmp:
@@ -921,7 +926,7 @@ def encode_clip(ae, frames, audio, context, batch=64):
     return EncodedClip(s, g, ms, mg, audio_frame_features(audio, context))
 
 
-def encode_pool(ae, clips, context, cache_dir=None, progress=True):
+def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encoding the training clips"):
     """encode_clip of every clip, cached on disk. The cache file is named by a hash of the
     autoencoder's weights, the audio context and every clip's frames and audio, so it is found
     only for exactly this input (SynthTalk or a folder of real clips) and a retrained autoencoder
@@ -933,13 +938,13 @@ def encode_pool(ae, clips, context, cache_dir=None, progress=True):
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     for c in clips:
         h.update(np.ascontiguousarray(c.frames).tobytes()), h.update(np.ascontiguousarray(c.audio).tobytes())
-    path = os.path.join(cache_dir or os.environ.get("LIPFORCING_CACHE", ".cache"), f"encoded-{h.hexdigest()[:16]}.safetensors")
+    path = cache_path(f"encoded-{h.hexdigest()[:16]}.safetensors", cache_dir)
     names = [f.name for f in fields(EncodedClip)]
     if os.path.isfile(path):
         t = load_file(path)
         return [EncodedClip(*(t[f"{i}.{k}"] for k in names)) for i in range(len(clips))]
     encoded = [encode_clip(ae, c.frames, c.audio, context)
-               for c in tqdm(clips, desc="encoding the training clips", disable=not progress)]
+               for c in tqdm(clips, desc=desc, disable=not progress)]
     with atomic_path(path) as tmp:
         save_file({f"{i}.{k}": getattr(e, k).contiguous() for i, e in enumerate(encoded) for k in names}, tmp)
     return encoded
@@ -1486,8 +1491,7 @@ def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True):
     """Clips 0..n-1 of a SynthTalk split, cached on disk as one npz (generation is deterministic,
     so the cache is only a speed-up; delete it freely)."""
     from tqdm import tqdm
-    cache_dir = cache_dir or os.environ.get("LIPFORCING_CACHE", ".cache")
-    path = os.path.join(cache_dir, f"synthtalk-{split}-n{n}-s{seconds:g}-{size}px.npz")
+    path = cache_path(f"synthtalk-{split}-n{n}-s{seconds:g}-{size}px.npz", cache_dir)
     keys = ("frames", "audio", "mouth", "dub_audio", "dub_mouth")
     if os.path.isfile(path):
         with np.load(path) as d:
@@ -1495,7 +1499,6 @@ def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True):
         return [Clip(**{k: v[i] for k, v in arrays.items()}, name=f"synthtalk-{split}-{i:05d}") for i in range(n)]
     clips = [synthtalk_clip(split, i, seconds, size)
              for i in tqdm(range(n), desc=f"SynthTalk {split}", disable=not progress)]
-    os.makedirs(cache_dir, exist_ok=True)
     arrays = {k: np.stack([getattr(c, k) for c in clips]) for k in keys if getattr(clips[0], k) is not None}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -1065,7 +1065,7 @@ def eval_heldout(args):
              "unseen": val_clips(args, HELDOUT_CLIPS)}
     err = {}
     for kind, clips in pools.items():
-        enc = [L.encode_clip(ae, c.frames, c.audio, cfg.audio_context) for c in progress(clips, desc=f"{kind} clips")]
+        enc = L.encode_pool(ae, clips, cfg.audio_context, progress=master(), desc=f"encoding the {kind} clips")
         rng = np.random.default_rng(0)
         torch.manual_seed(0)
         x0, cond, audio = teacher_batch(enc, 2 * HELDOUT_CLIPS, L.TEACHER_LATENT, rng, cfg.audio_context, args.device)
