@@ -10,6 +10,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py export --out DIR         # write SynthTalk clips as mp4 files (the --data layout)
   python train.py teacher                  # the bidirectional audio-conditioned DiT (flow matching)
   python train.py heldout                  # the teacher's x0 error on its training identities vs unseen ones
+  python train.py audio-probe              # how well the DiT's audio input alone determines the mouth
   python train.py eval-teacher             # the teacher's table (50 steps, CFG 4.5 / none)
   python train.py df                       # Diffusion-Forcing init of the causal student from the teacher
   python train.py dmd                      # Self-Forcing DMD, Sync-Window CFG teacher, SyncNet reward
@@ -1091,6 +1092,71 @@ def eval_heldout(args):
     return err
 
 
+PROBE_CONTEXTS = (0, 2, 4, 8)      # audio context of the probe's inputs, video frames on each side
+PROBE_STEPS, PROBE_BATCH, PROBE_LR = 3000, 512, 1e-3
+
+
+def probe_data(clips, context, track="audio"):
+    """Each clip's latent frames 1..G (the 4-frame groups) as the DiT receives their audio:
+    pack_audio features (sum G, (4 + 2c) 160) and the true mouth of their 4 video frames
+    (sum G, 12). track="dub_audio" pairs each test clip's second audio track with its own mouth
+    (a control: audio that did not make that mouth)."""
+    X, Y = [], []
+    for c in clips:
+        G = (len(c.mouth) - 1) // 4
+        feats = L.audio_frame_features(getattr(c, track), context)
+        X.append(L.pack_audio(feats, 4, G, context))                   # latent f: frames 4f + 1 .. 4f + 4
+        Y.append(torch.as_tensor(c.mouth[1:1 + 4 * G]).reshape(G, 12))
+    return torch.cat(X), torch.cat(Y)
+
+
+def eval_audio_probe(args):
+    """Does the audio the DiT is given determine the mouth? For each audio context, an MLP as
+    wide as the DiT's audio embedding is trained (L1, on the teacher's training pool) to predict
+    the SynthTalk ground-truth mouth (open, width, teeth) of a latent frame's 4 video frames from
+    exactly that frame's packed audio features; its error on the test split is set against
+    predicting the pool's mean mouth, and against the test clips' second audio track (speech that
+    did not make that mouth). A small error means the corpus is learnable from the DiT's input:
+    a teacher short of sync is limited by the DiT, not by its audio features or context."""
+    if args.data:
+        raise SystemExit("audio-probe needs SynthTalk's ground-truth mouth; it takes no --data")
+    seed = args.seed if args.seed is not None else 0
+    clips, test = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), test_pool(args)
+    d = L.DIT_PRESETS[args.preset]["dim"]
+    res = {}
+    for context in PROBE_CONTEXTS:
+        torch.manual_seed(seed)
+        X, Y = (v.to(args.device) for v in probe_data(clips, context))
+        net = nn.Sequential(nn.Linear(X.shape[1], d), nn.SiLU(), nn.Linear(d, d),        # the DiT's audio_embed
+                            nn.SiLU(), nn.Linear(d, 12)).to(args.device)                  # + a readout of 4 x 3
+        g = torch.Generator().manual_seed(seed)
+
+        def step(i):
+            idx = torch.randint(len(X), (args.batch or PROBE_BATCH,), generator=g).to(args.device)
+            return (net(X[idx]) - Y[idx]).abs().mean(), len(idx)
+
+        fit(net, step, args.steps or PROBE_STEPS, args.lr or PROBE_LR, f"audio probe, context {context}",
+            log_every=1000, device=args.device)
+        with torch.no_grad():
+            err = lambda X, Y: (net(X.to(args.device)).cpu() - Y).abs().view(-1, 4, 3).mean((0, 1))   # (3,)
+            mean_mouth = Y.mean(0).cpu()
+            own, control = probe_data(test, context), probe_data(test, context, "dub_audio")
+            res[context] = {"train": float(err(X.cpu(), Y.cpu()).mean()), "test": err(*own).tolist(),
+                            "dub track": float(err(*control).mean()),
+                            "mean mouth": float((own[1] - mean_mouth).abs().mean())}
+    print(f"\naudio -> mouth probe: MAE of the mouth (open, width, teeth; each 0..1) of a latent frame's 4 video "
+          f"frames from its packed audio; MLP width {d}, {len(clips)} training clips, {len(test)} test clips\n")
+    print("| audio context (frames each side) | train MAE | test MAE | open / width / teeth | "
+          "test, the other audio track | test, the pool's mean mouth |\n|---|---|---|---|---|---|")
+    for context, r in res.items():
+        mark = " (the DiT's)" if context == L.DiTConfig.audio_context else ""
+        print(f"| {context}{mark} | {r['train']:.4f} | {np.mean(r['test']):.4f} | "
+              f"{' / '.join(f'{v:.3f}' for v in r['test'])} | {r['dub track']:.4f} | {r['mean mouth']:.4f} |")
+    L.save_json(os.path.join(args.results, "audio_probe.json"), {"train_clips": len(clips), "test_clips": len(test),
+                                                                "width": d, "mae": {str(c): r for c, r in res.items()}})
+    return res
+
+
 def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
     """Add the ground-truth and autoencoder rows for the first T frames of clip c; returns add(name, metrics)."""
     add = lambda name, m: rows.setdefault(name, []).append(m)
@@ -1325,7 +1391,8 @@ def export_synthtalk(args):
 STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet, "teacher": train_teacher,
           "eval-teacher": eval_teacher, "df": train_df, "dmd": train_dmd, "eval-student": eval_student,
           "ablation": eval_ablation, "eval": eval_foundation, "foundation": foundation, "pipeline": pipeline,
-          "export": export_synthtalk, "heldout": eval_heldout}
+          "export": export_synthtalk, "heldout": eval_heldout,
+          "audio-probe": eval_audio_probe}
 
 
 DISTRIBUTED_STAGES = ("vae", "syncnet", "mouthnet", "teacher", "df", "dmd")     # torchrun-able
