@@ -1600,7 +1600,6 @@ def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "heldout.json").read_text())["steps"] == 2
 
 
-
 def test_audio_probe_reads_the_mouth_from_the_audio_that_made_it(tmp_path, monkeypatch):
     """The world check under the teacher: trained on a few SynthTalk clips, the probe predicts
     the mouth from the DiT's packed audio far better than the mean mouth does, and the test
@@ -1609,8 +1608,10 @@ def test_audio_probe_reads_the_mouth_from_the_audio_that_made_it(tmp_path, monke
     monkeypatch.setattr(train, "PROBE_CONTEXTS", (2,))
     r = train.main(["audio-probe", "--results", str(tmp_path), "--size", "32", "--clips", "16", "--seconds", "4",
                     "--steps", "300", "--test-clips", "2", "--device", "cpu"])[2]
-    assert np.mean(r["test"]) < 0.5 * r["mean mouth"] < 0.5 * r["dub track"] / 0.8
+    assert np.mean(r["test"]) < 0.5 * r["mean mouth"]
+    assert r["dub track"] > 0.8 * r["mean mouth"]
     assert json.loads((tmp_path / "audio_probe.json").read_text())["mae"]["2"]["test"] == r["test"]
+
 
 # -----------------------------------------------------------------------------
 # scale-out: torchrun data parallel and FSDP, as 2 CPU processes over gloo

@@ -1138,12 +1138,11 @@ def eval_audio_probe(args):
         fit(net, step, args.steps or PROBE_STEPS, args.lr or PROBE_LR, f"audio probe, context {context}",
             log_every=1000, device=args.device)
         with torch.no_grad():
-            err = lambda X, Y: (net(X.to(args.device)).cpu() - Y).abs().view(-1, 4, 3).mean((0, 1))   # (3,)
-            mean_mouth = Y.mean(0).cpu()
+            err = lambda X, Y: (net(X.to(args.device)) - Y.to(args.device)).abs().view(-1, 4, 3).mean((0, 1)).cpu()  # (3,)
             own, control = probe_data(test, context), probe_data(test, context, "dub_audio")
-            res[context] = {"train": float(err(X.cpu(), Y.cpu()).mean()), "test": err(*own).tolist(),
+            res[context] = {"train": float(err(X, Y).mean()), "test": err(*own).tolist(),
                             "dub track": float(err(*control).mean()),
-                            "mean mouth": float((own[1] - mean_mouth).abs().mean())}
+                            "mean mouth": float((own[1] - Y.mean(0).cpu()).abs().mean())}
     print(f"\naudio -> mouth probe: MAE of the mouth (open, width, teeth; each 0..1) of a latent frame's 4 video "
           f"frames from its packed audio; MLP width {d}, {len(clips)} training clips, {len(test)} test clips\n")
     print("| audio context (frames each side) | train MAE | test MAE | open / width / teeth | "
