@@ -93,6 +93,7 @@ def get_args(argv=None):
     p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
     p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
     p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
+    p.add_argument("--patch", type=int, choices=[1, 2], help="with --shape: the DiTs' spatial patch (default 2, Wan's)")
     p.add_argument("--seconds", type=float, default=10.0, help="SynthTalk clip length (demo, --benchmark)")
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
     p.add_argument("--results", default="results", help="folder for the JSON of --benchmark and --long-stream")
@@ -112,6 +113,8 @@ def check_args(args):
         fail("--seconds and --long-stream take a positive number of seconds")
     if args.threads is not None and args.threads < 1:
         fail("--threads takes a positive number")
+    if args.patch is not None and not (args.benchmark and args.shape):
+        fail("--patch sets the random-init models of --benchmark --shape; a checkpoint keeps its own patch")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -550,8 +553,9 @@ def benchmark(args):
         student = load_causal(path, "cpu")
         weights += f", student {path}"
     else:
-        student = L.DiT(L.DiTConfig(**L.DIT_PRESETS[args.shape or "tiny"], causal=True)).eval()
-        weights += f", student random init (preset {args.shape or 'tiny'})"
+        patch = args.patch or L.DiTConfig.patch
+        student = L.DiT(L.DiTConfig(**L.DIT_PRESETS[args.shape or "tiny"], causal=True, patch=patch)).eval()
+        weights += f", student random init (preset {args.shape or 'tiny'}, patch {patch})"
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
         teacher = load(args.teacher, L.DiTConfig, L.DiT, "cpu", "train it with `python train.py teacher`")
@@ -592,7 +596,8 @@ def print_benchmark(res):
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
     print(f"\nbenchmark on {setup['device']} ({setup['threads']} threads), {setup['size']} px, "
           f"{setup['seconds']:g} s SynthTalk clip; {setup['weights']}")
-    print(f"DiT dim {setup['dit']['dim']}, depth {setup['dit']['depth']}; end to end = encode + DiT + decode; "
+    dit = setup["dit"]
+    print(f"DiT dim {dit['dim']}, depth {dit['depth']}, patch {dit['patch']}; end to end = encode + DiT + decode; "
           f"compute TTFF: all input available; live TTFF = input wait + compute TTFF\n")
     print(f"| | student (causal, {setup['student_steps']} steps, KV cache) | teacher ({setup['teacher']}) |\n|---|---|---|")
     rows = [("frames", "frames", "{:d}"), ("FPS, end to end", "fps", "{:.1f}"), ("FPS, DiT only", "dit_fps", "{:.1f}"),

@@ -574,6 +574,18 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_teacher_patch_reaches_its_checkpoint(tmp_path, monkeypatch):
+    """`train.py teacher --patch 1` trains and saves a DiT of 1x1 patches (64 tokens per 8x8
+    latent frame), its config in the checkpoint; the default stays Wan's 2x2."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "1",
+                "--batch", "2", "--latent-frames", "3", "--patch", "1"])
+    model, cfg, _ = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)
+    assert cfg.patch == 1 and model.patch_in.in_features == cfg.latent_channels + cfg.cond_channels
+    assert train.get_args(["teacher"]).patch is None and L.DiTConfig().patch == 2
+
+
 def test_ssim_matches_a_direct_computation():
     """ssim equals SSIM computed window by window with explicit loops (Wang et al. 2004, Gaussian
     7x7 window, sigma 1.5, valid windows only, averaged over channels and positions)."""
@@ -615,13 +627,15 @@ def stream_inputs(n_frames, seed=1):
     return x.double(), torch.zeros_like(t).double(), cond.double(), audio.double()
 
 
-def test_streaming_with_cache_equals_block_causal_forward():
+@pytest.mark.parametrize("patch", [2, 1])
+def test_streaming_with_cache_equals_block_causal_forward(patch):
     """(a) While the stream fits the window, running chunk after chunk with the KV cache (each
-    pass writing its keys) equals one block-causal forward over the whole sequence, to 1e-5."""
-    model = bitey_dit()
+    pass writing its keys) equals one block-causal forward over the whole sequence, to 1e-5; at
+    Wan's patch 2 and at patch 1 (`train.py teacher --patch 1`)."""
+    model = bitey_dit(patch=patch)
     chunk, n_chunks = 3, 4
     x, t, cond, audio = stream_inputs(chunk * n_chunks)
-    N = 4                                                         # tokens per latent frame (4x4 latent, patch 2)
+    N = (4 // patch) ** 2                                         # tokens per latent frame (4x4 latent)
     full = model(x, t, cond, audio, mask=L.block_causal_mask(x.shape[1], N, chunk))
     cache = L.KVCache(len(model.blocks), sink=1, window=chunk * n_chunks, chunk=chunk)
     parts = []
@@ -934,6 +948,7 @@ def test_bad_media_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, ckpt
     (["--size", "40"], ("multiple of 16",)),
     (["--bogus"], ("unrecognized arguments: --bogus",)),
     (["--stream", "--out", "-", "--benchmark"], ("pick one",)),
+    (["--patch", "1"], ("--patch", "--benchmark --shape")),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     """Bad options fail before any work with one line and exit code 2 (argparse's usage block too)."""
