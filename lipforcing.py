@@ -537,6 +537,7 @@ DIT_PRESETS = {
     "wan1.3b": dict(dim=1536, depth=30, heads=12, ffn=8960),         # shapes only (random init)
     "wan14b": dict(dim=5120, depth=40, heads=40, ffn=13824),
 }
+DIT_PATCHES = (1, 2)      # spatial patches a --size that is a multiple of 16 allows (2 is Wan's, the default)
 
 
 def modulate(x, shift, scale):

@@ -93,7 +93,8 @@ def get_args(argv=None):
     p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
     p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
     p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
-    p.add_argument("--patch", type=int, choices=[1, 2], help="with --shape: the DiTs' spatial patch (default 2, Wan's)")
+    p.add_argument("--patch", type=int, choices=L.DIT_PATCHES,
+                   help=f"with --shape: the DiTs' spatial patch (default {L.DiTConfig.patch})")
     p.add_argument("--seconds", type=float, default=10.0, help="SynthTalk clip length (demo, --benchmark)")
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
     p.add_argument("--results", default="results", help="folder for the JSON of --benchmark and --long-stream")

@@ -74,8 +74,8 @@ def get_args(argv=None):
     p.add_argument("--preset", choices=list(L.DIT_PRESETS), default="tiny", help="DiT size")
     p.add_argument("--latent-frames", type=int, default=None,
                    help="latent frames per training window (teacher 9 = 33 video frames, df 12 = 4 chunks)")
-    p.add_argument("--patch", type=int, choices=[1, 2], default=None,
-                   help="the DiT's spatial patch (teacher; df and dmd inherit it; default 2, Wan's)")
+    p.add_argument("--patch", type=int, choices=L.DIT_PATCHES, default=None,
+                   help=f"the DiT's spatial patch (teacher; df and dmd inherit it; default {L.DiTConfig.patch})")
     p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
