@@ -76,6 +76,8 @@ def get_args(argv=None):
                    help="latent frames per training window (teacher 9 = 33 video frames, df 12 = 4 chunks)")
     p.add_argument("--patch", type=int, choices=L.DIT_PATCHES, default=None,
                    help=f"the DiT's spatial patch (teacher; df and dmd inherit it; default {L.DiTConfig.patch})")
+    p.add_argument("--depth", type=int, default=None,
+                   help="the DiT's blocks, over the preset's (teacher; df and dmd inherit it)")
     p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
@@ -696,8 +698,8 @@ def train_teacher(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    cfg = L.DiTConfig(**L.DIT_PRESETS[args.preset], patch=args.patch or L.DiTConfig.patch, drop_mode=args.drop_mode,
-                      seed=seed)
+    shape = {**L.DIT_PRESETS[args.preset], **({"depth": args.depth} if args.depth else {})}
+    cfg = L.DiTConfig(**shape, patch=args.patch or L.DiTConfig.patch, drop_mode=args.drop_mode, seed=seed)
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
     model = L.DiT(cfg)
@@ -1339,8 +1341,8 @@ def print_foundation_table(r):
         print(f"| {name} | {a} | {b} |")
 
 
-SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "clips", "seconds", "steps",
-                  "batch", "test_clips")     # what foundation and pipeline pass on to every stage they run
+SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "depth", "clips", "seconds",
+                  "steps", "batch", "test_clips")     # what foundation and pipeline pass on to every stage they run
 
 
 def run_stage(args, stage, *extra):
