@@ -698,8 +698,9 @@ def train_teacher(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    shape = {**L.DIT_PRESETS[args.preset], **({"depth": args.depth} if args.depth else {})}
-    cfg = L.DiTConfig(**shape, patch=args.patch or L.DiTConfig.patch, drop_mode=args.drop_mode, seed=seed)
+    preset = L.DIT_PRESETS[args.preset]
+    cfg = L.DiTConfig(**{**preset, "depth": args.depth or preset["depth"]}, patch=args.patch or L.DiTConfig.patch,
+                      drop_mode=args.drop_mode, seed=seed)
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
     model = L.DiT(cfg)
