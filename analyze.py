@@ -64,14 +64,14 @@ def get_args(argv=None):
     p.add_argument("--ckpt-dir", default="checkpoints", help="where the eval SyncNet (and default teacher, vae) live")
     p.add_argument("--vae", default=None, help="the autoencoder the teacher was trained on (default: <ckpt-dir>/vae.safetensors)")
     p.add_argument("--out", default="results/analysis", help="folder for the CSVs, plots and summary")
-    p.add_argument("--clips", type=int, default=4, help="test clips (SE is over clips)")
+    p.add_argument("--clips", type=L.positive_int, default=4, help="test clips (SE is over clips)")
     p.add_argument("--seconds", type=float, default=2.6, help="seconds per clip; 2.6 s = two 33-frame windows")
-    p.add_argument("--size", type=int, default=64, help="frame size")
-    p.add_argument("--steps", type=int, default=L.ODE_STEPS, help="steps of the teacher's ODE")
-    p.add_argument("--landing-steps", type=int, nargs="+", default=None,
+    p.add_argument("--size", type=L.frame_size, default=64, help="frame size")
+    p.add_argument("--steps", type=L.positive_int, default=L.ODE_STEPS, help="steps of the teacher's ODE")
+    p.add_argument("--landing-steps", type=L.positive_int, nargs="+", default=None,
                    help="landing steps j1 of the factorial, indices into the ODE (default: 1, 2, 4, 6, .., steps - 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     args.teacher = args.teacher or [os.path.join(args.ckpt_dir, name) for name in
                                     ("teacher.safetensors", "teacher_all.safetensors")

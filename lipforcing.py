@@ -17,6 +17,7 @@ Read bottom-up, one section at a time:
  12. distillation: Self-Forcing rollout, Sync-Window DMD, SyncNet reward
 """
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -62,6 +63,24 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def positive_int(text):
+    """argparse type of the count options (steps, batch, clips, threads, ...): an int >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: takes a positive whole number")
+    return int(text)
+
+
+FRAME_MULTIPLE = 16      # frame sizes: the autoencoder's 8x times the DiT's 2x2 patch
+
+
+def frame_size(text):
+    """argparse type of --size: square frames, a positive multiple of FRAME_MULTIPLE pixels."""
+    if not text.isdigit() or int(text) < 1 or int(text) % FRAME_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive multiple of {FRAME_MULTIPLE} "
+                                         "(8x autoencoder, 2x2 DiT patches)")
+    return int(text)
 
 
 def cache_path(name, cache_dir=None):

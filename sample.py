@@ -88,7 +88,7 @@ def get_args(argv=None):
     p.add_argument("--syncnet", default="checkpoints/syncnet_eval.safetensors", help="eval SyncNet (Sync-C)")
     p.add_argument("--teacher", default="checkpoints/teacher.safetensors", help="teacher checkpoint (--benchmark)")
     p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
-    p.add_argument("--size", type=int, default=64, help="the model's frame size (square; a multiple of 16)")
+    p.add_argument("--size", type=L.frame_size, default=64, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
     p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
@@ -100,7 +100,7 @@ def get_args(argv=None):
     p.add_argument("--results", default="results", help="folder for the JSON of --benchmark and --long-stream")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (--benchmark: and the teacher)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
 
@@ -108,12 +108,8 @@ def check_args(args):
     """Everything that can be checked before any media is read or any model is loaded."""
     if args.steps not in (1, 2):
         fail(f"--steps {args.steps}: the student samples with 1 or 2 steps per chunk (it was distilled for 2)")
-    if args.size <= 0 or args.size % 16:
-        fail(f"--size {args.size}: must be a positive multiple of 16 (8x autoencoder, 2x2 DiT patches)")
     if args.seconds <= 0 or (args.long_stream is not None and args.long_stream <= 0):
         fail("--seconds and --long-stream take a positive number of seconds")
-    if args.threads is not None and args.threads < 1:
-        fail("--threads takes a positive number")
     if args.patch is not None and not (args.benchmark and args.shape):
         fail("--patch sets the random-init models of --benchmark --shape; a checkpoint keeps its own patch")
     try:

@@ -1594,6 +1594,24 @@ def test_syncnet_batch_must_hold_two_clip_groups(tmp_path):
         train.main(["syncnet", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1", "--batch", "8"])
 
 
+@pytest.mark.parametrize("main, argv, words", [
+    ("train", ["teacher", "--steps", "0"], ("--steps", "0: takes a positive whole number")),
+    ("train", ["vae", "--batch", "-4"], ("--batch", "-4: takes a positive whole number")),
+    ("train", ["df", "--depth", "2.5"], ("--depth", "2.5: takes a positive whole number")),
+    ("train", ["vae", "--size", "40"], ("--size", "40: must be a positive multiple of 16")),
+    ("analyze", ["--clips", "0"], ("--clips", "0: takes a positive whole number")),
+    ("analyze", ["--size", "24"], ("--size", "24: must be a positive multiple of 16")),
+])
+def test_counts_and_sizes_are_checked_before_any_work(capsys, main, argv, words):
+    """train.py and analyze.py refuse a count below 1 or a frame size off the 16-pixel grid with
+    argparse's usage error (exit 2) naming the option, before any data or model is touched."""
+    with pytest.raises(SystemExit) as e:
+        {"train": train.main, "analyze": A.main}[main](argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and ": error: argument " in err, err
+    assert all(w in err for w in words), err
+
+
 def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     """`pipeline` with every stage cut to 2 steps on a toy pool: each stage finds what the one
     before it wrote, and the options given to pipeline reach every stage (the autoencoder's

@@ -56,11 +56,11 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
-    p.add_argument("--size", type=int, default=64, help="frame size (square face crops)")
-    p.add_argument("--clips", type=int, default=None, help="training clips in the pool")
+    p.add_argument("--size", type=L.frame_size, default=64, help=f"frame size (square face crops, a multiple of {L.FRAME_MULTIPLE})")
+    p.add_argument("--clips", type=L.positive_int, default=None, help="training clips in the pool")
     p.add_argument("--seconds", type=float, default=None, help="seconds per SynthTalk training clip")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=None, help="global batch size")
+    p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
+    p.add_argument("--batch", type=L.positive_int, default=None, help="global batch size")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
@@ -70,13 +70,13 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors); "
                                               "folder for export")
     p.add_argument("--results", default="results", help="folder for JSON results")
-    p.add_argument("--test-clips", type=int, default=L.TEST_CLIPS, help="test clips to evaluate on")
+    p.add_argument("--test-clips", type=L.positive_int, default=L.TEST_CLIPS, help="test clips to evaluate on")
     p.add_argument("--preset", choices=list(L.DIT_PRESETS), default="tiny", help="DiT size")
-    p.add_argument("--latent-frames", type=int, default=None,
+    p.add_argument("--latent-frames", type=L.positive_int, default=None,
                    help="latent frames per training window (teacher 9 = 33 video frames, df 12 = 4 chunks)")
     p.add_argument("--patch", type=int, choices=L.DIT_PATCHES, default=None,
                    help=f"the DiT's spatial patch (teacher; df and dmd inherit it; default {L.DiTConfig.patch})")
-    p.add_argument("--depth", type=int, default=None,
+    p.add_argument("--depth", type=L.positive_int, default=None,
                    help="the DiT's blocks, over the preset's (teacher; df and dmd inherit it)")
     p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -84,7 +84,7 @@ def get_args(argv=None):
                                                       "optimiser state over the processes (teacher, df, dmd)")
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
     p.add_argument("--state", default=None, help="training-state file (default: the output's name with .state.safetensors)")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state saved)")
+    p.add_argument("--stop-after", type=L.positive_int, default=None, help="stop after this many steps (state saved)")
     g = p.add_argument_group("dmd")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default: <ckpt-dir>/teacher.safetensors); "
                                                    "the critic starts from it too")
@@ -100,9 +100,9 @@ def get_args(argv=None):
                         "weights samples far more sharply than the paper's (a Sync-C gap of 5 is a factor e^10). "
                         "1 is the paper's formula applied to our raw Sync-C")
     g.add_argument("--critic-lr", type=float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
-    g.add_argument("--critic-steps", type=int, default=5, help="critic updates per student update")
+    g.add_argument("--critic-steps", type=L.positive_int, default=5, help="critic updates per student update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
 
