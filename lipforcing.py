@@ -779,6 +779,16 @@ def add_noise(x0, eps, t):
     return (1 - t) * x0 + t * eps
 
 
+def flow_matching_loss(v, x0, eps, mouth_weight=0.0):
+    """The v-prediction loss per sample (B,): the squared error of v against eps - x0, averaged
+    over (F, C, h, w), plus mouth_weight times the same average over the mouth box (MOUTH_BOX on
+    the latent grid). Positive per-pixel weights leave the loss's minimiser, the true velocity,
+    where it is; they move where a model too small to reach it spends its capacity."""
+    err = (v.float() - (eps - x0)).pow(2)                                     # (B, F, C, h, w)
+    loss = err.mean((1, 2, 3, 4))
+    return loss + mouth_weight * mouth_crop(err).mean((1, 2, 3, 4)) if mouth_weight else loss
+
+
 def drop_conditions(cond, audio, drop, mode):
     """CFG dropout / the negative condition. drop (B,) bool: those samples lose their audio
     (zero features) and, in mode "all", their spatial conditions too."""

@@ -500,6 +500,20 @@ def test_ode_schedule_landmarks():
     assert L.ode_t(0) == 1.0 and L.ode_t(50) == 0.0
 
 
+def test_mouth_weighted_loss_counts_the_mouth_box_again_and_keeps_the_minimiser():
+    """flow_matching_loss: the plain per-sample MSE at weight 0; at weight w, plus w times the MSE
+    over the mouth box, which on the 8 x 8 latent grid of 64 px frames is rows 4..6 and columns
+    2..4 (written out here by hand). Its gradient in v still vanishes at v = eps - x0."""
+    g = torch.Generator().manual_seed(0)
+    v, x0, eps = (torch.randn(3, 2, 16, 8, 8, generator=g) for _ in range(3))
+    err = (v - (eps - x0)) ** 2
+    assert torch.equal(L.flow_matching_loss(v, x0, eps), err.mean((1, 2, 3, 4)))
+    ref = err.mean((1, 2, 3, 4)) + 2.5 * err[..., 4:7, 2:5].mean((1, 2, 3, 4))
+    assert_close(L.flow_matching_loss(v, x0, eps, 2.5), ref, 1e-6, "mouth-weighted loss")
+    target = (eps - x0).requires_grad_(True)
+    L.flow_matching_loss(target, x0, eps, 2.5).sum().backward()
+    assert target.grad.abs().max() == 0
+
 def test_cfg_scale_one_is_the_conditional_prediction():
     """guided_velocity at scale 1 equals the plain conditional prediction, and at another scale it
     is v_uncond + s (v_cond - v_uncond) with the audio (only) zeroed for v_uncond."""

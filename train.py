@@ -78,6 +78,9 @@ def get_args(argv=None):
                    help=f"the DiT's spatial patch (teacher; df and dmd inherit it; default {L.DiTConfig.patch})")
     p.add_argument("--depth", type=L.positive_int, default=None,
                    help="the DiT's blocks, over the preset's (teacher; df and dmd inherit it)")
+    p.add_argument("--mouth-weight", type=float, default=None,
+                   help="the flow-matching losses (teacher, df, the dmd critic) add this times their error over "
+                        "the mouth box (default 0)")
     p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
@@ -722,7 +725,7 @@ def train_teacher(args):
         cond, audio = L.drop_conditions(cond, audio, drop, cfg.drop_mode)
         with L.autocast(args.device):
             v = fwd(L.add_noise(x0, eps, t), t, cond, audio)
-        per_sample = (v.float() - (eps - x0)).pow(2).mean((1, 2, 3, 4))
+        per_sample = L.flow_matching_loss(v, x0, eps, args.mouth_weight or 0.0)
         b = np.digitize(gather_rows(t[:, 0].detach()).cpu().numpy(), T_BINS[1:-1])
         np.add.at(bins[0], b, gather_rows(per_sample.detach()).cpu().numpy())
         np.add.at(bins[1], b, 1)
@@ -740,7 +743,8 @@ def train_teacher(args):
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))})
+        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
+                                                "mouth_weight": args.mouth_weight or 0.0})
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -777,7 +781,7 @@ def df_noise(x0, chunk, rng):
     return torch.stack(levels, 1).to(x0.device), torch.cat(eps, 1)
 
 
-def df_loss(model, x0, cond, audio, levels, eps, window, sink):
+def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=0.0):
     """One Diffusion-Forcing step through the KV cache, exactly as the student streams: chunk by
     chunk, each chunk noised to its own level from the two-step schedule (levels (B, F / chunk),
     eps like x0, from df_noise), its velocity loss taken, then the clean chunk written into the
@@ -791,7 +795,7 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink):
         sl = slice(c0, c0 + chunk)
         t = steps[levels[:, k]][:, None].expand(-1, chunk)                  # (B, chunk)
         v = model(L.add_noise(x0[:, sl], eps[:, sl], t), t, cond[:, sl], audio[:, sl], cache=cache)
-        losses.append((v.float() - (eps[:, sl] - x0[:, sl])).pow(2).mean((1, 2, 3, 4)))
+        losses.append(L.flow_matching_loss(v, x0[:, sl], eps[:, sl], mouth_weight))
         with torch.no_grad():
             model(x0[:, sl], torch.zeros_like(t), cond[:, sl], audio[:, sl], cache=cache, update_cache=True)
     return torch.stack(losses, 1)                                   # (B, chunks)
@@ -822,7 +826,7 @@ def train_df(args):
         levels, eps = df_noise(x0, cfg.chunk, rng)
         x0, cond, audio, levels, eps = shard(x0, cond, audio, levels, eps)        # this process's rows
         with L.autocast(args.device):
-            per_chunk = df_loss(model, x0, cond, audio, levels, eps, window, sink)
+            per_chunk = df_loss(model, x0, cond, audio, levels, eps, window, sink, args.mouth_weight or 0.0)
         text = "loss by chunk " + " ".join(f"{v:.3f}" for v in gather_rows(per_chunk.detach()).mean(0).tolist())
         return per_chunk.mean(), len(x0) * tokens, text
 
@@ -833,8 +837,8 @@ def train_df(args):
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:]))},
-                          dtype=STUDENT_DTYPE)
+        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
+                                                "mouth_weight": args.mouth_weight or 0.0}, dtype=STUDENT_DTYPE)
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -859,14 +863,14 @@ def sync_rewards(net, ae, x, raw_audio):
                         dtype=torch.float64)
 
 
-def critic_loss(critic, x, cond, audio, t, eps):
+def critic_loss(critic, x, cond, audio, t, eps, mouth_weight=0.0):
     """The critic's flow-matching (v-prediction) loss on the student's detached samples x, at
     DMD's re-noise times t (B,) with noise eps like x: it learns the score of the student's
     current distribution."""
     t = t[:, None].expand(-1, x.shape[1])                                      # (B, F)
     with L.autocast(x.device):
         v = critic(L.add_noise(x, eps, t), t, cond, audio)
-    return (v.float() - (eps - x)).pow(2).mean()
+    return L.flow_matching_loss(v, x, eps, mouth_weight).mean()
 
 
 def train_dmd(args):
@@ -943,7 +947,7 @@ def train_dmd(args):
             cond, audio, noises, t, eps = shard(cond, audio, noises, t, eps)      # this process's rows
             with torch.no_grad():
                 x = rollout(cond, audio, noises, exit_step)
-            loss = critic_loss(critic, x, cond, audio, t, eps)
+            loss = critic_loss(critic, x, cond, audio, t, eps, args.mouth_weight or 0.0)
             optimizer_step(critic, c_opt, loss, DMD_CLIP)
             log["critic"].append(global_mean(loss))
         # the student: a rollout with gradient at the exit steps, scored by teacher and critic
@@ -1343,7 +1347,7 @@ def print_foundation_table(r):
 
 
 SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "depth", "clips", "seconds",
-                  "steps", "batch", "test_clips")     # what foundation and pipeline pass on to every stage they run
+                  "steps", "batch", "test_clips", "mouth_weight")     # what foundation and pipeline pass on to every stage they run
 
 
 def run_stage(args, stage, *extra):
