@@ -67,20 +67,10 @@ def atomic_path(path):
 
 def positive_int(text):
     """argparse type of the count options (steps, batch, clips, threads, ...): an int >= 1."""
-    if not text.isdigit() or int(text) < 1:
+    n = int(text) if text.isdigit() else 0
+    if n < 1:
         raise argparse.ArgumentTypeError(f"{text}: takes a positive whole number")
-    return int(text)
-
-
-FRAME_MULTIPLE = 16      # frame sizes: the autoencoder's 8x times the DiT's 2x2 patch
-
-
-def frame_size(text):
-    """argparse type of --size: square frames, a positive multiple of FRAME_MULTIPLE pixels."""
-    if not text.isdigit() or int(text) < 1 or int(text) % FRAME_MULTIPLE:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive multiple of {FRAME_MULTIPLE} "
-                                         "(8x autoencoder, 2x2 DiT patches)")
-    return int(text)
+    return n
 
 
 def cache_path(name, cache_dir=None):
@@ -556,7 +546,17 @@ DIT_PRESETS = {
     "wan1.3b": dict(dim=1536, depth=30, heads=12, ffn=8960),         # shapes only (random init)
     "wan14b": dict(dim=5120, depth=40, heads=40, ffn=13824),
 }
-DIT_PATCHES = (1, 2)      # spatial patches a --size that is a multiple of 16 allows (2 is Wan's, the default)
+DIT_PATCHES = (1, 2)      # spatial patches a --size that is a multiple of FRAME_MULTIPLE allows (2 is Wan's, the default)
+FRAME_MULTIPLE = AEConfig.space_down * max(DIT_PATCHES)   # 16: frame sizes the autoencoder and every patch tile
+
+
+def frame_size(text):
+    """argparse type of --size: square frames, a positive multiple of FRAME_MULTIPLE pixels."""
+    n = int(text) if text.isdigit() else 0
+    if n < 1 or n % FRAME_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive multiple of {FRAME_MULTIPLE} "
+                                         f"({AEConfig.space_down}x autoencoder, {max(DIT_PATCHES)}x{max(DIT_PATCHES)} DiT patches)")
+    return n
 
 
 def modulate(x, shift, scale):
@@ -779,10 +779,10 @@ def add_noise(x0, eps, t):
     return (1 - t) * x0 + t * eps
 
 
-def flow_matching_loss(v, x0, eps, mouth_weight=0.0):
+def flow_matching_loss(v, x0, eps, mouth_weight=None):
     """The v-prediction loss per sample (B,): the squared error of v against eps - x0, averaged
-    over (F, C, h, w), plus mouth_weight times the same average over the mouth box (MOUTH_BOX on
-    the latent grid). Positive per-pixel weights leave the loss's minimiser, the true velocity,
+    over (F, C, h, w), plus mouth_weight (None or 0: none) times the same average over the mouth
+    box (MOUTH_BOX on the latent grid). Positive per-pixel weights leave the loss's minimiser, the true velocity,
     where it is; they move where a model too small to reach it spends its capacity."""
     err = (v.float() - (eps - x0)).pow(2)                                     # (B, F, C, h, w)
     loss = err.mean((1, 2, 3, 4))

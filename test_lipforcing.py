@@ -514,6 +514,7 @@ def test_mouth_weighted_loss_counts_the_mouth_box_again_and_keeps_the_minimiser(
     L.flow_matching_loss(target, x0, eps, 2.5).sum().backward()
     assert target.grad.abs().max() == 0
 
+
 def test_cfg_scale_one_is_the_conditional_prediction():
     """guided_velocity at scale 1 equals the plain conditional prediction, and at another scale it
     is v_uncond + s (v_cond - v_uncond) with the audio (only) zeroed for v_uncond."""

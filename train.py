@@ -725,7 +725,7 @@ def train_teacher(args):
         cond, audio = L.drop_conditions(cond, audio, drop, cfg.drop_mode)
         with L.autocast(args.device):
             v = fwd(L.add_noise(x0, eps, t), t, cond, audio)
-        per_sample = L.flow_matching_loss(v, x0, eps, args.mouth_weight or 0.0)
+        per_sample = L.flow_matching_loss(v, x0, eps, args.mouth_weight)
         b = np.digitize(gather_rows(t[:, 0].detach()).cpu().numpy(), T_BINS[1:-1])
         np.add.at(bins[0], b, gather_rows(per_sample.detach()).cpu().numpy())
         np.add.at(bins[1], b, 1)
@@ -781,7 +781,7 @@ def df_noise(x0, chunk, rng):
     return torch.stack(levels, 1).to(x0.device), torch.cat(eps, 1)
 
 
-def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=0.0):
+def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None):
     """One Diffusion-Forcing step through the KV cache, exactly as the student streams: chunk by
     chunk, each chunk noised to its own level from the two-step schedule (levels (B, F / chunk),
     eps like x0, from df_noise), its velocity loss taken, then the clean chunk written into the
@@ -826,7 +826,7 @@ def train_df(args):
         levels, eps = df_noise(x0, cfg.chunk, rng)
         x0, cond, audio, levels, eps = shard(x0, cond, audio, levels, eps)        # this process's rows
         with L.autocast(args.device):
-            per_chunk = df_loss(model, x0, cond, audio, levels, eps, window, sink, args.mouth_weight or 0.0)
+            per_chunk = df_loss(model, x0, cond, audio, levels, eps, window, sink, args.mouth_weight)
         text = "loss by chunk " + " ".join(f"{v:.3f}" for v in gather_rows(per_chunk.detach()).mean(0).tolist())
         return per_chunk.mean(), len(x0) * tokens, text
 
@@ -863,7 +863,7 @@ def sync_rewards(net, ae, x, raw_audio):
                         dtype=torch.float64)
 
 
-def critic_loss(critic, x, cond, audio, t, eps, mouth_weight=0.0):
+def critic_loss(critic, x, cond, audio, t, eps, mouth_weight=None):
     """The critic's flow-matching (v-prediction) loss on the student's detached samples x, at
     DMD's re-noise times t (B,) with noise eps like x: it learns the score of the student's
     current distribution."""
@@ -947,7 +947,7 @@ def train_dmd(args):
             cond, audio, noises, t, eps = shard(cond, audio, noises, t, eps)      # this process's rows
             with torch.no_grad():
                 x = rollout(cond, audio, noises, exit_step)
-            loss = critic_loss(critic, x, cond, audio, t, eps, args.mouth_weight or 0.0)
+            loss = critic_loss(critic, x, cond, audio, t, eps, args.mouth_weight)
             optimizer_step(critic, c_opt, loss, DMD_CLIP)
             log["critic"].append(global_mean(loss))
         # the student: a rollout with gradient at the exit steps, scored by teacher and critic
