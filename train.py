@@ -745,7 +745,7 @@ def train_teacher(args):
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
-                                                "mouth_weight": args.mouth_weight or 0.0})
+                                                "mouth_weight": args.mouth_weight})
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -839,7 +839,7 @@ def train_df(args):
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
-                                                "mouth_weight": args.mouth_weight or 0.0}, dtype=STUDENT_DTYPE)
+                                                "mouth_weight": args.mouth_weight}, dtype=STUDENT_DTYPE)
         print(f"saved {out} (EMA weights)")
     return model, losses
 
