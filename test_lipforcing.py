@@ -1553,7 +1553,7 @@ def test_rollout_gradient_flows_only_through_the_exit_step(exit_step):
 
 
 def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
-    """`dmd` on tiny checkpoints: two steps run with finite losses, and the saved student (EMA weights) rebuilds as a causal DiT that differs from its init."""
+    """`dmd` on tiny checkpoints: two steps run with finite losses, and the saved student (EMA weights) rebuilds as a causal DiT that differs from its init, its recipe in the checkpoint."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     teacher = dmd_dit()
@@ -1570,6 +1570,7 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     assert all(np.isfinite(v) for k in ("dmd", "critic", "sync_c") for v in log[k])
     out, cfg, extra = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
     assert cfg.causal and (cfg.sink, cfg.window) == (1, 7) and extra["teacher_cfg"] == "window"
+    assert extra["mouth_weight"] == train.MOUTH_WEIGHT and extra["beta"] == 2.0        # the recipe is recorded
     assert any((p - q).abs().max() > 0 for p, q in zip(out.parameters(), student.parameters()))
 
 

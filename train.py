@@ -980,7 +980,7 @@ def train_dmd(args):
             save_train_state(state, student, ema, s_opt, step + 1, rng)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
     extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
-             "reward_scale": reward_scale, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
+             "reward_scale": reward_scale, "mouth_weight": args.mouth_weight, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra=extra, dtype=STUDENT_DTYPE)
