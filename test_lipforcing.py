@@ -590,18 +590,20 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
 
 
 def test_teacher_shape_options_reach_its_checkpoint(tmp_path, monkeypatch):
-    """`train.py teacher --patch 1 --depth 2` trains and saves a DiT of 1x1 patches (64 tokens per
-    8x8 latent frame) and 2 blocks, its config in the checkpoint; without them the preset's shape
-    and Wan's 2x2 patches."""
+    """`train.py teacher --patch 1 --depth 2 --cfg-drop 0.25` trains and saves a DiT of 1x1 patches
+    (64 tokens per 8x8 latent frame) and 2 blocks trained with that CFG dropout, its config in the
+    checkpoint; without them the preset's shape, Wan's 2x2 patches and the config's dropout."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "1",
-                "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2"])
+                "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2", "--cfg-drop", "0.25"])
     model, cfg, _ = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)
     assert cfg.patch == 1 and model.patch_in.in_features == cfg.latent_channels + cfg.cond_channels
     assert cfg.depth == 2 and len(model.blocks) == 2 and cfg.dim == L.DIT_PRESETS["tiny"]["dim"]
+    assert cfg.cfg_drop == 0.25
     args = train.get_args(["teacher"])
     assert args.patch is None and L.DiTConfig().patch == 2 and args.depth is None
+    assert args.cfg_drop == L.DiTConfig().cfg_drop == 0.1
 
 
 def test_ssim_matches_a_direct_computation():
