@@ -81,7 +81,8 @@ def get_args(argv=None):
     p.add_argument("--mouth-weight", type=float, default=MOUTH_WEIGHT,
                    help="the flow-matching losses (teacher, df, the dmd critic) add this times their error over "
                         f"the mouth box (default {MOUTH_WEIGHT:g}; 0: the plain loss)")
-    p.add_argument("--drop-mode", choices=["audio", "all"], default="audio", help="CFG dropout: audio only, or all conditions")
+    p.add_argument("--drop-mode", choices=["audio", "all"], default=L.DiTConfig.drop_mode,
+                   help="CFG dropout: audio only, or all conditions (teacher)")
     p.add_argument("--cfg-drop", type=float, default=L.DiTConfig.cfg_drop,
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
