@@ -1633,12 +1633,22 @@ def test_counts_and_sizes_are_checked_before_any_work(capsys, main, argv, words)
 def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     """`pipeline` with every stage cut to 2 steps on a toy pool: each stage finds what the one
     before it wrote, and the options given to pipeline reach every stage (the autoencoder's
-    fine-tuning run included, whose own --steps 2000 they override)."""
+    fine-tuning run included, whose own --steps 2000 they override), and --bf16-convs reaches the
+    convolutional stages, whose forward passes then run in bf16."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    seen, real = [], train.conv_autocast     # seen: (stage, dtype of a convolution under its conv_autocast)
+
+    def conv_autocast(args):
+        with real(args):
+            seen.append((args.stage, torch.nn.Conv2d(1, 1, 1)(torch.zeros(1, 1, 1, 1)).dtype))
+        return real(args)
+    monkeypatch.setattr(train, "conv_autocast", conv_autocast)
     times = train.main(["pipeline", "--ckpt-dir", str(tmp_path), "--results", str(tmp_path), "--size", "32",
                         "--clips", "4", "--seconds", "2", "--steps", "2", "--batch", "16", "--test-clips", "1",
-                        "--device", "cpu"])
+                        "--device", "cpu", "--bf16-convs"])
     assert list(times) == ["foundation", "teacher", "df", "dmd"]
+    assert {stage for stage, _ in seen} == {"vae", "syncnet", "mouthnet"}
+    assert {dtype for _, dtype in seen} == {torch.bfloat16}
     assert (tmp_path / "foundation.json").is_file()
     for name in ("vae", "syncnet_reward", "syncnet_eval", "mouthnet", "teacher", "student_df", "student"):
         assert (tmp_path / f"{name}.safetensors").is_file(), name

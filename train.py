@@ -20,6 +20,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py pipeline --steps 2 --clips 4 --seconds 2 --batch 16 --size 32 --ckpt-dir /tmp/dry   # its dry run
 
 On a GPU: add --device cuda (the default when one is present; bf16 autocast) and --compile.
+On a CPU with native bf16 (AVX512-BF16 or AMX): add --bf16-convs to foundation or pipeline (README).
 
 Several processes (nanoGPT-style data parallel; --batch stays the global batch):
   torchrun --nproc_per_node=8 train.py teacher --preset small --size 256
@@ -32,6 +33,7 @@ config inside, written to checkpoints/ unless --out says otherwise.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -86,6 +88,9 @@ def get_args(argv=None):
     p.add_argument("--cfg-drop", type=float, default=L.DiTConfig.cfg_drop,
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--bf16-convs", action="store_true",
+                   help="train the convolutional models (vae, syncnet, mouthnet) under bf16 autocast, on a CPU too: "
+                        "1.4-1.7x faster steps on a CPU with native bf16 (AVX512-BF16 or AMX); leave it off on one without")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
                                                       "optimiser state over the processes (teacher, df, dmd)")
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
@@ -118,6 +123,12 @@ def lr_at(step, steps, peak, warmup=100):
         return peak * (step + 1) / warmup
     q = (step - warmup) / max(1, steps - warmup)
     return peak * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * q)))
+
+
+def conv_autocast(args):
+    """The forward passes of the convolutional stages: bf16 autocast under --bf16-convs (CPU or GPU),
+    else fp32. Their losses are taken in fp32."""
+    return torch.autocast(torch.device(args.device).type, torch.bfloat16) if args.bf16_convs else contextlib.nullcontext()
 
 
 def train_pool(args, n_default, seconds_default):
@@ -453,7 +464,8 @@ def train_vae(args):
 
     def step(_):
         x = shard(L.sample_windows(clips, batch, n_frames, rng)).to(args.device)
-        y = ae(x)
+        with conv_autocast(args):
+            y = ae(x).float()
         # full-frame MSE plus the mouth box again: the lips are what this project is about
         loss = F.mse_loss(y, x) + F.mse_loss(L.mouth_crop(y), L.mouth_crop(x))
         return loss, len(x) * n_frames
@@ -553,8 +565,9 @@ def train_syncnet(args):
                 video.append(clips[ci].frames[v:v + n])
                 audio.append(mels[ci][v * mpf:(v + n) * mpf])
         # each process embeds its rows; the loss pairs all of them, so every process gathers the rest
-        ve = gather_rows(net.embed_video(L.frames_to_tensor(shard(np.stack(video))).to(args.device)))
-        ae = gather_rows(net.embed_audio(shard(torch.stack(audio)).to(args.device)))
+        with conv_autocast(args):
+            ve = gather_rows(net.embed_video(L.frames_to_tensor(shard(np.stack(video))).to(args.device)).float())
+            ae = gather_rows(net.embed_audio(shard(torch.stack(audio)).to(args.device)).float())
         return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), local_batch(batch)
 
     losses = fit(net, step, args.steps or SYNCNET_STEPS, args.lr or SYNCNET_LR[args.role], f"syncnet-{args.role}",
@@ -638,7 +651,9 @@ def train_mouthnet(args):
         idx = shard(idx)
         x = L.frames_to_tensor(np.stack([clips[ci].frames[t] for ci, t in idx])).to(args.device)
         y = torch.from_numpy(np.stack([clips[ci].mouth[t] for ci, t in idx])).to(args.device)
-        return F.mse_loss(net(x), y), len(idx)
+        with conv_autocast(args):
+            pred = net(x).float()
+        return F.mse_loss(pred, y), len(idx)
 
     losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames")
     if not master():
@@ -1357,11 +1372,12 @@ SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "pa
 
 def run_stage(args, stage, *extra):
     """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set)
-    and --compile: they come last, so they win. `pipeline --data DIR` trains every stage on DIR;
-    `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
+    and the flags --compile and --bf16-convs: they come last, so they win. `pipeline --data DIR`
+    trains every stage on DIR; `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
     shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None
               for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
-    return STAGES[stage](get_args([stage, *extra, *shared] + ["--compile"] * args.compile))
+    flags = ["--compile"] * args.compile + ["--bf16-convs"] * args.bf16_convs
+    return STAGES[stage](get_args([stage, *extra, *shared, *flags]))
 
 
 def foundation(args):
