@@ -86,9 +86,11 @@ def save_json(path, obj):
     print(f"wrote {path}")
 
 
-def autocast(device):
-    """bf16 autocast on GPU, plain fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
+def autocast(device, cpu=False):
+    """bf16 autocast on GPU; on a CPU plain fp32, or bf16 with cpu=True (worth it only on a CPU with
+    native bf16: AVX512-BF16 or AMX)."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, torch.bfloat16) if kind == "cuda" or (cpu and kind == "cpu") else contextlib.nullcontext()
 
 
 def save_checkpoint(path, model, config, extra=None, dtype=None):

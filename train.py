@@ -126,9 +126,9 @@ def lr_at(step, steps, peak, warmup=100):
 
 
 def conv_autocast(args):
-    """The forward passes of the convolutional stages: bf16 autocast under --bf16-convs (CPU or GPU),
-    else fp32. Their losses are taken in fp32."""
-    return torch.autocast(torch.device(args.device).type, torch.bfloat16) if args.bf16_convs else contextlib.nullcontext()
+    """The forward passes of the convolutional stages: bf16 autocast (L.autocast, on a CPU too) under
+    --bf16-convs, else fp32. Their losses are taken in fp32."""
+    return L.autocast(args.device, cpu=True) if args.bf16_convs else contextlib.nullcontext()
 
 
 def train_pool(args, n_default, seconds_default):
