@@ -73,6 +73,11 @@ def positive_int(text):
     return n
 
 
+def cpu_count():
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cache_path(name, cache_dir=None):
     """Where a cache file of derived data lives: cache_dir, else $LIPFORCING_CACHE, else .cache."""
     return os.path.join(cache_dir or os.environ.get("LIPFORCING_CACHE", ".cache"), name)
@@ -1519,18 +1524,46 @@ def mouth_crop(x):
     return x[..., int(t * H):int(b * H), int(l * W):int(r * W)]
 
 
-def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True):
-    """Clips 0..n-1 of a SynthTalk split, cached on disk as one npz (generation is deterministic,
-    so the cache is only a speed-up; delete it freely)."""
+def _synthtalk_clips(split, indices, seconds, size, workers, progress):
+    """synthtalk_clip of each index, in `workers` forked processes when there are enough clips to
+    share (generation is numpy only, so a fork is safe as torch's DataLoader workers are; where
+    fork does not exist, one process)."""
+    import multiprocessing
     from tqdm import tqdm
-    path = cache_path(f"synthtalk-{split}-n{n}-s{seconds:g}-{size}px.npz", cache_dir)
+    bar = dict(total=len(indices), desc=f"SynthTalk {split}", disable=not progress)
+    jobs = [(split, i, seconds, size) for i in indices]
+    if workers <= 1 or len(jobs) < 4 * workers or "fork" not in multiprocessing.get_all_start_methods():
+        return [synthtalk_clip(*j) for j in tqdm(jobs, **bar)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_synthtalk_job, jobs, chunksize=4), **bar))
+
+
+def _synthtalk_job(job):
+    return synthtalk_clip(*job)
+
+
+def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True, workers=None):
+    """Clips 0..n-1 of a SynthTalk split, cached on disk as one npz (generation is deterministic,
+    so the cache is only a speed-up; delete it freely). Clip i is the same in every pool, so a
+    cached pool of the same split, length and size is a prefix of this one: the nearest is read
+    and only the clips it lacks are generated, in `workers` processes (default: one per CPU)."""
+    head, tail = f"synthtalk-{split}-n", f"-s{seconds:g}-{size}px.npz"
+    path = cache_path(f"{head}{n}{tail}", cache_dir)
+    folder = os.path.dirname(path) or "."
+    cached = [int(f[len(head):-len(tail)]) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+              if f.startswith(head) and f.endswith(tail) and f[len(head):-len(tail)].isdigit()]
+    # this pool itself, else the smallest cached pool that holds it, else the largest prefix of it
+    have = min((k for k in cached if k >= n), default=max(cached, default=0))
     keys = ("frames", "audio", "mouth", "dub_audio", "dub_mouth")
-    if os.path.isfile(path):
-        with np.load(path) as d:
-            arrays = {k: d[k] for k in keys if k in d}        # read each array once
-        return [Clip(**{k: v[i] for k, v in arrays.items()}, name=f"synthtalk-{split}-{i:05d}") for i in range(n)]
-    clips = [synthtalk_clip(split, i, seconds, size)
-             for i in tqdm(range(n), desc=f"SynthTalk {split}", disable=not progress)]
+    clips = []
+    if have:
+        with np.load(cache_path(f"{head}{have}{tail}", cache_dir)) as d:
+            arrays = {k: d[k][:n].copy() if have > n else d[k] for k in keys if k in d}   # read each array once
+        clips = [Clip(**{k: v[i] for k, v in arrays.items()}, name=f"synthtalk-{split}-{i:05d}")
+                 for i in range(min(n, have))]
+    if have >= n:
+        return clips
+    clips += _synthtalk_clips(split, range(have, n), seconds, size, workers or cpu_count(), progress)
     arrays = {k: np.stack([getattr(c, k) for c in clips]) for k in keys if getattr(clips[0], k) is not None}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

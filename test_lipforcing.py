@@ -91,6 +91,24 @@ def test_test_split_has_a_different_dub_track():
     assert np.abs(c.dub_mouth - c.mouth).mean() > 0.05
 
 
+
+def test_pool_grows_from_a_cached_prefix_in_worker_processes(tmp_path):
+    """A pool is clips 0..n-1 whichever way it is made: generated in 2 worker processes, extended
+    from a smaller cached pool, or cut from a larger one, each clip equals synthtalk_clip's."""
+    def same(pool):
+        for i, c in enumerate(pool):
+            ref = L.synthtalk_clip("test", i, 0.4, 32)
+            assert c.name == ref.name, i
+            for k in ("frames", "audio", "mouth", "dub_audio", "dub_mouth"):
+                assert np.array_equal(getattr(c, k), getattr(ref, k)), (i, k)
+
+    pool = lambda n: L.synthtalk_pool("test", n, 0.4, 32, cache_dir=tmp_path, progress=False, workers=2)
+    same(pool(3))                                   # 3 clips < 4 per worker: one process
+    grown = pool(11)                                # 8 new clips: 2 worker processes
+    same(grown)
+    assert sorted(os.listdir(tmp_path)) == ["synthtalk-test-n11-s0.4-32px.npz", "synthtalk-test-n3-s0.4-32px.npz"]
+    same(pool(7))                                   # cut from the 11-clip file, nothing written
+    assert len(os.listdir(tmp_path)) == 2
 def test_render_any_resolution():
     """The same clip renders at 128 px as a sharper version of the 64 px picture."""
     c = L.synthtalk_clip("test", 1, 0.2, size=64)

@@ -135,11 +135,18 @@ def train_pool(args, n_default, seconds_default):
     """The training clips: SynthTalk's train split, or a folder given by --data."""
     if args.data:
         return L.folder_pool(args.data, args.size)
-    return L.synthtalk_pool("train", args.clips or n_default, args.seconds or seconds_default, args.size)
+    return L.synthtalk_pool("train", args.clips or n_default, args.seconds or seconds_default, args.size,
+                            workers=pool_workers(args))
 
 
 def test_pool(args):
-    return L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size)
+    return L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size, workers=pool_workers(args))
+
+
+def pool_workers(args):
+    """Processes that generate a SynthTalk pool: --threads, else this process's share of the cores
+    (every process of a torchrun run generates the pool, the same on each)."""
+    return args.threads or max(1, L.cpu_count() // DIST.world)
 
 
 # -----------------------------------------------------------------------------
