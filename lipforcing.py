@@ -1550,8 +1550,9 @@ def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True, wo
     head, tail = f"synthtalk-{split}-n", f"-s{seconds:g}-{size}px.npz"
     path = cache_path(f"{head}{n}{tail}", cache_dir)
     folder = os.path.dirname(path) or "."
-    cached = [int(f[len(head):-len(tail)]) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
-              if f.startswith(head) and f.endswith(tail) and f[len(head):-len(tail)].isdigit()]
+    files = os.listdir(folder) if os.path.isdir(folder) else []
+    counts = [f[len(head):-len(tail)] for f in files if f.startswith(head) and f.endswith(tail)]
+    cached = [int(k) for k in counts if k.isdigit()]
     # this pool itself, else the smallest cached pool that holds it, else the largest prefix of it
     have = min((k for k in cached if k >= n), default=max(cached, default=0))
     keys = ("frames", "audio", "mouth", "dub_audio", "dub_mouth")

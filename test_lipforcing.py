@@ -91,7 +91,6 @@ def test_test_split_has_a_different_dub_track():
     assert np.abs(c.dub_mouth - c.mouth).mean() > 0.05
 
 
-
 def test_pool_grows_from_a_cached_prefix_in_worker_processes(tmp_path):
     """A pool is clips 0..n-1 whichever way it is made: generated in 2 worker processes, extended
     from a smaller cached pool, or cut from a larger one, each clip equals synthtalk_clip's."""
@@ -109,6 +108,8 @@ def test_pool_grows_from_a_cached_prefix_in_worker_processes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["synthtalk-test-n11-s0.4-32px.npz", "synthtalk-test-n3-s0.4-32px.npz"]
     same(pool(7))                                   # cut from the 11-clip file, nothing written
     assert len(os.listdir(tmp_path)) == 2
+
+
 def test_render_any_resolution():
     """The same clip renders at 128 px as a sharper version of the 64 px picture."""
     c = L.synthtalk_clip("test", 1, 0.2, size=64)
