@@ -1765,6 +1765,39 @@ DIST_RUNS = {   # stage arguments for a few steps of each training stage at toy 
 }
 
 
+def test_global_batchnorm_matches_batchnorm_in_fp32_and_under_bf16_autocast(monkeypatch):
+    """GlobalBatchNorm's own path (statistics summed over the process group; here a group of one)
+    gives BatchNorm2d's output, dtype, gradients and running statistics, also under the bf16
+    autocast of --bf16-convs."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    monkeypatch.setattr(train, "DIST", train.Dist(0, 2))        # past the one-process shortcut
+    try:
+        for bf16, tol in ((False, 1e-5), (True, 2e-2)):
+            torch.manual_seed(0)
+            conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+            gbn = train.global_batchnorm(copy.deepcopy(bn))
+            x = torch.randn(6, 3, 8, 8) * 3 + 1
+            outs = []
+            for norm in (bn, gbn):
+                conv.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    y = norm(conv(x))
+                (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+                outs.append((y, conv.weight.grad.clone()))
+            (y0, g0), (y1, g1) = outs
+            assert y1.dtype == y0.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            assert_close(y1.float(), y0.float(), tol, "output")
+            assert_close(g1 / g0.abs().max(), g0 / g0.abs().max(), tol, "conv weight gradient, relative")
+            for k in ("running_mean", "running_var"):
+                assert_close(getattr(gbn, k), getattr(bn, k), 1e-5, k)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("stage", list(DIST_RUNS))
 def test_two_processes_match_one(stage, tmp_path, monkeypatch):
     """torchrun with 2 CPU processes (gloo): both ranks end with identical weights, and the

@@ -257,6 +257,7 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x):                                            # x (b, C, H, W)
         if not self.training or DIST.world == 1:
             return super().forward(x)
+        dtype, x = x.dtype, x.float()       # statistics in fp32 under bf16 autocast, as BatchNorm2d's
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), x.pow(2).sum((0, 2, 3)), count]))
         C, n = x.shape[1], stats[-1]
@@ -266,8 +267,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
             self.num_batches_tracked += 1
         shape = (1, C, 1, 1)
-        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) + \
-            self.bias.view(shape)
+        return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) +
+                self.bias.view(shape)).to(dtype)
 
 
 def global_batchnorm(net):
