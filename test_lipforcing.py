@@ -94,9 +94,10 @@ def test_test_split_has_a_different_dub_track():
 def test_pool_grows_from_a_cached_prefix_in_worker_processes(tmp_path):
     """A pool is clips 0..n-1 whichever way it is made: generated in 2 worker processes, extended
     from a smaller cached pool, or cut from a larger one, each clip equals synthtalk_clip's."""
+    refs = [L.synthtalk_clip("test", i, 0.4, 32) for i in range(11)]
+
     def same(pool):
-        for i, c in enumerate(pool):
-            ref = L.synthtalk_clip("test", i, 0.4, 32)
+        for i, (c, ref) in enumerate(zip(pool, refs)):
             assert c.name == ref.name, i
             for k in ("frames", "audio", "mouth", "dub_audio", "dub_mouth"):
                 assert np.array_equal(getattr(c, k), getattr(ref, k)), (i, k)
@@ -1713,15 +1714,19 @@ def _torchrun_worker(rank, world, port, argv, out_dir):
     save_file(weights, os.path.join(out_dir, f"rank{rank}.safetensors"), metadata={"log": json.dumps(log)})
 
 
-def run_processes(world, argv, out_dir):
-    """Launch `world` processes of train.main(argv); returns each rank's (weights, log)."""
+def free_port():
+    """A TCP port on localhost that nothing listens on, for a gloo rendezvous."""
     import socket
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_torchrun_worker, args=(world, port, argv, str(out_dir)), nprocs=world)
+        return s.getsockname()[1]
+
+
+def run_processes(world, argv, out_dir):
+    """Launch `world` processes of train.main(argv); returns each rank's (weights, log)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    torch.multiprocessing.spawn(_torchrun_worker, args=(world, free_port(), argv, str(out_dir)), nprocs=world)
     out = []
     for r in range(world):
         path = os.path.join(out_dir, f"rank{r}.safetensors")
@@ -1769,11 +1774,7 @@ def test_global_batchnorm_matches_batchnorm_in_fp32_and_under_bf16_autocast(monk
     """GlobalBatchNorm's own path (statistics summed over the process group; here a group of one)
     gives BatchNorm2d's output, dtype, gradients and running statistics, also under the bf16
     autocast of --bf16-convs."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     monkeypatch.setattr(train, "DIST", train.Dist(0, 2))        # past the one-process shortcut
     try:
         for bf16, tol in ((False, 1e-5), (True, 2e-2)):
