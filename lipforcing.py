@@ -37,6 +37,7 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. constants and helpers
@@ -714,6 +715,7 @@ class DiT(nn.Module):
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.patch_out = nn.Linear(d, zc * p * p)
         self.rope = rope_freqs(d // cfg.heads, cfg.rope_theta)
+        self.checkpointing = False     # activation checkpointing in training (set by train.py --grad-ckpt)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -750,7 +752,12 @@ class DiT(nn.Module):
         if cache is not None:
             cache.update = update_cache
         for i, blk in enumerate(self.blocks):
-            tok = blk(tok, c, a, angles, mask, cache, i)
+            if self.checkpointing and cache is None and torch.is_grad_enabled():
+                # keep only each block's input; backward runs the block again. Not with a cache: by
+                # the time backward runs, later chunks have rewritten it
+                tok = torch.utils.checkpoint.checkpoint(blk, tok, c, a, angles, mask, use_reentrant=False)
+            else:
+                tok = blk(tok, c, a, angles, mask, cache, i)
         if cache is not None and update_cache:
             cache.frames += Fr
             cache.update = False

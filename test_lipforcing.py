@@ -500,6 +500,46 @@ def test_fresh_dit_outputs_zero_and_blocks_are_identity():
         assert torch.equal(blk(tok, c, a, angles), tok)
 
 
+def saved_bytes_and_grads(model, fn):
+    """Run fn() -> a tensor with gradient, backward its sum: (bytes autograd kept in the forward
+    pass, as seen by a saved_tensors_hooks around it; {name: grad})."""
+    kept = []
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+        y = fn()
+    y.sum().backward()
+    return sum(kept), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_keeps_fewer_activations():
+    """DiT.checkpointing (train.py --grad-ckpt): the bidirectional and the block-causal forward give
+    the plain forward's gradients while autograd keeps under half the bytes. A Self-Forcing rollout
+    (KV cache, rewritten after each chunk's exit pass) is never checkpointed: its gradients too
+    equal the plain ones, where recomputing a block in backward would read the rewritten cache."""
+    torch.manual_seed(0)
+    for causal in (False, True):
+        model = tiny_dit(causal=causal)
+        with torch.no_grad():                               # past adaLN-Zero, so every weight has a gradient
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        x, t, cond, audio = dit_inputs(Fr=6)
+        mask = L.block_causal_mask(6, 4, model.cfg.chunk) if causal else None
+        plain = saved_bytes_and_grads(model, lambda: model(x, t, cond, audio, mask=mask))
+        model.checkpointing = True
+        ckpt = saved_bytes_and_grads(model, lambda: model(x, t, cond, audio, mask=mask))
+        assert ckpt[0] < plain[0] / 2
+        assert plain[1].keys() == ckpt[1].keys() and len(plain[1]) == len(list(model.parameters()))
+        for name in plain[1]:
+            assert_close(ckpt[1][name], plain[1][name], 1e-5, name)
+        model.checkpointing = False
+    noises = torch.randn(2, 2, 6, 16, 4, 4)
+    rollout = lambda: L.self_forcing_rollout(model, cond, audio, noises, exit_step=1)
+    plain = saved_bytes_and_grads(model, rollout)
+    model.checkpointing = True
+    ckpt = saved_bytes_and_grads(model, rollout)
+    assert ckpt[0] == plain[0] and all(torch.equal(ckpt[1][n], plain[1][n]) for n in plain[1])
+
+
 def test_rope_is_relative():
     """With 3D RoPE, attention scores depend only on position differences: shifting every frame
     position by the same amount leaves the attention output unchanged."""
@@ -1625,6 +1665,24 @@ def test_a_non_finite_loss_stops_training():
     with pytest.raises(SystemExit, match="the loss is nan"):
         train.fit(model, step, 3, 1e-2, "nan")
     assert not torch.equal(model.weight, before) and model.weight.isfinite().all()    # step 0 ran, step 1 did not
+
+
+def test_log_line_gives_the_rate_since_the_start_and_since_the_last_line(monkeypatch, capsys):
+    """A slow first step (warm-up, compilation) lowers the rate since the start, not the steady rate
+    over the steps since the previous log line. A fake clock: the run starts at 0 s, step 0 ends
+    at 10 s, step i at 10 + i s; 4 items per step, a log line every 3 steps."""
+    now = {"s": 0.0}
+    monkeypatch.setattr(train.time, "time", lambda: now["s"])
+    model = torch.nn.Linear(2, 1)
+
+    def step(i):
+        now["s"] = 10.0 + i
+        return model(torch.ones(1, 2)).sum(), 4
+    train.fit(model, step, 6, 1e-3, "toy", log_every=3, unit="items")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("toy step")]
+    assert len(lines) == 2
+    assert " 1.0 items/s (steps 1-3: 1.0) elapsed 12s" in lines[0]        # 12 items in 12 s, both ways
+    assert " 1.6 items/s (steps 4-6: 4.0) elapsed 15s" in lines[1]        # 24 in 15 s; 12 in the last 3 s
 
 
 def test_syncnet_batch_must_hold_two_clip_groups(tmp_path):

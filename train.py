@@ -88,6 +88,9 @@ def get_args(argv=None):
     p.add_argument("--cfg-drop", type=float, default=L.DiTConfig.cfg_drop,
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing of the DiT blocks (teacher, df, the dmd critic): each block's "
+                        "activations are recomputed in backward instead of kept, for the large shapes on one GPU")
     p.add_argument("--bf16-convs", action="store_true",
                    help="train the convolutional models (vae, syncnet, mouthnet) under bf16 autocast, on a CPU too: "
                         "1.4-1.7x faster steps on a CPU with native bf16 (AVX512-BF16 or AMX); leave it off on one without")
@@ -96,6 +99,8 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the training-state file")
     p.add_argument("--state", default=None, help="training-state file (default: the output's name with .state.safetensors)")
     p.add_argument("--stop-after", type=L.positive_int, default=None, help="stop after this many steps (state saved)")
+    p.add_argument("--log-every", type=L.positive_int, default=None,
+                   help=f"steps between log lines (default {LOG_EVERY}; dmd logs every {DMD_LOG_EVERY})")
     g = p.add_argument_group("dmd")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default: <ckpt-dir>/teacher.safetensors); "
                                                    "the critic starts from it too")
@@ -337,25 +342,33 @@ def progress(iterable, **kw):
     return tqdm(iterable, disable=not master(), mininterval=1 if sys.stderr.isatty() else 30, **kw)
 
 
-def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="samples", betas=(0.9, 0.999),
+LOG_EVERY = 100           # steps between the log lines of fit
+
+
+def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit="samples", betas=(0.9, 0.999),
         ema=None, ema_decay=0.999, state=None, save_every=200, stop_after=None, rng=None, warmup=100,
         flops_per_unit=None, device="cpu"):
     """The shared optimisation loop: AdamW, warmup + cosine, grad clip 1, tqdm progress, and a log
-    line of loss, throughput and elapsed time every `log_every` steps. step_fn(step) returns
-    (loss, items processed[, extra text for the log line]) for this process's share of the global
-    batch; the loss logged and returned is the global batch's (the mean over processes).
-    Returns the list of per-step losses.
+    line of loss, throughput and elapsed time every `log_every` steps (None: LOG_EVERY). Throughput
+    is given twice: since the start (it includes the first steps' warm-up and any torch.compile
+    compilation) and over the steps since the previous log line (the steady rate; MFU on GPU is
+    taken from it).
+    step_fn(step) returns (loss, items processed[, extra text for the log line]) for this process's
+    share of the global batch; the loss logged and returned is the global batch's (the mean over
+    processes). Returns the list of per-step losses.
 
     ema: a copy of the model kept as an exponential moving average. state: a training-state file
     (model, EMA, optimiser, step, torch and numpy RNG): if it exists the run resumes from it, and
     it is rewritten every `save_every` steps and at the end, so an interrupted run continues as
     if it never stopped. stop_after: stop (and save the state) after this many steps.
     flops_per_unit: model FLOPs per item, for MFU on GPU."""
+    log_every = log_every or LOG_EVERY
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     start = load_train_state(state, model, ema, opt, rng) if state and os.path.isfile(state) else 0
     if start:
         print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
+    t_log, seen_log, step_log = t0, 0, start                     # at the previous log line
     end = min(steps, stop_after) if stop_after else steps
     bar = progress(range(start, end), desc=desc, initial=start, total=steps)
     for step in bar:
@@ -370,10 +383,14 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=100, unit="
         run_loss = losses[-1] if run_loss is None else 0.98 * run_loss + 0.02 * losses[-1]
         bar.set_postfix(loss=f"{run_loss:.4f}", refresh=False)     # shown at the bar's own interval
         if (step + 1) % log_every == 0 or step + 1 == end:
-            dt = time.time() - t0
-            util = f" MFU {mfu(seen / dt * flops_per_unit, device):.1%}" if flops_per_unit and str(device).startswith("cuda") else ""
-            tqdm.write(f"{desc} step {step + 1}/{steps} loss {run_loss:.5f} {seen / dt:.1f} {unit}/s{util} "
-                       f"elapsed {dt:.0f}s" + (f" {extra[0]}" if extra else ""))
+            now = time.time()
+            dt, rate = now - t0, (seen - seen_log) / (now - t_log)
+            on_gpu = flops_per_unit and str(device).startswith("cuda")
+            util = f" MFU {mfu(rate * flops_per_unit, device):.1%}" if on_gpu else ""
+            tqdm.write(f"{desc} step {step + 1}/{steps} loss {run_loss:.5f} {seen / dt:.1f} {unit}/s "
+                       f"(steps {step_log + 1}-{step + 1}: {rate:.1f}{util}) elapsed {dt:.0f}s"
+                       + (f" {extra[0]}" if extra else ""))
+            t_log, seen_log, step_log = now, seen, step + 1
         if state and master() and ((step + 1) % save_every == 0 or step + 1 == end):
             save_train_state(state, model, ema, opt, step + 1, rng)
     return losses
@@ -478,7 +495,8 @@ def train_vae(args):
         loss = F.mse_loss(y, x) + F.mse_loss(L.mouth_crop(y), L.mouth_crop(x))
         return loss, len(x) * n_frames
 
-    losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames")
+    losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames",
+                 log_every=args.log_every)
     if not master():
         return ae, losses
     trained = ae
@@ -579,7 +597,7 @@ def train_syncnet(args):
         return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), local_batch(batch)
 
     losses = fit(net, step, args.steps or SYNCNET_STEPS, args.lr or SYNCNET_LR[args.role], f"syncnet-{args.role}",
-                 weight_decay=1e-4, unit="windows")
+                 weight_decay=1e-4, unit="windows", log_every=args.log_every)
     if not master():
         return net, losses
     net.eval()
@@ -663,7 +681,8 @@ def train_mouthnet(args):
             pred = net(x).float()
         return F.mse_loss(pred, y), len(idx)
 
-    losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames")
+    losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames",
+                 log_every=args.log_every)
     if not master():
         return net, losses
     net.eval()
@@ -735,6 +754,7 @@ def train_teacher(args):
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
     encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
     model = L.DiT(cfg)
+    model.checkpointing = args.grad_ckpt
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
     fwd = torch.compile(model) if args.compile else model
@@ -768,7 +788,7 @@ def train_teacher(args):
     steps = args.steps or TEACHER_STEPS
     losses = fit(model, step, steps, args.lr or TEACHER_LR, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
-                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device)
+                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=args.log_every)
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
@@ -839,6 +859,7 @@ def train_df(args):
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
     model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
+    model.checkpointing = args.grad_ckpt
     del teacher
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
@@ -862,7 +883,7 @@ def train_df(args):
     state = fresh_state(args, out)
     steps = args.steps or 1000
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
-                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device)
+                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every)
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
@@ -878,6 +899,7 @@ GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (METH
 DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
 DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); our runs are short
 DMD_STEPS, DMD_BATCH = 200, 8   # the tiny run: ~6.5 s per step on one CPU thread (a GPU run can afford 600 x 16)
+DMD_LOG_EVERY = 10          # a log line every 10 student steps
 DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
 
@@ -912,6 +934,7 @@ def train_dmd(args):
     # memory peaks at about three whole models and its device holds only what place_dit puts there
     teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
+    critic.checkpointing = args.grad_ckpt        # the student rolls out with a KV cache: never checkpointed
     teacher, critic = place_dit(dev, teacher.requires_grad_(False), critic)
     init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT)
     # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
@@ -966,6 +989,7 @@ def train_dmd(args):
     steps = args.steps or DMD_STEPS
     end = min(steps, args.stop_after) if args.stop_after else steps
     log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
+    log_every = args.log_every or DMD_LOG_EVERY
     t0 = time.time()
     for step in progress(range(start, end), desc="dmd", initial=start, total=steps):
         # the critic tracks the student: flow matching on fresh rollouts, several updates per student update
@@ -997,11 +1021,12 @@ def train_dmd(args):
         log["dmd"].append(per_sample.mean().item())
         log["sync_c"].append(R.mean().item())
         log["ess"].append(L.effective_batch(R, args.beta, reward_scale))
-        if (step + 1) % 10 == 0 or step + 1 == end:
-            k, dt = 10 * args.critic_steps, time.time() - t0
-            tqdm.write(f"dmd step {step + 1}/{steps} dmd loss {np.mean(log['dmd'][-10:]):.4f} "
-                       f"critic loss {np.mean(log['critic'][-k:]):.4f} reward Sync-C {np.mean(log['sync_c'][-10:]):.2f} "
-                       f"effective batch {np.mean(log['ess'][-10:]):.1f}/{batch} "
+        if (step + 1) % log_every == 0 or step + 1 == end:
+            n, dt = log_every, time.time() - t0                                  # the line averages the last n steps
+            tqdm.write(f"dmd step {step + 1}/{steps} dmd loss {np.mean(log['dmd'][-n:]):.4f} "
+                       f"critic loss {np.mean(log['critic'][-n * args.critic_steps:]):.4f} "
+                       f"reward Sync-C {np.mean(log['sync_c'][-n:]):.2f} "
+                       f"effective batch {np.mean(log['ess'][-n:]):.1f}/{batch} "
                        f"{dt / (step + 1 - start):.2f} s/step elapsed {dt:.0f}s")
         if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
             save_train_state(state, student, ema, s_opt, step + 1, rng)
@@ -1174,7 +1199,7 @@ def eval_audio_probe(args):
             return (net(X[idx]) - Y[idx]).abs().mean(), len(idx)
 
         fit(net, step, args.steps or PROBE_STEPS, args.lr or PROBE_LR, f"audio probe, context {context}",
-            log_every=1000, device=args.device)
+            log_every=args.log_every or 1000, device=args.device)
         with torch.no_grad():
             err = lambda X, Y: (net(X.to(args.device)) - Y.to(args.device)).abs().view(-1, 4, 3).mean((0, 1)).cpu()  # (3,)
             own, control = probe_data(test, context), probe_data(test, context, "dub_audio")
@@ -1374,17 +1399,18 @@ def print_foundation_table(r):
         print(f"| {name} | {a} | {b} |")
 
 
+# what foundation and pipeline pass on to every stage they run
 SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "depth", "clips", "seconds",
-                  "steps", "batch", "test_clips", "mouth_weight")     # what foundation and pipeline pass on to every stage they run
+                  "steps", "batch", "test_clips", "mouth_weight", "log_every")
 
 
 def run_stage(args, stage, *extra):
     """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set)
-    and the flags --compile and --bf16-convs: they come last, so they win. `pipeline --data DIR`
+    and the flags --compile, --bf16-convs and --grad-ckpt: they come last, so they win. `pipeline --data DIR`
     trains every stage on DIR; `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
     shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None
               for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
-    flags = ["--compile"] * args.compile + ["--bf16-convs"] * args.bf16_convs
+    flags = ["--compile"] * args.compile + ["--bf16-convs"] * args.bf16_convs + ["--grad-ckpt"] * args.grad_ckpt
     return STAGES[stage](get_args([stage, *extra, *shared, *flags]))
 
 
