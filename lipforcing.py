@@ -518,8 +518,10 @@ def psnr(a, b):
 # 5. DiT: one class for the bidirectional teacher and the block-causal student
 #
 # Wan2.1's layout at any size: patch (1, 2, 2); adaLN-Zero modulation from a per-frame timestep;
-# 3D RoPE over (t, h, w) with RMS-normalised queries and keys; conditions concatenated on channels
-# (noisy latent | reference latent repeated over time | lower-face mask | masked source latent);
+# 3D RoPE over (t, h, w) with RMS-normalised queries and keys (per head here; Wan normalises over
+# the full width, so Wan weights would not load as they are); conditions concatenated on channels
+# (noisy latent | reference latent repeated over time | lower-face mask | masked source latent;
+# METHOD.md's fifth input, a reference-sequence latent, is left out: README, What is left out);
 # audio packed per latent frame and *added* to that frame's tokens in a set of blocks
 # (OmniAvatar-style), not cross-attended.
 
@@ -1737,7 +1739,7 @@ def self_forcing_rollout(model, cond, audio, noises, exit_step, steps=STUDENT_ST
     exit pass. With exit_step = len(steps) - 1 the output is what the stream makes from the same noises.
     cond (B, F, 33, h, w), audio (B, F, A), noises (len(steps), B, F, 16, h, w) -> x (B, F, 16, h, w)."""
     cfg = model.cfg
-    cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)
+    cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)     # the inference cache (df draws others)
     n, grad = exit_step + 1, torch.is_grad_enabled()
     return torch.cat([sample_chunk(model, cond[:, c:c + cfg.chunk], audio[:, c:c + cfg.chunk],
                                    noises[:n, :, c:c + cfg.chunk], cache, steps[:n], grad)

@@ -269,6 +269,22 @@ def test_training_reads_a_folder_of_clips(tmp_path):
         L.folder_pool(tmp_path / "nothing-here")
 
 
+def test_dit_stages_leave_out_clips_too_short_for_a_window_and_its_reference(monkeypatch, capsys):
+    """A window of n latent frames and a reference frame outside it, on the 4-frame grid, take
+    4 n + 1 frames. dit_pool leaves out shorter --data clips (where no reference frame exists),
+    says so, and with none left stops with one line that says what to do; at exactly 4 n + 1
+    frames every window start has a reference."""
+    clip = lambda T: SimpleNamespace(frames=np.zeros((T, 1)))
+    monkeypatch.setattr(train, "train_pool", lambda args, **kw: [clip(36), clip(37), clip(40)])
+    args = train.get_args(["teacher"])
+    assert [len(c.frames) for c in train.dit_pool(args, 9, "teacher")] == [37, 40]
+    assert "teacher: 1 of 3 clips are shorter than 37 frames; left out" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"df: every training clip is shorter than 49 frames .* smaller --latent-frames"):
+        train.dit_pool(args, 12, "df")
+    rng = np.random.default_rng(0)                         # the two 33-frame windows of a 37-frame clip:
+    assert train.random_ref(rng, 37, 0, 33) == 36 and train.random_ref(rng, 37, 4, 33) == 0   # one reference each
+
+
 # -----------------------------------------------------------------------------
 # media I/O
 

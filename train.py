@@ -89,8 +89,9 @@ def get_args(argv=None):
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-ckpt", action="store_true",
-                   help="activation checkpointing of the DiT blocks (teacher, df, the dmd critic): each block's "
-                        "activations are recomputed in backward instead of kept, for the large shapes on one GPU")
+                   help="activation checkpointing of the DiT blocks (teacher, the dmd critic): each block's "
+                        "activations are recomputed in backward instead of kept, for the large shapes on one GPU "
+                        "(not df or the dmd student: their passes attend a KV cache, which later chunks rewrite)")
     p.add_argument("--bf16-convs", action="store_true",
                    help="train the convolutional models (vae, syncnet, mouthnet) under bf16 autocast, on a CPU too: "
                         "1.4-1.7x faster steps on a CPU with native bf16 (AVX512-BF16 or AMX); leave it off on one without")
@@ -701,6 +702,22 @@ def train_mouthnet(args):
 T_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)     # the training loss is also logged per t bin
 
 
+def dit_pool(args, n_latent, stage):
+    """The DiT stages' training clips (train_pool), less those too short for a window of n_latent
+    latent frames plus a reference frame outside it on the 4-frame grid: 4 n_latent + 1 frames.
+    A --data folder may hold such clips; they are left out with a note."""
+    clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
+    need = 4 * n_latent + 1
+    keep = [c for c in clips if len(c.frames) >= need]
+    if not keep:
+        raise SystemExit(f"{stage}: every training clip is shorter than {need} frames ({need / L.FPS:.2f} s at "
+                         f"{L.FPS} fps), what a {n_latent}-latent window and its reference frame take; "
+                         f"use longer clips or a smaller --latent-frames")
+    if len(keep) < len(clips):
+        print(f"{stage}: {len(clips) - len(keep)} of {len(clips)} clips are shorter than {need} frames; left out")
+    return keep
+
+
 def random_ref(rng, T, start, length):
     """A reference frame on the 4-frame grid, outside the target window [start, start + length)."""
     while True:
@@ -751,15 +768,14 @@ def train_teacher(args):
     preset = L.DIT_PRESETS[args.preset]
     cfg = L.DiTConfig(**{**preset, "depth": args.depth or preset["depth"]}, patch=args.patch or L.DiTConfig.patch,
                       drop_mode=args.drop_mode, cfg_drop=args.cfg_drop, seed=seed)
-    clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
-    encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
+    n_latent, batch = args.latent_frames or 9, args.batch or 16
+    encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
     model = L.DiT(cfg)
     model.checkpointing = args.grad_ckpt
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
     fwd = torch.compile(model) if args.compile else model
     print(cfg, f"\nDiT ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    n_latent, batch = args.latent_frames or 9, args.batch or 16
     h = w = args.size // ae.cfg.space_down
     tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
     bins = np.zeros((2, len(T_BINS) - 1))                      # loss sums and counts per t bin
@@ -834,7 +850,12 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
     chunk, each chunk noised to its own level from the two-step schedule (levels (B, F / chunk),
     eps like x0, from df_noise), its velocity loss taken, then the clean chunk written into the
     cache at t = 0 (the KV refresh, without gradient), so later chunks attend a clean past with
-    dynamic RoPE and rolling."""
+    dynamic RoPE and rolling.
+
+    METHOD.md's stage 1 is one block-causal pass with per-chunk noise levels, in which later chunks
+    attend the earlier chunks at their own noise levels. Here they attend the clean ground truth,
+    as the streaming cache holds clean keys (the KV refresh), and the cache's rolling and sink are
+    trained as they run."""
     n, chunk = x0.shape[1], model.cfg.chunk
     cache = L.KVCache(model.cfg.depth, sink, window, chunk)
     steps = torch.tensor(L.STUDENT_STEPS, device=x0.device)
@@ -859,14 +880,12 @@ def train_df(args):
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
     model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
-    model.checkpointing = args.grad_ckpt
     del teacher
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
-    encoded = L.encode_pool(ae, train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), cfg.audio_context,
-                            progress=master())
     n_latent, batch = args.latent_frames or 12, args.batch or 16
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
+    encoded = L.encode_pool(ae, dit_pool(args, n_latent, "df"), cfg.audio_context, progress=master())
     tokens = n_latent * (args.size // ae.cfg.space_down // cfg.patch) ** 2
 
     def step(i):
@@ -881,7 +900,7 @@ def train_df(args):
 
     out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
     state = fresh_state(args, out)
-    steps = args.steps or 1000
+    steps = args.steps or 1000          # METHOD.md: 5000 steps at lr 1e-5; the tiny run gets 1000 at 1e-4
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every)
     ema = unsharded(ema)
@@ -954,12 +973,12 @@ def train_dmd(args):
     print(f"reward SyncNet: ground-truth Sync-C {f'{gt:.2f}' if gt else 'not in its metadata'}; "
           f"R = Sync-C / {reward_scale:.3f}")
 
-    clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
+    n_latent, batch = args.latent_frames or 12, args.batch or DMD_BATCH
+    assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
+    clips = dit_pool(args, n_latent, "dmd")
     encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
     audios = [c.audio for c in clips]                               # EncodedClip keeps features only
     del clips
-    n_latent, batch = args.latent_frames or 12, args.batch or DMD_BATCH
-    assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
     scale = 1.0 if args.teacher_cfg == "none" else args.cfg_scale
     window = L.SYNC_WINDOW if args.teacher_cfg == "window" else (0.0, 1.0)       # (0, 1): every t
 
@@ -1125,7 +1144,7 @@ def eval_heldout(args):
     path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
     model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
     assert not cfg.causal, "heldout measures the bidirectional teacher"
-    pools = {"training": train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)[:HELDOUT_CLIPS],
+    pools = {"training": dit_pool(args, L.TEACHER_LATENT, "heldout")[:HELDOUT_CLIPS],
              "unseen": val_clips(args, HELDOUT_CLIPS)}
     err = {}
     for kind, clips in pools.items():
