@@ -278,6 +278,8 @@ def read_audio(path, sr=SAMPLE_RATE):
         x = _ffmpeg_audio(path, sr)
     if len(x) == 0:
         raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
+    if not np.isfinite(x).all():
+        raise MediaError(f"{path} holds NaN or infinite samples: re-export it (e.g. as a 16-bit PCM wav)")
     # Float files and the resampler can overshoot slightly; the model expects [-1, 1].
     return np.clip(x, -1.0, 1.0)
 

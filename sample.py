@@ -22,7 +22,8 @@ is resized back and blended into the original frames with a soft mask (L.composi
 upper face is the source, pixel for pixel, at the source's resolution (odd sizes too; the mp4 is
 padded to even as L.write_video does). Silent audio is not an error: the student draws what it
 learnt for silence (SynthTalk's pauses hold the lips closed). Outputs are written atomically and
-their folder is created. Every bad input ends with one line `sample.py: error: ...` and exit code 2.
+their folder is created. Every bad input, and an option the chosen mode would ignore, ends with
+one line `sample.py: error: ...` and exit code 2; Ctrl-C or SIGTERM ends with exit code 130 and no file.
 
 TTFF (time to first frame), as the benchmark reports it:
   compute TTFF = wall time from the start of processing, with all input already available, to the
@@ -37,8 +38,10 @@ TTFF (time to first frame), as the benchmark reports it:
 import argparse
 import dataclasses
 import itertools
+import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,10 +61,19 @@ SPF = L.SAMPLES_PER_FRAME
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
+CONTAINER_MAGIC = {"a wav": b"RIFF", "an mp3": b"ID3", "a flac": b"fLaC", "an ogg": b"OggS"}   # not raw PCM
 GROW_IDLE = 1.0               # --stream from a growing file: it has ended after this many seconds without new data
 
 # -----------------------------------------------------------------------------
 # arguments and errors
+
+# the options that only some modes read (a mode: demo, files, --stream, --benchmark, --long-stream);
+# given to another mode they are an error, not silently ignored. Their defaults, filled in by check_args:
+MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-stream"),
+                "teacher": ("--benchmark",), "shape": ("--benchmark",),
+                "results": ("--benchmark", "--long-stream"), "out": ("demo", "files", "--stream")}
+MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
+                 "teacher": "checkpoints/teacher.safetensors", "results": "results"}
 
 
 def log(args, msg):
@@ -85,31 +97,62 @@ def get_args(argv=None):
                                  "with --stream also - for raw rgb24 frames on stdout")
     p.add_argument("--ckpt", help="student checkpoint (default: checkpoints/student.safetensors, else student_df)")
     p.add_argument("--vae", default="checkpoints/vae.safetensors", help="autoencoder checkpoint")
-    p.add_argument("--syncnet", default="checkpoints/syncnet_eval.safetensors", help="eval SyncNet (Sync-C)")
-    p.add_argument("--teacher", default="checkpoints/teacher.safetensors", help="teacher checkpoint (--benchmark)")
+    p.add_argument("--syncnet", help=f"eval SyncNet for Sync-C (demo, --long-stream; default {MODE_DEFAULTS['syncnet']})")
+    p.add_argument("--teacher", help=f"teacher checkpoint (--benchmark; default {MODE_DEFAULTS['teacher']})")
     p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
     p.add_argument("--size", type=L.frame_size, default=64, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the stream's noise (0 .. 2**63 - 1)")
     p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
     p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
     p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
     p.add_argument("--patch", type=int, choices=L.DIT_PATCHES,
                    help=f"with --shape: the DiTs' spatial patch (default {L.DiTConfig.patch})")
-    p.add_argument("--seconds", type=float, default=10.0, help="SynthTalk clip length (demo, --benchmark)")
+    p.add_argument("--seconds", type=float, help=f"SynthTalk clip length (demo, --benchmark; default {MODE_DEFAULTS['seconds']:g})")
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
-    p.add_argument("--results", default="results", help="folder for the JSON of --benchmark and --long-stream")
+    p.add_argument("--results", help=f"folder for the JSON of --benchmark and --long-stream (default {MODE_DEFAULTS['results']})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (--benchmark: and the teacher)")
     p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
 
+def mode(args):
+    """Which of sample.py's five things this run does (check_args has refused two at once)."""
+    if args.benchmark or args.stream or args.long_stream is not None:
+        return "--benchmark" if args.benchmark else "--stream" if args.stream else "--long-stream"
+    return "demo" if args.video is None else "files"
+
+
+def check_output(path, what):
+    """A path to write must not lie under a file: the nearest existing folder on its way is a folder."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{what} {path}: {parent} is a file, not a folder; pick another path")
+
+
 def check_args(args):
-    """Everything that can be checked before any media is read or any model is loaded."""
+    """Everything that can be checked before any media is read or any model is loaded. Fills in the
+    defaults of the options only some modes read (MODE_DEFAULTS)."""
     if args.steps not in (1, 2):
         fail(f"--steps {args.steps}: the student samples with 1 or 2 steps per chunk (it was distilled for 2)")
-    if args.seconds <= 0 or (args.long_stream is not None and args.long_stream <= 0):
-        fail("--seconds and --long-stream take a positive number of seconds")
+    for name, value in (("--seconds", args.seconds), ("--long-stream", args.long_stream)):
+        if value is not None and not 0 < value < math.inf:
+            fail(f"{name} {value:g}: takes a positive number of seconds")
+    if not 0 <= args.seed < 2 ** 63:
+        fail(f"--seed {args.seed}: takes a whole number from 0 to 2**63 - 1")
+    modes = [m for m, on in (("--stream", args.stream), ("--benchmark", args.benchmark),
+                             ("--long-stream", args.long_stream)) if on]
+    if len(modes) > 1:
+        fail(f"{' and '.join(modes)} are separate modes: pick one")
+    m = mode(args)
+    for name, readers in MODE_OPTIONS.items():
+        if getattr(args, name) is not None and m not in readers:
+            fail(f"--{name} is read by {' and '.join(readers)}, not by {m}: leave it out")
+    for name, default in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.patch is not None and not (args.benchmark and args.shape):
         fail("--patch sets the random-init models of --benchmark --shape; a checkpoint keeps its own patch")
     try:
@@ -118,18 +161,21 @@ def check_args(args):
         fail(f"--device {args.device}: not a device; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    modes = [m for m, on in (("--stream", args.stream), ("--benchmark", args.benchmark),
-                             ("--long-stream", args.long_stream)) if on]
-    if len(modes) > 1:
-        fail(f"{' and '.join(modes)} are separate modes: pick one")
-    if (args.benchmark or args.long_stream) and args.video:
-        fail(f"{modes[0]} runs on a SynthTalk clip: leave out --video and --audio")
+    if (args.benchmark or args.long_stream) and (args.video is not None or args.audio is not None):
+        fail(f"{m} runs on a SynthTalk clip: leave out --video and --audio")
     if (args.video is None) != (args.audio is None):
         fail("pass both --video and --audio (or neither, for the demo)")
     if args.stream and args.video is None:
         fail("--stream needs --video FACE and --audio - (or a pipe / growing raw PCM file)")
     if args.stream and args.out is None:
         fail("--stream needs --out: - for raw rgb24 frames on stdout, or FILE.mp4")
+    if args.audio == "-" and not args.stream:
+        fail("--audio - (raw PCM on stdin) is for --stream; without it pass an audio file")
+    if args.stream and args.audio != "-":
+        if not os.path.exists(args.audio):
+            fail(f"--audio {args.audio} does not exist: pass -, a named pipe or a raw PCM file")
+        if os.path.isdir(args.audio):
+            fail(f"--audio {args.audio} is a directory: pass -, a named pipe or a raw PCM file")
     if args.out is not None and args.out != "-":
         if os.path.isdir(args.out):
             fail(f"--out {args.out} is a directory: pass a file name such as {os.path.join(args.out, 'out.mp4')}")
@@ -137,6 +183,14 @@ def check_args(args):
             fail(f"--out {args.out}: write an {' / '.join(OUT_EXTS)} file (H.264 + AAC)")
     if args.out == "-" and not args.stream:
         fail("--out - (raw frames on stdout) is only for --stream; pass an .mp4 path")
+    if args.out == "-" and sys.stdout is None:
+        fail("--out -: stdout is closed; pipe it into a program that reads the frames")
+    if args.out not in (None, "-"):
+        check_output(args.out, "--out")
+    if m in MODE_OPTIONS["results"]:
+        if os.path.isfile(args.results):
+            fail(f"--results {args.results} is a file: pass a folder for the JSON")
+        check_output(os.path.join(args.results, "x.json"), "--results")
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +199,8 @@ def check_args(args):
 
 def load(path, config_class, model_class, device, how):
     """load_checkpoint, with every failure turned into one line saying what to do."""
+    if os.path.isdir(path):
+        fail(f"{path} is a folder: pass a .safetensors file; {how}")
     if not os.path.isfile(path):
         fail(f"{path} not found: {how}")
     try:
@@ -274,6 +330,9 @@ def demo(args):
     print(f"wrote {dest}: source | dubbed, {len(out)} frames, the dub audio")
     print(f"student {path}, {args.steps} steps, {args.device}: {len(out) / dt:.1f} FPS, "
           f"compute TTFF {1000 * ttff:.0f} ms, live TTFF {1000 * (ttff + student_wait(ae, student.cfg)):.0f} ms")
+    if len(out) <= net.cfg.frames:
+        print(f"Sync-C: not measured, it takes more than {net.cfg.frames} frames ({len(out)} here)")
+        return
     print(f"Sync-C (eval SyncNet): dubbed vs the dub audio {sync_c(net, out, clip.dub_audio):.2f}; "
           f"source vs its own audio {sync_c(net, clip.frames, clip.audio):.2f}")
 
@@ -320,9 +379,12 @@ def pcm_pieces(path):
                 time.sleep(0.02)
                 continue
             idle_since = None
-            if first and b.startswith(b"RIFF"):
-                fail(f"--stream reads raw PCM, {path} is a wav: convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
-            first = False
+            if first:
+                kind = next((k for k, magic in CONTAINER_MAGIC.items() if b.startswith(magic)), None)
+                if kind or b[4:8] == b"ftyp":
+                    fail(f"--stream reads raw PCM, {path} is {kind or 'an mp4/m4a'}: "
+                         f"convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
+                first = False
             b = carry + b
             carry, b = b[len(b) // 2 * 2:], b[:len(b) // 2 * 2]    # a sample can be split across reads
             if b:
@@ -344,9 +406,17 @@ class Mp4Writer:
                "-s", f"{W + W % 2}x{H + H % 2}", "-r", str(L.FPS), "-i", "-",
                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "veryfast", self.video]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.frames = 0
+
+    def pad_audio(self):
+        """Silence up to the end of the last frame, as L.write_video pads a clip's audio."""
+        short = self.frames * SPF - self.wav.frames
+        if short > 0:
+            self.wav.write(np.zeros(short, np.float32))
 
     def write(self, frames):
         # libx264 wants even sizes: replicate the last row / column, as L.write_video does
+        self.frames += len(frames)
         H, W = frames.shape[1:3]
         try:
             self.proc.stdin.write(np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge").tobytes())
@@ -356,6 +426,7 @@ class Mp4Writer:
 
     def finish(self):
         self.proc.stdin.close()
+        self.pad_audio()
         self.wav.close()
         if self.proc.wait() != 0:
             self.failed(self.log)
@@ -425,9 +496,12 @@ def live(args):
             fail(f"no audio arrived from {args.audio}: send raw s16le 16 kHz mono PCM (ffmpeg -f s16le -ar 16000 -ac 1)")
         if writer:
             writer.finish()
-    except BrokenPipeError:
+    except OSError as e:
+        if not raw:
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes at exit
-        fail("stdout was closed by the program reading the frames")
+        fail("stdout was closed by the program reading the frames" if isinstance(e, BrokenPipeError)
+             else f"cannot write the frames to stdout ({e.strerror or e})")
     finally:
         if writer:
             writer.close()
@@ -652,6 +726,7 @@ def long_stream(args):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, terminated)
     args = get_args(argv)
     check_args(args)
     if args.threads:
@@ -665,12 +740,22 @@ def main(argv=None):
                 long_stream(args)
             elif args.stream:
                 live(args)
-            elif args.video:
+            elif args.video is not None:
                 files(args)
             else:
                 demo(args)
     except L.MediaError as e:
         fail(str(e))
+    except OSError as e:                                   # the disk or a folder: full, gone, not permitted
+        fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+    except KeyboardInterrupt:
+        print("sample.py: interrupted; no output file was written", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def terminated(signum, frame):
+    """SIGTERM ends the run as Ctrl-C does: temp files and folders are removed on the way out."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -1054,6 +1054,55 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     assert_one_line_error(code, err, *words)
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--seconds", "nan"], ("--seconds nan", "positive number of seconds")),
+    (["--seed", str(2 ** 64)], ("--seed", "2**63 - 1")),
+    (["--benchmark", "--out", "{tmp}/x.mp4"], ("--out is read by", "not by --benchmark")),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--seconds", "2"], ("--seconds is read by", "not by files")),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--teacher", "t.safetensors"], ("--teacher", "not by files")),
+    (["--video", "{tmp}/v.mp4", "--audio", "-"], ("--audio -", "is for --stream")),
+    (["--stream", "--video", "{tmp}/v.mp4", "--audio", "{tmp}/gone.pcm", "--out", "-"], ("gone.pcm", "does not exist")),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/a.wav/x.mp4"], ("a.wav is a file, not a folder",)),
+    (["--benchmark", "--results", "{tmp}/a.wav"], ("a.wav is a file", "folder")),
+])
+def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path, capsys, argv, words):
+    """Every mode refuses the options it would ignore, and a path under a file (--out, --results),
+    out-of-range numbers and a missing stream source fail before any model loads: one line, exit 2."""
+    speech(tmp_path / "a.wav", 3)
+    code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert_one_line_error(code, err, *words)
+
+
+def test_stream_refuses_a_container_file_as_raw_pcm(tmp_path, capsys):
+    """--stream reads raw PCM: an mp3, flac, ogg, wav or mp4 fed to it is refused in one line, not
+    played as noise driving the lips."""
+    for head in (b"ID3\x04\x00", b"fLaC\x00\x00", b"OggS\x00\x02", b"RIFF$\x00\x00", b"\x00\x00\x00\x18ftypM4A "):
+        (tmp_path / "in").write_bytes(head + bytes(4000))
+        with pytest.raises(SystemExit) as e:
+            list(sample.pcm_pieces(str(tmp_path / "in")))
+        assert e.value.code == 2 and "reads raw PCM" in capsys.readouterr().err
+    (tmp_path / "in").write_bytes(bytes(4000))                               # silence is fine
+    assert sum(len(p) for p in sample.pcm_pieces(str(tmp_path / "in"))) == 2000
+
+
+def test_stream_mp4_audio_lasts_as_long_as_its_frames(tmp_path):
+    """Mp4Writer pads the audio with silence to the end of the last frame, as write_video does."""
+    w = sample.Mp4Writer(tmp_path / "x.mp4", 64, 64)
+    w.write(np.zeros((3, 64, 64, 3), np.uint8))
+    w.wav.write(np.zeros(10, np.float32))
+    w.finish()
+    w.close()
+    assert len(L.read_audio(tmp_path / "x.mp4")) == 3 * SAMPLES_PER_FRAME
+
+
+def test_audio_with_nan_samples_is_bad_input(tmp_path):
+    x = np.zeros(1600, np.float32)
+    x[5] = np.nan
+    sf.write(tmp_path / "nan.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    with pytest.raises(MediaError, match="NaN or infinite samples"):
+        L.read_audio(tmp_path / "nan.wav")
+
+
 def test_missing_student_says_how_to_train_it(tmp_path, capsys, monkeypatch):
     """With no student checkpoint the demo fails in one line naming the command that trains one."""
     monkeypatch.chdir(tmp_path)
