@@ -165,6 +165,8 @@ def check_args(args):
         fail(f"{m} runs on a SynthTalk clip: leave out --video and --audio")
     if (args.video is None) != (args.audio is None):
         fail("pass both --video and --audio (or neither, for the demo)")
+    if "" in (args.video, args.audio, args.out):
+        fail("--video, --audio and --out take a path, not an empty string")
     if args.stream and args.video is None:
         fail("--stream needs --video FACE and --audio - (or a pipe / growing raw PCM file)")
     if args.stream and args.out is None:

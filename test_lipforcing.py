@@ -1061,6 +1061,7 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--seconds", "2"], ("--seconds is read by", "not by files")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--teacher", "t.safetensors"], ("--teacher", "not by files")),
     (["--video", "{tmp}/v.mp4", "--audio", "-"], ("--audio -", "is for --stream")),
+    (["--video", "", "--audio", "{tmp}/a.wav"], ("take a path, not an empty string",)),
     (["--stream", "--video", "{tmp}/v.mp4", "--audio", "{tmp}/gone.pcm", "--out", "-"], ("gone.pcm", "does not exist")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/a.wav/x.mp4"], ("a.wav is a file, not a folder",)),
     (["--benchmark", "--results", "{tmp}/a.wav"], ("a.wav is a file", "folder")),
