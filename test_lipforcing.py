@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import analyze as A
 import lipforcing as L
@@ -237,6 +238,27 @@ def test_sync_embeddings_window_count():
     net = L.SyncNet(L.SyncNetConfig()).eval()
     v, a = L.sync_embeddings(net, torch.rand(30, 3, 64, 64) * 2 - 1, np.zeros(30 * SAMPLES_PER_FRAME, np.float32))
     assert v.shape == a.shape == (25, net.cfg.embed)
+
+
+def test_sync_embeddings_pair_each_video_window_with_its_own_audio(monkeypatch):
+    """Window s pairs video frames s .. s+4 with mel rows 4s .. 4s+19 (the same 5 frames' audio),
+    read through a stub net whose embeddings are the first frame's and the first mel row's index."""
+    T = 12
+    monkeypatch.setattr(L, "log_mel", lambda a: torch.arange(4 * T, dtype=torch.float32)[:, None].repeat(1, L.N_MELS))
+    net = SimpleNamespace(cfg=SimpleNamespace(frames=5), parameters=lambda: iter([torch.zeros(1)]),
+                          embed_video=lambda w: w[:, 0, 0, :1, 0], embed_audio=lambda m: m[:, 0, :1])
+    frames = torch.arange(T, dtype=torch.float32)[:, None, None, None].expand(T, 3, 4, 4)
+    v, a = L.sync_embeddings(net, frames, np.zeros(T * SAMPLES_PER_FRAME, np.float32))
+    assert v[:, 0].tolist() == list(range(T - 5)) and a[:, 0].tolist() == [4 * s for s in range(T - 5)]
+
+
+def test_psnr_reference():
+    """PSNR of uint8 images: 10 log10(255^2 / MSE); one grey level off everywhere is 48.13 dB."""
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    assert L.psnr(a, a + 1) == pytest.approx(10 * np.log10(255.0 ** 2), abs=1e-9)
+    b = a.copy()
+    b[0, 0, 0, 0] = 255                                   # MSE = 255^2 / 96
+    assert L.psnr(a, b) == pytest.approx(10 * np.log10(96), abs=1e-9)
 
 
 def test_contrastive_loss_reference():
@@ -516,6 +538,39 @@ def test_fresh_dit_outputs_zero_and_blocks_are_identity():
         assert torch.equal(blk(tok, c, a, angles), tok)
 
 
+def test_dit_block_is_the_adaln_zero_formula():
+    """With the modulation set by hand (ada's bias; weight 0), a block computes
+    x + g1 attn(LN(x)(1 + sc1) + s1), then + g2 mlp(LN(.)(1 + sc2) + s2): each of the six vectors in its place."""
+    torch.manual_seed(0)
+    blk = tiny_dit().blocks[0]
+    D = 64
+    s1, sc1, g1, s2, sc2, g2 = (torch.randn(D) for _ in range(6))
+    with torch.no_grad():
+        blk.ada[-1].weight.zero_()
+        blk.ada[-1].bias.copy_(torch.cat([s1, sc1, g1, s2, sc2, g2]))
+        for p in list(blk.attn.parameters()) + list(blk.mlp.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 2, 4, D)
+    angles = L.rope_angles(tiny_dit().rope, torch.arange(2), 2, 2)
+    ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
+    h = x + g1 * blk.attn((ln(x) * (1 + sc1) + s1).reshape(1, 8, D), angles).view(1, 2, 4, D)
+    ref = h + g2 * blk.mlp(ln(h) * (1 + sc2) + s2)
+    assert_close(blk(x, torch.randn(1, 2, D), None, angles), ref, 1e-5)
+
+
+def test_timestep_embedding_and_rope_angles_reference():
+    """timestep_embedding is [cos, sin](1000 t f_k), f_k = 10000^(-k / half); rope_angles gives the
+    token at (frame f, row r, column c) of a non-square grid the angles [f ft, r fh, c fw]."""
+    t = torch.tensor([0.0, 0.3, 0.999])
+    k = torch.arange(8, dtype=torch.float64)
+    args = 1000 * t.double()[:, None] * 10000.0 ** (-k / 8)
+    assert_close(L.timestep_embedding(t, 16), torch.cat([args.cos(), args.sin()], -1).float(), 1e-4)   # fp32 at 1000 t
+    ft, fh, fw = L.rope_freqs(24, 10000.0)
+    angles = L.rope_angles((ft, fh, fw), torch.tensor([2, 5]), 3, 2)           # 2 frames of 3 rows x 2 columns
+    ref = torch.stack([torch.cat([f * ft, r * fh, c * fw]) for f in (2, 5) for r in range(3) for c in range(2)])
+    assert torch.equal(angles, ref)
+
+
 def saved_bytes_and_grads(model, fn):
     """Run fn() -> a tensor with gradient, backward its sum: (bytes autograd kept in the forward
     pass, as seen by a saved_tensors_hooks around it; {name: grad})."""
@@ -603,6 +658,35 @@ def test_cfg_scale_one_is_the_conditional_prediction():
     v_c, v_u = model(x, t, cond, audio), model(x, t, cond, torch.zeros_like(audio))
     assert_close(L.guided_velocity(model, x, t, cond, audio, 4.5), v_u + 4.5 * (v_c - v_u), 1e-4)
     assert (v_c - v_u).abs().max() > 1e-4                 # the audio is actually used
+    v_all = model(x, t, torch.zeros_like(cond), torch.zeros_like(audio))    # mode "all": every condition dropped
+    assert_close(L.guided_velocity(model, x, t, cond, audio, 4.5, mode="all"), v_all + 4.5 * (v_c - v_all), 1e-4)
+    drop = torch.tensor([True, False])
+    for mode, cond_kept in (("audio", True), ("all", False)):
+        c2, a2 = L.drop_conditions(cond, audio, drop, mode)
+        assert (a2[0] == 0).all() and torch.equal(a2[1], audio[1]) and torch.equal(c2[1], cond[1])
+        assert torch.equal(c2[0], cond[0]) if cond_kept else (c2[0] == 0).all()
+
+
+def test_cfg_schedule_sets_the_scale_of_each_ode_step():
+    """sample_ode with cfg_schedule(j) -> scale: all 1 equals no CFG; a windowed schedule equals
+    the Euler loop written out with that scale per step."""
+    torch.manual_seed(0)
+    model = tiny_dit()
+    for p in model.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    _, _, cond, audio = dit_inputs()
+    noise = torch.randn(2, 3, 16, 4, 4)
+    steps = 6
+    assert torch.equal(L.sample_ode(model, cond, audio, noise, steps, cfg_schedule=lambda j: 1.0),
+                       L.sample_ode(model, cond, audio, noise, steps, cfg=1.0))
+    window = lambda j: 4.5 if 2 <= j <= 4 else 1.0
+    x = noise
+    for j in range(steps):
+        t = L.ode_t(j, steps)
+        v = L.velocity(model, x, torch.full((2, 3), t), cond, audio, window(j))
+        x = x + (L.ode_t(j + 1, steps) - t) * v
+    assert_close(L.sample_ode(model, cond, audio, noise, steps, cfg_schedule=window), x, 1e-5)
+    assert (x - L.sample_ode(model, cond, audio, noise, steps, cfg=1.0)).abs().max() > 1e-4
 
 
 def test_sampler_same_seed_is_bitwise_identical():
@@ -893,6 +977,31 @@ def test_lipsync_of_whole_chunks_only():
     assert len(stream.push(frames, clip.audio)) == 33
     assert stream.flush().shape == (0, 32, 32, 3)
     assert L.lipsync(model, ae, frames, clip.audio).shape == frames.shape
+
+
+def test_composite_mask_ramps_across_the_middle_row():
+    """The paste mask is 0 above the face's middle and 1 below, with an H/16-row linear ramp
+    centred on row H/2: at 32 px rows 14..17 read 0, 0.25, 0.75, 1."""
+    m = L.composite_mask(32, 20)
+    assert m.shape == (32, 20, 1) and (m[:14] == 0).all() and (m[18:] == 1).all()
+    assert m[14:18, 0, 0].tolist() == [0.0, 0.25, 0.75, 1.0]
+
+
+def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_clips_audio(monkeypatch):
+    """A clip that ends mid-chunk streams as the same clip padded by hand with its last frame; and
+    every chunk's packed audio equals the rows pack_audio cuts from the whole clip's features."""
+    ae, model = tiny_stream_models()
+    clip = L.synthtalk_clip("test", 1, seconds=2.3, size=32)
+    frames = clip.frames[:50]                                              # 9 + 12 + 12 + 12, then 5
+    padded = np.concatenate([frames, frames[-1:].repeat(7, 0)])
+    fed = []
+    sample_chunk = L.sample_chunk
+    monkeypatch.setattr(L, "sample_chunk", lambda m, cond, audio, *a: fed.append(audio[0]) or sample_chunk(m, cond, audio, *a))
+    out = L.lipsync(model, ae, frames, clip.audio, seed=2)
+    ctx = model.cfg.audio_context
+    whole = L.pack_audio(L.audio_frame_features(clip.audio, ctx), 0, 15, ctx)          # latent frames 0..14
+    assert_close(torch.cat(fed), whole, 1e-5, "packed audio")
+    assert np.array_equal(out, L.lipsync(model, ae, padded, clip.audio, seed=2)[:50])
 
 
 def test_stream_memory_is_bounded():
@@ -1556,6 +1665,10 @@ def test_reward_weight_is_exp_beta_r_without_gradient_through_r():
         assert_close(lb.double(), (torch.softmax(2 * Rb.double(), 0) * losses.detach().double()).sum(), 1e-7)
     assert_close(L.reward_weighted_mean(losses.detach(), R, beta=0.0), losses.detach().mean(), 1e-7, "beta 0")
     assert L.effective_batch(R, 0.0) == pytest.approx(3) and L.effective_batch(torch.tensor([0., 0, 50]), 2.0) < 1.01
+    share = torch.softmax(2.0 * R.detach().double() / 4.0, 0)                 # R in units of 4: w = exp(2 R / 4)
+    assert_close(L.reward_weighted_mean(losses.detach(), R, 2.0, scale=4.0).double(),
+                 (share * losses.detach().double()).sum(), 1e-7, "scale 4")
+    assert L.effective_batch(R, 2.0, scale=4.0) == pytest.approx(float(1 / share.pow(2).sum()))
 
 
 def test_encoded_pool_is_cached_for_exactly_its_inputs(tmp_path):
