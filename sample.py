@@ -728,7 +728,6 @@ def long_stream(args):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, terminated)
     args = get_args(argv)
     check_args(args)
     if args.threads:
@@ -761,4 +760,5 @@ def terminated(signum, frame):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminated)            # the command only: not a library's to set for its host
     main()

@@ -252,6 +252,18 @@ def test_sync_embeddings_pair_each_video_window_with_its_own_audio(monkeypatch):
     assert v[:, 0].tolist() == list(range(T - 5)) and a[:, 0].tolist() == [4 * s for s in range(T - 5)]
 
 
+def test_log_mel_equals_a_numpy_stft():
+    """log_mel: 400-sample periodic-Hann frames every 160 samples over the waveform zero-padded by
+    120 on each side, a 512-point power spectrum, the mel filterbank, log(. + 1e-6), written in numpy."""
+    x = np.random.default_rng(0).standard_normal(3 * SAMPLES_PER_FRAME).astype(np.float32) * 0.1
+    padded = np.pad(x.astype(np.float64), 120)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+    frames = np.stack([padded[160 * m:160 * m + 400] * window for m in range(12)])
+    power = np.abs(np.fft.rfft(frames, n=512)) ** 2
+    ref = np.log(power @ L.mel_filterbank().numpy().astype(np.float64) + 1e-6)
+    assert_close(L.log_mel(torch.from_numpy(x)).double(), torch.from_numpy(ref), 1e-3)
+
+
 def test_psnr_reference():
     """PSNR of uint8 images: 10 log10(255^2 / MSE); one grey level off everywhere is 48.13 dB."""
     a = np.zeros((2, 4, 4, 3), np.uint8)
@@ -747,6 +759,26 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
     a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_teacher_step_draws_shifted_times_and_drops_the_audio_at_the_cfg_rate(tmp_path, monkeypatch):
+    """A teacher step feeds the DiT t = shift_t(u) per sample (the same for every frame), and
+    zeroes the audio of the samples CFG dropout picks: none at --cfg-drop 0, every one at 1."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    shifted, seen = [], []
+    shift_t, forward = L.shift_t, L.DiT.forward
+    monkeypatch.setattr(L, "shift_t", lambda t, *a: shifted.append(shift_t(t, *a)) or shifted[-1])
+    monkeypatch.setattr(L.DiT, "forward", lambda self, x, t, cond, audio, **kw: seen.append((t, audio)) or
+                        forward(self, x, t, cond, audio, **kw))
+    for drop in (0, 1):
+        shifted.clear(), seen.clear()
+        train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "2",
+                    "--batch", "2", "--latent-frames", "3", "--cfg-drop", str(drop), "--out", str(tmp_path / "t.safetensors")])
+        assert len(seen) == 2 and len(shifted) == 2
+        for (t, audio), ts in zip(seen, shifted):
+            assert torch.equal(t, ts[:, None].expand(-1, 3))
+            assert (audio.flatten(1).abs().amax(1) == 0).tolist() == [bool(drop)] * 2
 
 
 def test_teacher_shape_options_reach_its_checkpoint(tmp_path, monkeypatch):
@@ -1815,9 +1847,28 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     assert any((p - q).abs().max() > 0 for p, q in zip(out.parameters(), student.parameters()))
 
 
-def test_dmd_resumes_identically(tmp_path, monkeypatch):
-    """A run stopped after 1 step and resumed (student, EMA, critic, both optimisers, RNGs) saves
-    the same student as an uninterrupted 2-step run."""
+def test_df_refreshes_the_cache_with_each_clean_chunk_at_t_0():
+    """df_loss runs each chunk once at its own noise level (reading the cache), then once clean at
+    t = 0 writing the cache (the KV refresh), and returns each chunk's flow-matching loss."""
+    model = dmd_dit(causal=True)
+    passes, forward = [], model.forward
+    model.forward = lambda x, t, cond, audio, cache=None, update_cache=False: \
+        passes.append((x, t, update_cache)) or forward(x, t, cond, audio, cache=cache, update_cache=update_cache)
+    x0, _, cond, audio = dit_inputs(Fr=6)
+    eps, levels = torch.randn_like(x0), torch.tensor([[0, 1], [1, 1]])
+    losses = train.df_loss(model, x0, cond, audio, levels, eps, window=7, sink=1)
+    assert [p[2] for p in passes] == [False, True, False, True]
+    steps = torch.tensor(L.STUDENT_STEPS)
+    for k, sl in enumerate((slice(0, 3), slice(3, 6))):
+        (x, t, _), (clean, t0, _) = passes[2 * k:2 * k + 2]
+        assert torch.equal(t, steps[levels[:, k]][:, None].expand(-1, 3)) and (t0 == 0).all()
+        assert torch.equal(clean, x0[:, sl]) and torch.equal(x, L.add_noise(x0[:, sl], eps[:, sl], t))
+    assert losses.shape == (2, 2) and (losses > 0).all()
+
+
+def dmd_run_options(tmp_path, monkeypatch):
+    """Tiny teacher, autoencoder and reward SyncNet checkpoints in tmp_path, and the dmd options
+    that run on them (the student starts from the teacher)."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     teacher = dmd_dit()
@@ -1825,9 +1876,42 @@ def test_dmd_resumes_identically(tmp_path, monkeypatch):
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
     L.save_checkpoint(tmp_path / "syncnet_reward.safetensors", L.SyncNet(L.SyncNetConfig(width=4)).eval(),
                       L.SyncNetConfig(width=4))
-    base = ["--ckpt-dir", str(tmp_path), "--init", str(tmp_path / "teacher.safetensors"), "--clips", "2",
+    return ["--ckpt-dir", str(tmp_path), "--init", str(tmp_path / "teacher.safetensors"), "--clips", "2",
             "--seconds", "2", "--size", "32", "--steps", "2", "--batch", "2", "--critic-steps", "1",
             "--latent-frames", "6", "--lr", "1e-3", "--critic-lr", "1e-3"]
+
+
+def test_dmd_scores_the_teacher_as_real_and_the_critic_as_fake_guided_as_asked(tmp_path, monkeypatch):
+    """In a student update dmd_loss gets the frozen teacher's x0 prediction as `real` and the
+    critic's as `fake`. The teacher is guided at --cfg-scale for every re-noise t under
+    --teacher-cfg fixed, only for t in the sync window under window, never under none; the critic never."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    calls, scored = [], []
+    predict_x0, dmd_loss = L.predict_x0, L.dmd_loss
+
+    def spy(model, x, t, cond, audio, scale=1.0, mode="audio"):
+        out = predict_x0(model, x, t, cond, audio, scale, mode)
+        calls.append((not any(p.requires_grad for p in model.parameters()), torch.as_tensor(scale), t[:, 0], out))
+        return out
+    monkeypatch.setattr(L, "predict_x0", spy)
+    monkeypatch.setattr(L, "dmd_loss", lambda x, real, fake: scored.append((real, fake)) or dmd_loss(x, real, fake))
+    lo, hi = L.SYNC_WINDOW
+    for mode in ("none", "fixed", "window"):
+        calls.clear(), scored.clear()
+        train.main(["dmd", *base, "--teacher-cfg", mode, "--steps", "1", "--out", str(tmp_path / f"{mode}.safetensors")])
+        (frozen_t, scale_t, t, real), (frozen_c, scale_c, _, fake) = calls
+        assert frozen_t and not frozen_c and (scale_c == 1).all()
+        assert len(scored) == 1 and torch.equal(scored[0][0], real.float()) and torch.equal(scored[0][1], fake.float())
+        inside = (t >= lo) & (t <= hi)
+        expected = {"none": torch.ones_like(t), "fixed": torch.full_like(t, L.CFG_SCALE),
+                    "window": torch.where(inside, L.CFG_SCALE, 1.0)}[mode]
+        assert torch.equal(scale_t.to(t.dtype).expand_as(t), expected), (mode, t, scale_t)
+
+
+def test_dmd_resumes_identically(tmp_path, monkeypatch):
+    """A run stopped after 1 step and resumed (student, EMA, critic, both optimisers, RNGs) saves
+    the same student as an uninterrupted 2-step run."""
+    base = dmd_run_options(tmp_path, monkeypatch)
     whole = train.main(["dmd"] + base + ["--out", str(tmp_path / "a.safetensors")])[1]
     first = train.main(["dmd"] + base + ["--stop-after", "1", "--out", str(tmp_path / "b.safetensors")])[1]
     rest = train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "b.safetensors")])[1]
