@@ -197,7 +197,8 @@ def _last_line(text):
     return lines[-1] if lines else "no error output"
 
 
-def _check_file(path):
+def check_file(path):
+    """An input media path as a Path, or MediaError if it is missing or a folder."""
     path = Path(path)
     if not path.exists():
         raise MediaError(f"{path} does not exist: check the path and spelling")
@@ -218,7 +219,7 @@ def _not_media(path, info):
 
 def has_audio(path):
     """True if ffmpeg sees an audio stream in `path` (False for undecodable files)."""
-    return bool(_AUDIO_RE.search(_probe(_check_file(path))))
+    return bool(_AUDIO_RE.search(_probe(check_file(path))))
 
 
 # reading audio
@@ -266,7 +267,7 @@ def _ffmpeg_audio(path, sr):
 
 def read_audio(path, sr=SAMPLE_RATE):
     """Mono float32 audio in [-1, 1] at `sr` from an audio file or the audio track of a video."""
-    path = _check_file(path)
+    path = check_file(path)
     x = None
     if path.suffix.lower() in _SOUNDFILE_EXTS:
         try:
@@ -359,7 +360,7 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE):
 
 def read_video(path, fps=FPS):
     """Decode a video to uint8 (T, H, W, 3) RGB frames resampled to `fps`; returns (frames, source_fps)."""
-    path = _check_file(path)
+    path = check_file(path)
     info = _probe(path)
     if "Stream #" not in info:
         raise _not_media(path, info)

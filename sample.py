@@ -61,7 +61,8 @@ SPF = L.SAMPLES_PER_FRAME
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
-CONTAINER_MAGIC = {"a wav": b"RIFF", "an mp3": b"ID3", "a flac": b"fLaC", "an ogg": b"OggS"}   # not raw PCM
+CONTAINER_MAGIC = {"a wav": (0, b"RIFF"), "an mp3": (0, b"ID3"), "a flac": (0, b"fLaC"),   # (offset, bytes)
+                   "an ogg": (0, b"OggS"), "an mp4/m4a": (4, b"ftyp")}                     # that are not raw PCM
 GROW_IDLE = 1.0               # --stream from a growing file: it has ended after this many seconds without new data
 
 # -----------------------------------------------------------------------------
@@ -116,16 +117,10 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def mode(args):
-    """Which of sample.py's five things this run does (check_args has refused two at once)."""
-    if args.benchmark or args.stream or args.long_stream is not None:
-        return "--benchmark" if args.benchmark else "--stream" if args.stream else "--long-stream"
-    return "demo" if args.video is None else "files"
-
-
-def check_output(path, what):
-    """A path to write must not lie under a file: the nearest existing folder on its way is a folder."""
-    parent = os.path.dirname(os.path.abspath(path))
+def check_folder(folder, what, path):
+    """The folder an output goes into (created if missing) must not lie under a file: the nearest
+    existing path on its way up is a folder."""
+    parent = os.path.abspath(folder)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
@@ -146,7 +141,7 @@ def check_args(args):
                              ("--long-stream", args.long_stream)) if on]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} are separate modes: pick one")
-    m = mode(args)
+    m = modes[0] if modes else "demo" if args.video is None else "files"     # what this run does
     for name, readers in MODE_OPTIONS.items():
         if getattr(args, name) is not None and m not in readers:
             fail(f"--{name} is read by {' and '.join(readers)}, not by {m}: leave it out")
@@ -174,10 +169,10 @@ def check_args(args):
     if args.audio == "-" and not args.stream:
         fail("--audio - (raw PCM on stdin) is for --stream; without it pass an audio file")
     if args.stream and args.audio != "-":
-        if not os.path.exists(args.audio):
-            fail(f"--audio {args.audio} does not exist: pass -, a named pipe or a raw PCM file")
-        if os.path.isdir(args.audio):
-            fail(f"--audio {args.audio} is a directory: pass -, a named pipe or a raw PCM file")
+        try:
+            L.check_file(args.audio)                       # a pipe or a raw PCM file: it must be there
+        except L.MediaError as e:
+            fail(f"--audio {e}")
     if args.out is not None and args.out != "-":
         if os.path.isdir(args.out):
             fail(f"--out {args.out} is a directory: pass a file name such as {os.path.join(args.out, 'out.mp4')}")
@@ -188,11 +183,9 @@ def check_args(args):
     if args.out == "-" and sys.stdout is None:
         fail("--out -: stdout is closed; pipe it into a program that reads the frames")
     if args.out not in (None, "-"):
-        check_output(args.out, "--out")
+        check_folder(os.path.dirname(args.out), "--out", args.out)
     if m in MODE_OPTIONS["results"]:
-        if os.path.isfile(args.results):
-            fail(f"--results {args.results} is a file: pass a folder for the JSON")
-        check_output(os.path.join(args.results, "x.json"), "--results")
+        check_folder(args.results, "--results", args.results)
 
 
 # -----------------------------------------------------------------------------
@@ -382,10 +375,10 @@ def pcm_pieces(path):
                 continue
             idle_since = None
             if first:
-                kind = next((k for k, magic in CONTAINER_MAGIC.items() if b.startswith(magic)), None)
-                if kind or b[4:8] == b"ftyp":
-                    fail(f"--stream reads raw PCM, {path} is {kind or 'an mp4/m4a'}: "
-                         f"convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
+                for kind, (at, magic) in CONTAINER_MAGIC.items():
+                    if b[at:at + len(magic)] == magic:
+                        fail(f"--stream reads raw PCM, {path} is {kind}: "
+                             f"convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
                 first = False
             b = carry + b
             carry, b = b[len(b) // 2 * 2:], b[:len(b) // 2 * 2]    # a sample can be split across reads
@@ -410,12 +403,6 @@ class Mp4Writer:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
         self.frames = 0
 
-    def pad_audio(self):
-        """Silence up to the end of the last frame, as L.write_video pads a clip's audio."""
-        short = self.frames * SPF - self.wav.frames
-        if short > 0:
-            self.wav.write(np.zeros(short, np.float32))
-
     def write(self, frames):
         # libx264 wants even sizes: replicate the last row / column, as L.write_video does
         self.frames += len(frames)
@@ -428,7 +415,8 @@ class Mp4Writer:
 
     def finish(self):
         self.proc.stdin.close()
-        self.pad_audio()
+        # the audio ends with the last frame, padded with silence as L.write_video pads it
+        self.wav.write(np.zeros(max(0, self.frames * SPF - self.wav.frames), np.float32))
         self.wav.close()
         if self.proc.wait() != 0:
             self.failed(self.log)

@@ -1827,16 +1827,11 @@ def test_rollout_gradient_flows_only_through_the_exit_step(exit_step):
 
 def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     """`dmd` on tiny checkpoints: two steps run with finite losses, and the saved student (EMA weights) rebuilds as a causal DiT that differs from its init, its recipe in the checkpoint."""
-    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    teacher = dmd_dit()
+    dmd_run_options(tmp_path, monkeypatch)                 # the teacher, autoencoder and reward SyncNet
+    teacher = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)[0]
     student = L.DiT(L.DiTConfig(**TINY, causal=True))
     student.load_state_dict(teacher.state_dict())
-    L.save_checkpoint(tmp_path / "teacher.safetensors", teacher, teacher.cfg)
     L.save_checkpoint(tmp_path / "student_df.safetensors", student, student.cfg)
-    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
-    L.save_checkpoint(tmp_path / "syncnet_reward.safetensors", L.SyncNet(L.SyncNetConfig(width=4)).eval(),
-                      L.SyncNetConfig(width=4))
     _, log = train.main(["dmd", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--size", "32",
                          "--steps", "2", "--batch", "2", "--critic-steps", "2", "--lr", "1e-3", "--critic-lr", "1e-3"])
     assert len(log["dmd"]) == 2 and len(log["critic"]) == 4

@@ -1041,7 +1041,7 @@ def train_dmd(args):
         log["sync_c"].append(R.mean().item())
         log["ess"].append(L.effective_batch(R, args.beta, reward_scale))
         if (step + 1) % log_every == 0 or step + 1 == end:
-            n, dt = log_every, time.time() - t0                                  # the line averages the last n steps
+            n, dt = log_every, time.time() - t0                                  # means over the last n steps
             tqdm.write(f"dmd step {step + 1}/{steps} dmd loss {np.mean(log['dmd'][-n:]):.4f} "
                        f"critic loss {np.mean(log['critic'][-n * args.critic_steps:]):.4f} "
                        f"reward Sync-C {np.mean(log['sync_c'][-n:]):.2f} "
