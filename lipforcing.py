@@ -217,6 +217,18 @@ def _not_media(path, info):
     return MediaError(f"{path} could not be decoded ({_last_line(info)}): the file is corrupt or not audio/video")
 
 
+def _check_whole(path, stream):
+    """MediaError if ffmpeg's demuxer finds the first `stream` ("v" or "a") of `path` damaged or cut
+    short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
+    clip on silently; copying the packets to nowhere, without decoding, is where it says so."""
+    p = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:{stream}:0",
+                        "-c", "copy", "-f", "null", "-"], capture_output=True)
+    err = p.stderr.decode(errors="replace")
+    if err.strip() or p.returncode != 0:
+        what = re.sub(r"^\[[^]]*\]\s*", "", _last_line(err))           # drop ffmpeg's "[demuxer @ 0x..]"
+        raise MediaError(f"{path} is damaged or cut short ({what}): re-download or re-encode it")
+
+
 def has_audio(path):
     """True if ffmpeg sees an audio stream in `path` (False for undecodable files)."""
     return bool(_AUDIO_RE.search(_probe(check_file(path))))
@@ -262,6 +274,7 @@ def _ffmpeg_audio(path, sr):
         raise MediaError(f"{path} has no audio track: pass a separate wav/mp3/m4a file as the audio")
     if p.returncode != 0:
         raise MediaError(f"{path}: ffmpeg failed to decode the audio ({_last_line(err)}): re-encode it, e.g. to wav")
+    _check_whole(path, "a")
     return np.frombuffer(p.stdout, dtype=np.float32).copy()
 
 
@@ -366,6 +379,7 @@ def read_video(path, fps=FPS):
         raise _not_media(path, info)
     if not _VIDEO_RE.search(info):
         raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
+    _check_whole(path, "v")
     out, i, n_src = [], 0, 0
     try:
         with contextlib.closing(imageio_ffmpeg.read_frames(str(path))) as gen:
@@ -673,7 +687,9 @@ class Attention(nn.Module):
         one the cached keys come first and the queries take the last n positions."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # qk-norm in its weight's dtype: fp32 under bf16 autocast, as Wan computes it
+        w = self.q_norm.weight.dtype
+        q, k = self.q_norm(q.to(w)).to(v.dtype), self.k_norm(k.to(w)).to(v.dtype)
         if cache is not None:
             k, v = cache.layer(layer, k, v, tokens_per_frame)                    # (B, H, m, Dh)
         q, k = apply_rope(q, angles[-N:]), apply_rope(k, angles)

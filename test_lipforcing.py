@@ -356,6 +356,19 @@ def silent_mp4(tmp_path_factory):
     return p
 
 
+def cut_short(path, fmt="mp4"):
+    """A 4 s clip with video and audio, its index at the front (mp4 +faststart, or webm), cut to its
+    first half: a partial download, whose first ~2 s ffmpeg decodes and exits 0."""
+    whole = path.with_name("whole." + fmt)
+    codecs = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-movflags", "+faststart"] \
+        if fmt == "mp4" else ["-c:v", "libvpx", "-c:a", "libopus"]
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=32x32:rate=25:duration=4", "-f", "lavfi", "-i",
+           "sine=f=440:d=4", *codecs, whole)
+    data = whole.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return whole
+
+
 def test_mp4_round_trip(tmp_path):
     """Frames and audio survive write_video/read_video/read_audio within codec tolerance and stay in sync."""
     frames = synthetic_frames()
@@ -434,6 +447,9 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
     sf.write(wav, tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, np.float32), SAMPLE_RATE)
+    cut_mp4, cut_webm = tmp_path / "cut.mp4", tmp_path / "cut.webm"
+    whole = [cut_short(cut_mp4), cut_short(cut_webm, "webm")]
+    assert [len(read_video(p)[0]) for p in whole] == [100, 100]      # the whole files are fine
     cases = [
         (read_video, tmp_path / "missing.mp4", "does not exist"),
         (read_audio, tmp_path / "missing.wav", "does not exist"),
@@ -444,6 +460,10 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
         (read_audio, silent_mp4, "no audio track"),
         (read_video, wav, "no video stream"),
         (read_audio, empty, "no audio samples"),
+        (read_video, cut_mp4, "cut short (stream 0"),
+        (read_audio, cut_mp4, "cut short (stream 1"),
+        (read_video, cut_webm, "cut short (File ended prematurely)"),
+        (read_audio, cut_webm, "cut short"),
     ]
     for fn, path, what in cases:
         with pytest.raises(MediaError) as e:
@@ -635,6 +655,23 @@ def test_rope_is_relative():
     assert_close(a7, a0, 1e-5, "shifted positions")
     swapped = attn(x, L.rope_angles(freqs, torch.tensor([0, 2, 1]), 2, 2))
     assert (swapped - a0).abs().max() > 1e-3          # but the order does matter
+
+
+def test_qk_norm_runs_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the attention's q and k reach their RMS norms in fp32, the dtype of the
+    norms' weights (a bf16 input would take the unfused kernel, with a warning), and the attention
+    still returns bf16 and stays near its fp32 output."""
+    torch.manual_seed(0)
+    attn = L.Attention(64, 4)
+    x = torch.randn(1, 3 * 4, 64)
+    angles = L.rope_angles(L.rope_freqs(16, 10000.0), torch.arange(3), 2, 2)
+    seen = []
+    for norm in (attn.q_norm, attn.k_norm):
+        norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(x, angles)
+    assert seen == [torch.float32, torch.float32] and y.dtype == torch.bfloat16
+    assert (y.float() - attn(x, angles)).abs().max() < 0.05
 
 
 def test_ode_schedule_landmarks():
@@ -1159,6 +1196,11 @@ def _corrupt_audio(tmp):
     return tmp / "v.mp4", tmp / "bad.m4a"
 
 
+def _cut_short_video(tmp):
+    cut_short(tmp / "cut.mp4")
+    return tmp / "cut.mp4", tmp / "a.wav"
+
+
 @pytest.mark.parametrize("make, words", [
     (_missing, ("missing.mp4", "does not exist")),
     (_directory, ("is a directory",)),
@@ -1166,6 +1208,7 @@ def _corrupt_audio(tmp):
     (_audio_as_video, ("a.wav", "no video stream")),
     (_corrupt_video, ("bad.mp4", "could not be decoded")),
     (_corrupt_audio, ("bad.m4a", "could not be decoded")),
+    (_cut_short_video, ("cut.mp4", "cut short", "re-download")),
 ])
 def test_bad_media_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, ckpt, make, words):
     """Every bad media input ends with one line `sample.py: error: <what, what to do>`, exit code 2,
@@ -1579,7 +1622,7 @@ TINY = dict(dim=64, depth=2, heads=4, ffn=128)
 def dmd_dit(seed=0, **kw):
     """A tiny DiT whose zero-initialised layers are perturbed, so every path carries signal."""
     torch.manual_seed(seed)
-    model = L.DiT(L.DiTConfig(**TINY, **kw))
+    model = L.DiT(L.DiTConfig(**{**TINY, **kw}))
     for p in model.parameters():
         p.data += 0.05 * torch.randn_like(p)
     return model
@@ -1901,6 +1944,23 @@ def test_dmd_scores_the_teacher_as_real_and_the_critic_as_fake_guided_as_asked(t
         expected = {"none": torch.ones_like(t), "fixed": torch.full_like(t, L.CFG_SCALE),
                     "window": torch.where(inside, L.CFG_SCALE, 1.0)}[mode]
         assert torch.equal(scale_t.to(t.dtype).expand_as(t), expected), (mode, t, scale_t)
+
+
+def test_dmd_distils_a_deeper_teacher_into_a_smaller_student(tmp_path, monkeypatch):
+    """The paper's second scale: --init a student with fewer blocks than --teacher. The critic
+    starts as the (deeper) teacher, the saved student keeps its own depth, and the student update
+    scores the same rollout with both sizes."""
+    base = dmd_run_options(tmp_path, monkeypatch)                     # a 2-block teacher
+    small = dmd_dit(seed=1, depth=1, causal=True)
+    L.save_checkpoint(tmp_path / "small.safetensors", small, small.cfg)
+    base[base.index("--init") + 1] = str(tmp_path / "small.safetensors")
+    depths, predict_x0 = [], L.predict_x0
+    monkeypatch.setattr(L, "predict_x0", lambda model, *a, **kw: depths.append(len(model.blocks)) or predict_x0(model, *a, **kw))
+    _, log = train.main(["dmd", *base, "--steps", "1"])
+    assert depths == [2, 2] and all(np.isfinite(v) for v in log["dmd"] + log["critic"])   # teacher, then critic
+    out, cfg, _ = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
+    assert cfg.depth == 1 and cfg.causal and len(out.blocks) == 1
+    assert any((p - q).abs().max() > 0 for p, q in zip(out.parameters(), small.parameters()))
 
 
 def test_dmd_resumes_identically(tmp_path, monkeypatch):
