@@ -688,8 +688,8 @@ class Attention(nn.Module):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         # qk-norm in its weight's dtype: fp32 under bf16 autocast, as Wan computes it
-        w = self.q_norm.weight.dtype
-        q, k = self.q_norm(q.to(w)).to(v.dtype), self.k_norm(k.to(w)).to(v.dtype)
+        norm_dtype = self.q_norm.weight.dtype
+        q, k = self.q_norm(q.to(norm_dtype)).to(v.dtype), self.k_norm(k.to(norm_dtype)).to(v.dtype)
         if cache is not None:
             k, v = cache.layer(layer, k, v, tokens_per_frame)                    # (B, H, m, Dh)
         q, k = apply_rope(q, angles[-N:]), apply_rope(k, angles)
