@@ -25,6 +25,7 @@ import math
 import os
 import re
 import secrets
+import struct
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -53,17 +54,22 @@ MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP  # 4 mel frames per video frame
 def atomic_path(path):
     """Yield a hidden temp path beside `path`; it replaces `path` only if the block succeeds.
 
-    The parent folder is created if missing. On any failure the temp file is removed and an
-    existing `path` is left untouched (same folder, so os.replace is an atomic rename). The
-    suffix is kept: ffmpeg and soundfile choose the format from it."""
+    The parent folder is created if missing. On any failure the temp file and the folders made
+    for it are removed and an existing `path` is left untouched (same folder, so os.replace is an
+    atomic rename). The suffix is kept: ffmpeg and soundfile choose the format from it."""
     path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]   # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+        made = []
     finally:
         tmp.unlink(missing_ok=True)
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else writes there too
+                folder.rmdir()
 
 
 def positive_int(text):
@@ -192,6 +198,12 @@ def _ffmpeg():
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def ffmpeg_path(path):
+    """A local path as ffmpeg must be given it: ffmpeg reads `take1:final.mp4` as protocol `take1`
+    ("Protocol not found"), so every path goes in with the file: protocol spelled out."""
+    return f"file:{path}"
+
+
 def _last_line(text):
     lines = [l.strip() for l in str(text).splitlines() if l.strip()]
     return lines[-1] if lines else "no error output"
@@ -209,7 +221,7 @@ def check_file(path):
 
 def _probe(path):
     """ffmpeg's stream listing for `path` (stderr of `ffmpeg -i`; it exits 1 without an output, that's fine)."""
-    p = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True)
+    p = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path)], capture_output=True)
     return p.stderr.decode(errors="replace")
 
 
@@ -221,12 +233,46 @@ def _check_whole(path, stream):
     """MediaError if ffmpeg's demuxer finds the first `stream` ("v" or "a") of `path` damaged or cut
     short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
     clip on silently; copying the packets to nowhere, without decoding, is where it says so."""
-    p = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:{stream}:0",
+    p = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", ffmpeg_path(path), "-map", f"0:{stream}:0",
                         "-c", "copy", "-f", "null", "-"], capture_output=True)
     err = p.stderr.decode(errors="replace")
     if err.strip() or p.returncode != 0:
         what = re.sub(r"^\[[^]]*\]\s*", "", _last_line(err))           # drop ffmpeg's "[demuxer @ 0x..]"
         raise MediaError(f"{path} is damaged or cut short ({what}): re-download or re-encode it")
+
+
+def _declared_seconds(path):
+    """The length a wav's or flac's header states, in seconds; None for other files, or a header that
+    states none (a wav streamed through a pipe). A wav cut short still says how long it was meant to
+    be, though libsndfile just reads the samples that are there."""
+    suffix = path.suffix.lower()
+    if suffix == ".flac":
+        try:
+            info = sf.info(str(path))  # STREAMINFO's total, read from the first bytes
+        except RuntimeError:
+            return None
+        return info.frames / info.samplerate if info.frames > 0 else None
+    if suffix != ".wav":
+        return None
+    with open(path, "rb") as f:
+        riff = f.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
+            return None  # RF64, Wave64, or not a wav at all: the decoder has its say
+        rate = align = None
+        while len(head := f.read(8)) == 8:
+            chunk, n = struct.unpack("<4sI", head)
+            if chunk == b"fmt ":
+                fmt = f.read(n)
+                if len(fmt) >= 14:
+                    rate, align = struct.unpack_from("<I4xH", fmt, 4)  # sample rate, bytes per frame
+                f.seek(n & 1, 1)  # chunks are padded to even sizes
+            elif chunk == b"data":
+                if n in (0, 0xFFFFFFFF) or not (rate and align):
+                    return None
+                return n // align / rate
+            else:
+                f.seek(n + (n & 1), 1)
+    return None
 
 
 def has_audio(path):
@@ -263,9 +309,15 @@ def resample_audio(x, sr_in, sr_out):
 
 
 def _ffmpeg_audio(path, sr):
-    # ffmpeg downmixes (-ac 1) and resamples (-ar) itself; raw float32 comes out on stdout.
-    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:a:0",
-           "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
+    # ffmpeg downmixes (-ac 1) and resamples (-ar) itself; raw float32 comes out on stdout. Raw
+    # samples carry no timestamps, so an audio track that starts after the container's time 0 (an
+    # mkv muxed with -itsoffset, a late mp4 edit) would slide to sample 0 and out of sync with the
+    # frames. aresample places the samples by their timestamps instead: first_pts=0 pads a late
+    # start with silence (and trims samples before 0), async=1 fills a gap later in the track the
+    # same way. Audio that starts at 0 comes out sample for sample as without the filter (checked on
+    # mp4/m4a AAC with its priming trimmed, mp3, opus, webm, avi, ts).
+    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path), "-map", "0:a:0",
+           "-af", "aresample=async=1:first_pts=0", "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
     p = subprocess.run(cmd, capture_output=True)
     err = p.stderr.decode(errors="replace")
     if "Stream #" not in err:  # ffmpeg never got as far as listing streams
@@ -281,6 +333,7 @@ def _ffmpeg_audio(path, sr):
 def read_audio(path, sr=SAMPLE_RATE):
     """Mono float32 audio in [-1, 1] at `sr` from an audio file or the audio track of a video."""
     path = check_file(path)
+    declared = _declared_seconds(path)
     x = None
     if path.suffix.lower() in _SOUNDFILE_EXTS:
         try:
@@ -292,6 +345,9 @@ def read_audio(path, sr=SAMPLE_RATE):
         x = _ffmpeg_audio(path, sr)
     if len(x) == 0:
         raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
+    if declared is not None and declared - len(x) / sr > 1 / FPS:  # a missing part under a frame is harmless
+        raise MediaError(f"{path} is damaged or cut short (its header says {declared:.2f} s, it holds "
+                         f"{len(x) / sr:.2f} s): re-download or re-encode it")
     if not np.isfinite(x).all():
         raise MediaError(f"{path} holds NaN or infinite samples: re-export it (e.g. as a 16-bit PCM wav)")
     # Float files and the resampler can overshoot slightly; the model expects [-1, 1].
@@ -324,19 +380,39 @@ def _pad_even(frame):
     return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else frame
 
 
-def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE):
+def _check_frames(frames, path, size=None):
+    """`frames` as a uint8 array (m, H, W, 3), of frame size `size` = (H, W) when one is given;
+    else MediaError."""
+    frames = np.asarray(frames)
+    if (frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape[1:]
+            or size not in (None, frames.shape[1:3])):
+        want = "(T, H, W, 3)" if size is None else f"(m, {size[0]}, {size[1]}, 3)"
+        raise MediaError(f"cannot write {path}: frames must be a non-empty uint8 array {want}, "
+                         f"got {frames.dtype} {frames.shape}")
+    return frames
+
+
+def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
     """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC.
+
+    With `shape` = (T, H, W, 3), `frames` is instead an iterable of uint8 (m, H, W, 3) batches that
+    together make that clip (a generator, as a model makes them): each batch is encoded as it comes,
+    so a long clip is never held whole, and the file is byte for byte the one the whole array would
+    give. The shape is given up front because ffmpeg needs the frame size, and the audio its length,
+    before the first frame.
 
     Odd H or W is padded to even by replicating the last row/column, so read_video returns the
     padded size. The video length rules: audio is cut or zero-padded to exactly T / fps seconds
     (we do it here instead of ffmpeg's -shortest, which would cut the video if the audio is short).
     Atomic (see atomic_path): on failure nothing is left at `path` or next to it.
     """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+    if shape is None:                                   # the whole clip in hand: one batch of it
+        frames = _check_frames(frames, path)
+        shape, frames = frames.shape, [frames]
+    T, H, W, _ = shape
+    if T == 0:
         raise MediaError(f"cannot write {path}: frames must be a non-empty uint8 array (T, H, W, 3), "
-                         f"got {frames.dtype} {frames.shape}")
-    T, H, W, _ = frames.shape
+                         f"got {tuple(shape)}")
     rate = str(Fraction(fps).limit_denominator(1001))  # exact for 25, 30, 30000/1001
     cmd = [_ffmpeg(), "-y", "-hide_banner", "-nostdin", "-v", "error",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W + W % 2}x{H + H % 2}", "-r", rate, "-i", "-"]
@@ -349,13 +425,19 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE):
             sf.write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
             cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
-                "-movflags", "+faststart", str(tmp)]
+                "-movflags", "+faststart", ffmpeg_path(tmp)]
         # stderr goes to a file, not a pipe: an unread pipe can fill up and deadlock ffmpeg.
         with open(os.path.join(td, "ffmpeg.log"), "w+b") as log:
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+            written = 0
             try:
-                for frame in frames:  # stream frame by frame: no second full copy of the clip
-                    p.stdin.write(np.ascontiguousarray(_pad_even(frame)).tobytes())
+                for batch in frames:
+                    batch = _check_frames(batch, path, (H, W))
+                    for frame in batch:  # stream frame by frame: no second full copy of the clip
+                        p.stdin.write(np.ascontiguousarray(_pad_even(frame)).tobytes())
+                    written += len(batch)
+                if written != T:  # the audio was cut to T frames: a clip of another length is a bug upstream
+                    raise MediaError(f"cannot write {path}: {written} frames came, not the {T} of shape {tuple(shape)}")
                 p.stdin.close()
                 rc = p.wait()
             except BrokenPipeError:  # ffmpeg died early; its log says why
@@ -382,7 +464,7 @@ def read_video(path, fps=FPS):
     _check_whole(path, "v")
     out, i, n_src = [], 0, 0
     try:
-        with contextlib.closing(imageio_ffmpeg.read_frames(str(path))) as gen:
+        with contextlib.closing(imageio_ffmpeg.read_frames(ffmpeg_path(path))) as gen:
             meta = next(gen)
             w, h = meta["size"]
             src_fps = float(meta["fps"]) or float(fps)  # fps 0 means "unknown": take frames as they come
@@ -402,8 +484,11 @@ def read_video(path, fps=FPS):
     # clip (T_src / src_fps seconds), so T_out * SAMPLES_PER_FRAME never outruns the clip's audio.
     # The loop above may have produced one frame too many; a clip shorter than one output frame
     # still gives 1.
-    t_out = max(1, math.floor(n_src * fps / src_fps + 1e-6))
-    return np.stack(out[:t_out]), src_fps
+    t_out = min(len(out), max(1, math.floor(n_src * fps / src_fps + 1e-6)))
+    frames = np.empty((t_out, h, w, 3), np.uint8)
+    for k in range(t_out):  # each decoded frame let go as it is copied: the clip is never held twice
+        frames[k], out[k] = out[k], None
+    return frames, src_fps
 
 
 # -----------------------------------------------------------------------------
@@ -1197,15 +1282,23 @@ def mouth_error(net, frames, mouth, batch=512):
 
 
 VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
+RESIZE_VALUES = 2 ** 24   # float values resize_frames holds at a time: 64 MB (a 150-frame 720p clip is 1.7 GB)
 
 
 def resize_frames(frames, size):
-    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging)."""
-    if frames.shape[1:3] == (size, size):
+    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging).
+    A few frames at a time (RESIZE_VALUES), so the float copies stay small however long and large
+    the clip; each frame is resized on its own either way, so the result is the same."""
+    T, H, W, _ = frames.shape
+    if (H, W) == (size, size):
         return frames
-    x = frames_to_tensor(frames)
-    mode = "area" if min(frames.shape[1:3]) >= size else "bilinear"
-    return tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
+    mode = "area" if min(H, W) >= size else "bilinear"
+    step = max(1, RESIZE_VALUES // (H * W * 3))
+    out = np.empty((T, size, size, 3), np.uint8)
+    for i in range(0, T, step):
+        x = frames_to_tensor(frames[i:i + step])                                   # (b, 3, H, W)
+        out[i:i + step] = tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
+    return out
 
 
 def folder_pool(folder, size=64, min_frames=16, progress=True):
@@ -1214,7 +1307,8 @@ def folder_pool(folder, size=64, min_frames=16, progress=True):
     from tqdm import tqdm
     if not os.path.isdir(folder):
         raise MediaError(f"{folder} is not a folder: --data takes a folder of mp4/mov/webm/avi clips")
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS)
+    # hidden files are not clips: macOS's ._name.mp4 resource forks, a write's .name.tmp-*.mp4 left over
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
     if not paths:
         raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
     clips = []

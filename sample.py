@@ -23,7 +23,8 @@ upper face is the source, pixel for pixel, at the source's resolution (odd sizes
 padded to even as L.write_video does). Silent audio is not an error: the student draws what it
 learnt for silence (SynthTalk's pauses hold the lips closed). Outputs are written atomically and
 their folder is created. Every bad input, and an option the chosen mode would ignore, ends with
-one line `sample.py: error: ...` and exit code 2; Ctrl-C or SIGTERM ends with exit code 130 and no file.
+one line `sample.py: error: ...` and exit code 2; Ctrl-C, SIGTERM or SIGHUP (the terminal closed) ends
+with exit code 130 and no file.
 
 TTFF (time to first frame), as the benchmark reports it:
   compute TTFF = wall time from the start of processing, with all input already available, to the
@@ -118,13 +119,16 @@ def get_args(argv=None):
 
 
 def check_folder(folder, what, path):
-    """The folder an output goes into (created if missing) must not lie under a file: the nearest
-    existing path on its way up is a folder."""
+    """The folder an output goes into (created if missing) must not lie under a file, and we must
+    be able to write there: the nearest existing path on its way up is a folder we may create files
+    in. Checked first, so a read-only folder costs no run (nor a whole live session)."""
     parent = os.path.abspath(folder)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         fail(f"{what} {path}: {parent} is a file, not a folder; pick another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{what} {path}: cannot write in {parent}; pick a folder you can write to")
 
 
 def check_args(args):
@@ -135,6 +139,8 @@ def check_args(args):
     for name, value in (("--seconds", args.seconds), ("--long-stream", args.long_stream)):
         if value is not None and not 0 < value < math.inf:
             fail(f"{name} {value:g}: takes a positive number of seconds")
+        if value is not None and value < 1 / L.FPS:
+            fail(f"{name} {value:g}: shorter than one frame at {L.FPS} fps; pass {1 / L.FPS:g} or more")
     if not 0 <= args.seed < 2 ** 63:
         fail(f"--seed {args.seed}: takes a whole number from 0 to 2**63 - 1")
     modes = [m for m, on in (("--stream", args.stream), ("--benchmark", args.benchmark),
@@ -148,6 +154,9 @@ def check_args(args):
     for name, default in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.benchmark and args.seconds < (1 + L.TEACHER_HOP) / L.FPS:
+        fail(f"--seconds {args.seconds:g}: the benchmark's teacher needs one {1 + L.TEACHER_HOP}-frame window; "
+             f"pass --seconds {(1 + L.TEACHER_HOP) / L.FPS:g} or more")
     if args.patch is not None and not (args.benchmark and args.shape):
         fail("--patch sets the random-init models of --benchmark --shape; a checkpoint keeps its own patch")
     try:
@@ -260,13 +269,19 @@ def pingpong(i, T):
 
 def paste(source, generated):
     """Blend generated frames into the source frames at the source's resolution (L.composite):
-    source uint8 (n, H, W, 3), generated uint8 (n, s, s, 3) -> uint8 (n, H, W, 3)."""
+    source uint8 (n, H, W, 3), generated uint8 (n, s, s, 3) -> uint8 (n, H, W, 3). One frame at a
+    time: the float copies at the source's resolution are then one frame's, not a chunk's (a
+    12-frame chunk at 720p makes several of 130 MB each)."""
     H, W = source.shape[1:3]
-    if generated.shape[1:3] != (H, W):
-        x = L.frames_to_tensor(generated)                                          # (n, 3, s, s)
-        mode = "bilinear" if H * W >= x.shape[-1] * x.shape[-2] else "area"
-        generated = L.tensor_to_frames(F.interpolate(x, size=(H, W), mode=mode))   # (n, H, W, 3)
-    return L.composite(source, generated)
+    out = np.empty_like(source)
+    for k in range(len(source)):
+        g = generated[k:k + 1]
+        if g.shape[1:3] != (H, W):
+            x = L.frames_to_tensor(g)                                              # (1, 3, s, s)
+            mode = "bilinear" if H * W >= x.shape[-1] * x.shape[-2] else "area"
+            g = L.tensor_to_frames(F.interpolate(x, size=(H, W), mode=mode))       # (1, H, W, 3)
+        out[k:k + 1] = L.composite(source[k:k + 1], g)
+    return out
 
 
 def dub(stream, source, pieces, size):
@@ -343,13 +358,17 @@ def files(args):
           f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
           + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
     stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
-    out = []
-    with L.autocast(args.device), tqdm(total=n, unit="frame") as bar:
-        for frames in dub(stream, source, frame_pieces(audio), args.size):
-            out.append(frames)
-            bar.update(len(frames))
     dest = args.out or os.path.join("out", f"{os.path.splitext(os.path.basename(args.video))[0]}-lipsync.mp4")
-    L.write_video(dest, np.concatenate(out), audio)
+
+    def made():                                           # the frames as the stream makes them, counted
+        for frames in dub(stream, source, frame_pieces(audio), args.size):
+            bar.update(len(frames))
+            yield frames
+
+    # each chunk goes to the encoder as it is made: the output clip, as large as the source, is
+    # never held whole (the mp4 is the same, byte for byte, as from the whole array)
+    with L.autocast(args.device), tqdm(total=n, unit="frame") as bar:
+        L.write_video(dest, made(), audio, shape=(n, *source.shape[1:]))
     print(f"wrote {dest}")
 
 
@@ -423,7 +442,7 @@ class Mp4Writer:
         with L.atomic_path(self.path) as tmp, tempfile.TemporaryFile() as log:
             cmd = [FFMPEG, "-y", "-hide_banner", "-nostdin", "-v", "error", "-i", self.video, "-i", self.wav.name,
                    "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "128k",
-                   "-movflags", "+faststart", str(tmp)]
+                   "-movflags", "+faststart", L.ffmpeg_path(tmp)]
             if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=log).returncode != 0:
                 self.failed(log)
 
@@ -600,9 +619,7 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
 
 def benchmark(args):
     dev, cuda = args.device, args.device.startswith("cuda")
-    clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
-    if len(clip.frames) < 1 + L.TEACHER_HOP:
-        fail(f"--seconds {args.seconds}: the teacher needs one {1 + L.TEACHER_HOP}-frame window; pass --seconds 1.4 or more")
+    clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)    # long enough: check_args
     # weights from the checkpoints where they exist, else random init: speed does not depend on them.
     # The DiTs wait on the CPU; each goes to the device for its own run, so its peak memory is its own.
     if os.path.isfile(args.vae):
@@ -698,17 +715,21 @@ def long_stream(args):
     at["end"] = memory()
     dt = time.perf_counter() - t0
     last = np.stack(last)
+    measured = n > net.cfg.frames                         # as in the demo: Sync-C needs more than one window
     res = {"seconds": args.long_stream, "frames": n, "fps": n / dt, "student": path, "steps": args.steps,
-           "memory": at, "sync_c_first_30s": sync_c(net, np.stack(first), clip.dub_audio),
-           "sync_c_last_30s": sync_c(net, last, clip.dub_audio[(n - len(last)) * SPF:])}
+           "memory": at, "sync_c_first_30s": sync_c(net, np.stack(first), clip.dub_audio) if measured else None,
+           "sync_c_last_30s": sync_c(net, last, clip.dub_audio[(n - len(last)) * SPF:]) if measured else None}
     print(f"\nlong stream: {args.long_stream:g} s SynthTalk test clip 0 dubbed, {path}, {n / dt:.1f} FPS on {args.device}\n")
     print("| | at 20 s | at the end (after the flush: no input buffered) |\n|---|---|---|")
     get = lambda k, key, f: f.format(at[k][key]) if k in at and at[k][key] is not None else "-"
     for label, key, f in (("frames", "frames", "{:d}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
                           ("RSS now (MB)", "rss_mb", "{:.0f}"), ("stream state (bytes)", "state_bytes", "{:d}")):
         print(f"| {label} | {get('20s', key, f)} | {get('end', key, f)} |")
-    print(f"\nSync-C (eval SyncNet, vs the dub audio): first 30 s {res['sync_c_first_30s']:.2f}, "
-          f"last 30 s {res['sync_c_last_30s']:.2f}")
+    if measured:
+        print(f"\nSync-C (eval SyncNet, vs the dub audio): first 30 s {res['sync_c_first_30s']:.2f}, "
+              f"last 30 s {res['sync_c_last_30s']:.2f}")
+    else:
+        print(f"\nSync-C: not measured, it takes more than {net.cfg.frames} frames ({n} here)")
     L.save_json(os.path.join(args.results, "long_stream.json"), res)
 
 
@@ -743,10 +764,13 @@ def main(argv=None):
 
 
 def terminated(signum, frame):
-    """SIGTERM ends the run as Ctrl-C does: temp files and folders are removed on the way out."""
+    """SIGTERM (kill) and SIGHUP (the terminal closed) end the run as Ctrl-C does: temp files and
+    folders are removed on the way out."""
     raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, terminated)            # the command only: not a library's to set for its host
+    for name in ("SIGTERM", "SIGHUP"):                   # the command only: not a library's to set for its host
+        if hasattr(signal, name):                        # Windows has no SIGHUP
+            signal.signal(getattr(signal, name), terminated)
     main()

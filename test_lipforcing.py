@@ -450,6 +450,21 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
     cut_mp4, cut_webm = tmp_path / "cut.mp4", tmp_path / "cut.webm"
     whole = [cut_short(cut_mp4), cut_short(cut_webm, "webm")]
     assert [len(read_video(p)[0]) for p in whole] == [100, 100]      # the whole files are fine
+    # wav and flac cut in half: libsndfile reads the wav's first half without a word, and fails on
+    # the flac, whose first part ffmpeg then decodes and exits 0. Their headers state the full 4 s.
+    four_s = tone(4.0, SAMPLE_RATE)
+    for ext in ("wav", "flac"):
+        sf.write(tmp_path / f"whole.{ext}", four_s, SAMPLE_RATE)
+        data = (tmp_path / f"whole.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[:len(data) // 2])
+        assert len(read_audio(tmp_path / f"whole.{ext}")) == len(four_s)
+    # a wav streamed through a pipe states no length (data size 0xFFFFFFFF): not an error
+    piped = tmp_path / "piped.wav"
+    data = bytearray((tmp_path / "whole.wav").read_bytes())
+    assert data[36:40] == b"data"
+    data[40:44] = b"\xff" * 4
+    piped.write_bytes(bytes(data))
+    assert len(read_audio(piped)) == len(four_s)
     cases = [
         (read_video, tmp_path / "missing.mp4", "does not exist"),
         (read_audio, tmp_path / "missing.wav", "does not exist"),
@@ -464,6 +479,8 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
         (read_audio, cut_mp4, "cut short (stream 1"),
         (read_video, cut_webm, "cut short (File ended prematurely)"),
         (read_audio, cut_webm, "cut short"),
+        (read_audio, tmp_path / "cut.wav", "cut short (its header says 4.00 s, it holds 2.00 s)"),
+        (read_audio, tmp_path / "cut.flac", "cut short (its header says 4.00 s"),
     ]
     for fn, path, what in cases:
         with pytest.raises(MediaError) as e:
@@ -499,6 +516,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "_pad_even", flaky_pad)
     with pytest.raises(RuntimeError, match="boom"):
         write_video(out, synthetic_frames(20), tone(0.8, SAMPLE_RATE))
+    assert os.listdir(tmp_path) == []
+    calls.clear()                                        # nor the folders it made for the output
+    with pytest.raises(RuntimeError, match="boom"):
+        write_video(tmp_path / "new" / "deeper" / "out.mp4", synthetic_frames(20))
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
 
@@ -601,6 +622,26 @@ def test_timestep_embedding_and_rope_angles_reference():
     angles = L.rope_angles((ft, fh, fw), torch.tensor([2, 5]), 3, 2)           # 2 frames of 3 rows x 2 columns
     ref = torch.stack([torch.cat([f * ft, r * fh, c * fw]) for f in (2, 5) for r in range(3) for c in range(2)])
     assert torch.equal(angles, ref)
+
+
+def test_rope_is_wans():
+    """A straight port of Wan2.1's RoPE at its head dim 128: the split (t gets d - 4 (d // 6), h and w
+    2 (d // 6) each), each part's frequencies from rope_params (theta^(-2k / part)), and the
+    rotation as a complex multiply of channel pairs (x_2i + j x_2i+1) e^(j angle)."""
+    d, theta = 128, 10000.0
+    rope_params = lambda dim: 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float64).div(dim))
+    for got, part in zip(L.rope_freqs(d, theta), (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))):
+        assert torch.equal(got, rope_params(part))
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)                     # (B, H, N, Dh)
+    angles = torch.rand(5, 4, dtype=torch.float64) * 6
+    rotated = torch.view_as_complex(x.reshape(2, 3, 5, 4, 2)) * torch.polar(torch.ones_like(angles), angles)
+    assert_close(L.apply_rope(x, angles), torch.view_as_real(rotated).flatten(-2), 1e-12)
+
+
+def test_audio_every_sets_the_blocks_that_take_audio():
+    """audio_every = k: blocks 0, k, 2k, ... add the audio (OmniAvatar-style), the others have no audio layer."""
+    m = L.DiT(L.DiTConfig(dim=64, depth=6, heads=4, ffn=128, audio_every=2))
+    assert [b.audio is not None for b in m.blocks] == [True, False, True, False, True, False]
 
 
 def saved_bytes_and_grads(model, fn):
@@ -896,19 +937,21 @@ def test_streaming_with_cache_equals_block_causal_forward(patch):
     assert (bidirectional - full)[:, :-chunk].abs().max() > 1e-3    # the mask really changes the result
 
 
-def test_rolling_cache_attention_equals_explicit_slicing():
-    """(b) With rolling, each chunk attends exactly [sink frame | the last 3 cached frames | itself],
-    rotated by place: one attention layer fed chunk by chunk equals a reference that assembles
-    those keys by hand from all frames' projections."""
+@pytest.mark.parametrize("window, sink", train.DF_CACHES)
+def test_rolling_cache_attention_equals_explicit_slicing(window, sink):
+    """(b) With rolling, each chunk attends exactly [the first `sink` frames | the last
+    window - chunk - sink cached frames | itself], rotated by place: one attention layer fed chunk
+    by chunk equals a reference that assembles those keys by hand from all frames' projections.
+    Every (window, sink) that df trains with, the default (7, 1) first."""
     torch.manual_seed(0)
-    D, H, N, chunk = 32, 4, 4, 3
+    D, H, N, chunk, n_chunks = 32, 4, 4, 3, 7
     attn = L.Attention(D, H).double()
     freqs = L.rope_freqs(D // H, 10000.0)
-    cache = L.KVCache(1, sink=1, window=7, chunk=chunk)
-    xs = torch.randn(1, 6 * chunk * N, D, dtype=torch.float64)           # 6 chunks of 3 frames of N tokens
+    cache = L.KVCache(1, sink=sink, window=window, chunk=chunk)
+    xs = torch.randn(1, n_chunks * chunk * N, D, dtype=torch.float64)   # chunks of 3 frames of N tokens
     q_all, k_all, v_all = attn.qkv(xs).view(1, -1, 3, H, D // H).permute(2, 0, 3, 1, 4)
-    k_all = attn.k_norm(k_all)
-    for c in range(6):
+    k_all, recent = attn.k_norm(k_all), window - chunk - sink
+    for c in range(n_chunks):
         x = xs[:, c * chunk * N:(c + 1) * chunk * N]
         past = cache.cached_frames
         out = attn(x, L.rope_angles(freqs, torch.arange(past + chunk), 2, 2), cache=cache, tokens_per_frame=N)
@@ -916,9 +959,10 @@ def test_rolling_cache_attention_equals_explicit_slicing():
         attn(x, L.rope_angles(freqs, torch.arange(past + chunk), 2, 2), cache=cache, tokens_per_frame=N)
         cache.update = False
         cache.frames += chunk
-        # reference: frames [0] + the 3 before this chunk (or fewer) + this chunk, by hand
-        frames = sorted(set([0] * (c > 0) + list(range(max(1, c * chunk - 3), c * chunk)))) + \
-            list(range(c * chunk, (c + 1) * chunk))
+        # reference: the sink frames + the `recent` frames before this chunk (or all, while they fit)
+        prev = list(range(c * chunk))
+        keep = prev if len(prev) <= sink + recent else prev[:sink] + prev[len(prev) - recent:]
+        frames = keep + list(range(c * chunk, (c + 1) * chunk))
         tok = torch.cat([torch.arange(f * N, (f + 1) * N) for f in frames])
         ang = L.rope_angles(freqs, torch.arange(len(frames)), 2, 2)
         q = L.apply_rope(attn.q_norm(q_all[:, :, c * chunk * N:(c + 1) * chunk * N]), ang[-chunk * N:])
@@ -926,7 +970,7 @@ def test_rolling_cache_attention_equals_explicit_slicing():
         ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // H), -1) @ v_all[:, :, tok]
         ref = attn.proj(ref.transpose(1, 2).reshape(1, -1, D))
         assert_close(out, ref, 1e-10, f"chunk {c}")
-    assert cache.cached_frames == 4 and cache.k[0].shape[2] == 4 * N
+    assert cache.cached_frames == sink + recent and cache.k[0].shape[2] == (sink + recent) * N
 
 
 def test_dynamic_rope_output_depends_only_on_cache_contents():
@@ -1056,20 +1100,28 @@ def test_composite_mask_ramps_across_the_middle_row():
     assert m[14:18, 0, 0].tolist() == [0.0, 0.25, 0.75, 1.0]
 
 
-def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_clips_audio(monkeypatch):
-    """A clip that ends mid-chunk streams as the same clip padded by hand with its last frame; and
-    every chunk's packed audio equals the rows pack_audio cuts from the whole clip's features."""
+def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_training_inputs(monkeypatch):
+    """A clip that ends mid-chunk streams as the same clip padded by hand with its last frame; every
+    chunk gets the conditions (reference latent | lower-face mask | masked source latent) and packed
+    audio that latent_window builds for training from the whole (padded) clip, and fresh noise for
+    each of its steps, drawn from the stream's seeded generator."""
     ae, model = tiny_stream_models()
     clip = L.synthtalk_clip("test", 1, seconds=2.3, size=32)
     frames = clip.frames[:50]                                              # 9 + 12 + 12 + 12, then 5
     padded = np.concatenate([frames, frames[-1:].repeat(7, 0)])
     fed = []
     sample_chunk = L.sample_chunk
-    monkeypatch.setattr(L, "sample_chunk", lambda m, cond, audio, *a: fed.append(audio[0]) or sample_chunk(m, cond, audio, *a))
+    monkeypatch.setattr(L, "sample_chunk", lambda m, cond, audio, noises, *a: fed.append((cond[0], audio[0], noises))
+                        or sample_chunk(m, cond, audio, noises, *a))
     out = L.lipsync(model, ae, frames, clip.audio, seed=2)
     ctx = model.cfg.audio_context
-    whole = L.pack_audio(L.audio_frame_features(clip.audio, ctx), 0, 15, ctx)          # latent frames 0..14
-    assert_close(torch.cat(fed), whole, 1e-5, "packed audio")
+    _, cond, audio = L.latent_window(L.encode_clip(ae, padded, clip.audio, ctx), 0, 15, 0, ctx)  # latents 0..14
+    assert_close(torch.cat([c for c, _, _ in fed]), cond, 1e-5, "conditions")
+    assert_close(torch.cat([a for _, a, _ in fed]), audio, 1e-5, "packed audio")
+    gen = torch.Generator().manual_seed(2)
+    for _, _, noises in fed:                                               # (steps, 1, F, 16, h, w)
+        assert torch.equal(noises, torch.randn(noises.shape, generator=gen))
+    monkeypatch.undo()
     assert np.array_equal(out, L.lipsync(model, ae, padded, clip.audio, seed=2)[:50])
 
 
@@ -1201,6 +1253,12 @@ def _cut_short_video(tmp):
     return tmp / "cut.mp4", tmp / "a.wav"
 
 
+def _cut_short_audio(tmp):
+    data = (tmp / "a.wav").read_bytes()
+    (tmp / "cut.wav").write_bytes(data[:len(data) // 2])
+    return tmp / "v.mp4", tmp / "cut.wav"
+
+
 @pytest.mark.parametrize("make, words", [
     (_missing, ("missing.mp4", "does not exist")),
     (_directory, ("is a directory",)),
@@ -1209,6 +1267,7 @@ def _cut_short_video(tmp):
     (_corrupt_video, ("bad.mp4", "could not be decoded")),
     (_corrupt_audio, ("bad.m4a", "could not be decoded")),
     (_cut_short_video, ("cut.mp4", "cut short", "re-download")),
+    (_cut_short_audio, ("cut.wav", "cut short", "re-download")),
 ])
 def test_bad_media_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, ckpt, make, words):
     """Every bad media input ends with one line `sample.py: error: <what, what to do>`, exit code 2,
@@ -1393,10 +1452,12 @@ def test_stream_equals_offline_and_keeps_the_upper_face(tmp_path, capsysbinary, 
     from it in the lower face."""
     src = face_video(tmp_path / "v.mp4", 7, H=45, W=38)
     n = speech(tmp_path / "a.wav", 57.5)                                   # 4 chunks, a partial one, the cache rolls
-    written = {}
-    write = L.write_video
-    monkeypatch.setattr(L, "write_video", lambda path, frames, audio=None: (written.update(frames=frames),
-                                                                            write(path, frames, audio)))
+    written, write = [], L.write_video
+
+    def spy(path, frames, audio=None, shape=None):        # the batches files() hands to write_video
+        write(path, (written.append(f) or f for f in frames), audio, shape=shape)
+
+    monkeypatch.setattr(L, "write_video", spy)
     code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
                         *ckpt], capsysbinary)
     assert code == 0, err
@@ -1408,12 +1469,11 @@ def test_stream_equals_offline_and_keeps_the_upper_face(tmp_path, capsysbinary, 
     H, W = src.shape[1:3]
     live = np.frombuffer(raw, np.uint8).reshape(-1, H, W, 3)
     assert len(live) == math.ceil(n / SAMPLES_PER_FRAME)
-    assert np.array_equal(live, written["frames"])
+    assert np.array_equal(live, np.concatenate(written))
     same = L.composite_mask(H, W)[:, 0, 0] == 0                           # rows the generated face never touches
     ping = src[[sample.pingpong(i, len(src)) for i in range(len(live))]]
     assert np.array_equal(live[:, same], ping[:, same])
     assert np.abs(live[:, H * 3 // 4:].astype(int) - ping[:, H * 3 // 4:]).mean() > 1
-
 
 def test_stream_to_mp4_from_a_growing_file(tmp_path, capsysbinary, ckpt, monkeypatch):
     """--stream from a raw PCM file (read as it grows, ended after GROW_IDLE s of quiet) to an mp4:
@@ -1683,6 +1743,16 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
 
 # -----------------------------------------------------------------------------
 # Sync-Window CFG
+
+
+def test_dmd_timesteps_are_shifted_uniform():
+    """DMD's re-noise t = shift_t(u), u ~ U[0.02, 0.98]: shift_t is monotone, so the median is
+    shift_t(0.5) = 0.833 (an unshifted draw would put it at 0.5) and the range [shift_t(0.02), shift_t(0.98)]."""
+    torch.manual_seed(0)
+    t = L.dmd_timesteps(20000)
+    lo, hi = L.DMD_T_RANGE
+    assert abs(t.median().item() - L.shift_t(0.5)) < 0.01
+    assert t.min() >= L.shift_t(lo) and t.max() <= L.shift_t(hi)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -2211,3 +2281,428 @@ def test_fsdp_shards_the_teacher_over_two_processes(tmp_path, monkeypatch):
         assert len(w0[k]) == (len(v) + 1) // 2 and len(w0[k]) + len(w1[k]) == len(v), k
         assert_close(torch.cat([w0[k], w1[k]]), v, 1e-5, k)
     assert saved_dits_match(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# train.py: resuming, the options a stage acts on, and train_dmd's wiring
+
+
+def test_resume_restores_the_training_devices_generator(tmp_path, monkeypatch):
+    """On a GPU the noise comes from the device's own generator, which every stage reseeds at its
+    start: the training-state file keeps its state too, so a resumed run draws the noise an
+    uninterrupted one draws. No GPU here: a CPU generator plays the GPU's, behind torch.cuda's
+    get_rng_state / set_rng_state, and fit trains for device "cuda"."""
+    gpu = torch.Generator()
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpu.get_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": gpu.set_state(state))
+
+    def run(state, stop_after=None):
+        torch.manual_seed(0)
+        gpu.manual_seed(0)                    # what torch.manual_seed(seed) does to the GPU's generator
+        model = torch.nn.Linear(4, 1)
+        step = lambda i: ((model(torch.randn(8, 4, generator=gpu)) - 1).pow(2).mean(), 8)
+        return train.fit(model, step, 6, 1e-2, "toy", state=str(state), stop_after=stop_after, device="cuda")
+    whole = run(tmp_path / "a.state.safetensors")
+    first = run(tmp_path / "b.state.safetensors", stop_after=3)
+    rest = run(tmp_path / "b.state.safetensors")
+    assert len(first) == 3 and first + rest == whole
+
+
+@pytest.mark.parametrize("stage, argv", [
+    ("vae", ["--clips", "2", "--seconds", "1", "--batch", "2"]),
+    ("syncnet", ["--clips", "4", "--seconds", "2", "--batch", "16"]),
+    ("mouthnet", ["--clips", "2", "--seconds", "1", "--batch", "4"]),
+])
+def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch):
+    """vae, syncnet and mouthnet keep a training-state file too: a run stopped after 2 of 4 steps
+    and resumed gives the losses and weights (BatchNorm statistics included) of an uninterrupted run."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train, "eval_syncnet", lambda net, test, val: {})      # the table after training: not
+    monkeypatch.setattr(train, "val_clips", lambda args, n=16: [])              # what this test is about
+    base = [stage, *argv, "--steps", "4", "--size", "32", "--test-clips", "1", "--ckpt-dir", str(tmp_path)]
+    whole_model, whole = train.main(base + ["--out", str(tmp_path / "a.safetensors")])
+    first = train.main(base + ["--stop-after", "2", "--out", str(tmp_path / "b.safetensors")])[1]
+    model, rest = train.main(base + ["--resume", "--out", str(tmp_path / "b.safetensors")])
+    assert (tmp_path / "b.state.safetensors").is_file()
+    assert len(first) == 2 and first + rest == whole
+    a, b = whole_model.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["teacher", "--init", "t.safetensors"], "--init does nothing in teacher"),
+    (["syncnet", "--init", "s.safetensors"], "--init does nothing in syncnet"),
+    (["mouthnet", "--init", "m.safetensors"], "--init does nothing in mouthnet"),
+    (["eval", "--resume"], "--resume does nothing in eval"),
+    (["eval-student", "--stop-after", "3"], "--stop-after does nothing in eval-student"),
+    (["foundation", "--state", "f.state.safetensors"], "--state does nothing in foundation"),
+    (["teacher", "--fsdp", "--resume"], "--resume does nothing under --fsdp"),
+    (["df", "--fsdp", "--state", "d.state.safetensors"], "--state does nothing under --fsdp"),
+    (["dmd", "--fsdp", "--stop-after", "5"], "--stop-after does nothing under --fsdp"),
+    (["vae", "--compile"], "--compile does nothing in vae"),
+    (["syncnet", "--compile"], "--compile does nothing in syncnet"),
+    (["df", "--compile"], "--compile does nothing in df"),
+    (["dmd", "--compile"], "--compile does nothing in dmd"),
+    (["foundation", "--compile"], "--compile does nothing in foundation"),
+])
+def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
+    """An option the stage does not act on is one line `train.py: error: ...` and exit 2, before
+    the process group is joined or the stage starts; it is not silently ignored."""
+    def work(*a):
+        raise AssertionError("work started")
+    monkeypatch.setattr(train, "init_distributed", work)
+    for stage in train.STAGES:
+        monkeypatch.setitem(train.STAGES, stage, work)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: "), lines
+    assert words in lines[0], lines[0]
+
+
+def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypatch):
+    """`pipeline --compile` gives --compile to the teacher alone, and every stage that foundation
+    and pipeline run gets a command line the stage itself accepts."""
+    seen = []
+
+    def leaf(args):
+        train.check_options(args)
+        seen.append((args.stage, args.compile))
+    for stage in ("vae", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"):
+        monkeypatch.setitem(train.STAGES, stage, leaf)
+    train.main(["pipeline", "--compile", "--ckpt-dir", str(tmp_path)])
+    assert [s for s, _ in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"]
+    assert [s for s, c in seen if c] == ["teacher"]
+
+
+def test_only_rank_0_deletes_the_old_training_state_and_every_rank_waits_for_it(tmp_path, monkeypatch):
+    """Without --resume, rank 0 alone deletes the old training-state files (one that is already
+    gone is no error), and every rank then meets at a barrier: no rank finds a stale file and
+    resumes from it while the others start afresh."""
+    state = tmp_path / "t.state.safetensors"
+    at_barrier = []
+    monkeypatch.setattr(train.dist, "barrier", lambda: at_barrier.append((train.DIST.rank, state.exists())))
+    args = train.get_args(["teacher"])
+    for rank in (1, 0):
+        state.write_bytes(b"an older run's state")
+        monkeypatch.setattr(train, "DIST", train.Dist(rank, 2))
+        assert train.fresh_state(args, str(tmp_path / "t.safetensors"), lambda st: [st + ".gone"]) == str(state)
+    assert at_barrier == [(1, True), (0, False)]      # rank 1 left it to rank 0, which deleted it before the barrier
+
+
+def test_teacher_loss_by_t_covers_the_steps_since_the_last_log_line(tmp_path, monkeypatch, capsys):
+    """The teacher's log line bins the loss by t over the steps since the line before (--log-every),
+    not over the last 100 steps: with --log-every 2, the line at step 4 holds steps 3 and 4 only."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    ts, per_sample = [], []
+    shift_t, flow_matching_loss = L.shift_t, L.flow_matching_loss
+    monkeypatch.setattr(L, "shift_t", lambda t, *a: ts.append(shift_t(t, *a)) or ts[-1])
+    monkeypatch.setattr(L, "flow_matching_loss", lambda *a: per_sample.append(flow_matching_loss(*a)) or per_sample[-1])
+    train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "4",
+                "--batch", "2", "--latent-frames", "3", "--log-every", "2", "--out", str(tmp_path / "t.safetensors")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher step")]
+
+    def binned(steps):                                 # the text an independent binning of those steps gives
+        sums, counts = np.zeros(len(train.T_BINS) - 1), np.zeros(len(train.T_BINS) - 1)
+        for i in steps:
+            for t, loss in zip(ts[i].tolist(), per_sample[i].tolist()):
+                k = next(k for k, hi in enumerate(train.T_BINS[1:]) if t < hi or hi == 1.0)
+                sums[k], counts[k] = sums[k] + loss, counts[k] + 1
+        return "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
+                                       zip(train.T_BINS[:-1], train.T_BINS[1:], sums, counts))
+    assert len(lines) == 2 and len(ts) == len(per_sample) == 4
+    assert lines[0].endswith(binned([0, 1])) and lines[1].endswith(binned([2, 3])), (lines, binned([0, 1, 2, 3]))
+    assert binned([2, 3]) != binned([0, 1, 2, 3])     # the test can tell the two apart
+
+
+def test_a_bad_clip_in_a_data_folder_is_one_line_exit_2(tmp_path, capsys):
+    """A --data folder holding a clip ffmpeg cannot read ends the run with one line
+    `train.py: error: ...` naming the file, exit code 2, no traceback and no checkpoint."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(SystemExit) as e:
+        train.main(["vae", "--data", str(tmp_path / "data"), "--steps", "1", "--out", str(tmp_path / "v.safetensors")])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]                  # after the progress bar of the folder's reading
+    assert e.value.code == 2 and last.startswith("train.py: error: ") and "broken.mp4" in last, err
+    assert err.count("train.py: error: ") == 1 and "Traceback" not in err
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def dmd_spies(monkeypatch):
+    """Record what train_dmd hands the lipforcing functions it calls: each re-noise time draw,
+    rollout (exit step, output, with gradient?), add_noise, predict_x0 and dmd_loss call, and every
+    forward of a bidirectional DiT with gradient (the critic learning)."""
+    rec = SimpleNamespace(ts=[], rollouts=[], noised=[], predicted=[], dmd=[], critic=[])
+    dmd_timesteps, rollout, add_noise = L.dmd_timesteps, L.self_forcing_rollout, L.add_noise
+    predict_x0, dmd_loss, forward = L.predict_x0, L.dmd_loss, L.DiT.forward
+    monkeypatch.setattr(L, "dmd_timesteps", lambda *a: rec.ts.append(dmd_timesteps(*a)) or rec.ts[-1])
+
+    def spy_rollout(model, cond, audio, noises, exit_step, *a):
+        x = rollout(model, cond, audio, noises, exit_step, *a)
+        rec.rollouts.append((exit_step, x, torch.is_grad_enabled()))
+        return x
+
+    def spy_add_noise(x0, eps, t):
+        rec.noised.append((x0, eps, t, add_noise(x0, eps, t)))
+        return rec.noised[-1][-1]
+
+    def spy_forward(self, x, t, *a, **kw):
+        if torch.is_grad_enabled() and not self.cfg.causal:
+            rec.critic.append((x, t))
+        return forward(self, x, t, *a, **kw)
+    monkeypatch.setattr(L, "self_forcing_rollout", spy_rollout)
+    monkeypatch.setattr(L, "add_noise", spy_add_noise)
+    monkeypatch.setattr(L, "predict_x0", lambda model, x, t, *a: rec.predicted.append((model, x, t)) or predict_x0(model, x, t, *a))
+    monkeypatch.setattr(L, "dmd_loss", lambda *a: rec.dmd.append(dmd_loss(*a)) or rec.dmd[-1])
+    monkeypatch.setattr(L.DiT, "forward", spy_forward)
+    return rec
+
+
+def noised_from(rec, x_t):
+    """The add_noise call that made x_t: (x0, eps, t)."""
+    return next(n[:3] for n in rec.noised if n[3] is x_t)
+
+
+def test_dmd_draws_the_exit_step_per_rollout_and_noises_at_the_drawn_t(tmp_path, monkeypatch):
+    """Each rollout draws its own exit step (both of the 2-step schedule's turn up); the critic
+    learns at the re-noise time t drawn with its rollout, on that rollout noised at t; the teacher
+    and critic score the student's rollout noised at the very t they are told, the one drawn with it."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    rec = dmd_spies(monkeypatch)
+    train.main(["dmd", *base, "--steps", "2", "--critic-steps", "3"])
+    F_ = 6                                                              # --latent-frames
+    assert len(rec.rollouts) == len(rec.ts) == 8 and len(rec.critic) == 6 and len(rec.predicted) == 4
+    assert {e for e, _, _ in rec.rollouts} == set(range(len(L.STUDENT_STEPS)))
+    for step in range(2):
+        draws = list(range(4 * step, 4 * step + 4))                  # 3 critic updates, then the student's
+        for j, (x, t) in zip(draws[:3], rec.critic[3 * step:3 * step + 3]):
+            assert torch.equal(t, rec.ts[j][:, None].expand(-1, F_))
+            x0, eps, t_noise = noised_from(rec, x)
+            assert torch.equal(t_noise, t) and torch.equal(x0, rec.rollouts[j][1])
+        (teacher, x_t, tt), (critic, x_t2, tt2) = rec.predicted[2 * step:2 * step + 2]
+        exit_step, x, grad = rec.rollouts[draws[3]]
+        assert grad and x_t2 is x_t and torch.equal(tt2, tt)
+        assert torch.equal(tt, rec.ts[draws[3]][:, None].expand(-1, F_))
+        x0, eps, t_noise = noised_from(rec, x_t)
+        assert torch.equal(t_noise, tt) and torch.equal(x0, x.detach())
+        assert torch.equal(x_t, L.add_noise(x.detach(), eps, tt))
+
+
+def test_dmd_student_update_is_reward_weighted_uses_self_forcings_adam_and_saves_the_ema(tmp_path, monkeypatch):
+    """The student's loss is sum_i w_i L_i / sum_i w_i with w = exp(beta R / scale) (R its Sync-C,
+    here fixed per sample; L the per-sample DMD loss), clipped at DMD_CLIP; student and critic use
+    Adam with betas (0, 0.999) at --lr and --critic-lr; the checkpoint saved is the student's EMA,
+    updated once per student step at DMD_EMA, not the raw student."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    rec = dmd_spies(monkeypatch)
+    R = torch.tensor([0.0, 5.0], dtype=torch.float64)
+    monkeypatch.setattr(train, "sync_rewards", lambda net, ae, x, raw: R.clone())
+    adams, steps, emas = [], [], []
+
+    class Adam(torch.optim.Adam):
+        def __init__(self, params, **kw):
+            params = list(params)
+            adams.append((params, kw))
+            super().__init__(params, **kw)
+    monkeypatch.setattr(torch.optim, "Adam", Adam)
+    optimizer_step, ema_update = train.optimizer_step, train.ema_update
+    monkeypatch.setattr(train, "optimizer_step", lambda model, opt, loss, clip:
+                        steps.append((model, loss.detach().clone(), clip)) or optimizer_step(model, opt, loss, clip))
+    monkeypatch.setattr(train, "ema_update", lambda ema, model, step, decay:
+                        emas.append((ema, model, step, decay)) or ema_update(ema, model, step, decay))
+    student, log = train.main(["dmd", *base, "--steps", "2", "--critic-steps", "1", "--beta", "2",
+                               "--reward-scale", "2", "--lr", "1e-3", "--critic-lr", "2e-3"])
+    # Adam as Self Forcing: no first moment
+    (s_params, s_kw), = [(p, kw) for p, kw in adams if p[0] is next(student.parameters())]
+    (c_params, c_kw), = [(p, kw) for p, kw in adams if p[0] is not next(student.parameters())]
+    assert s_kw == {"lr": 1e-3, "betas": (0.0, 0.999)} and c_kw == {"lr": 2e-3, "betas": (0.0, 0.999)}
+    # the reward weighting, against its formula
+    updates = [(loss, clip) for model, loss, clip in steps if model is student]
+    assert len(updates) == 2 and len(rec.dmd) == 2 and log["sync_c"] == [2.5, 2.5]
+    w = torch.exp(2 * R / 2)
+    for (loss, clip), per_sample in zip(updates, rec.dmd):
+        L_ = per_sample.detach().double()
+        ref = (w * L_).sum() / w.sum()
+        assert clip == train.DMD_CLIP and abs(loss.item() - ref.item()) <= 1e-6 * ref.item(), (loss, ref, L_)
+        flipped = (L_ / w).sum() / (1 / w).sum()
+        assert min(abs(ref - L_.mean()), abs(ref - flipped)) > 1e-3 * ref      # the test tells them apart
+    # the EMA is what is saved
+    assert [(m is student, step, decay) for _, m, step, decay in emas] == [(True, 0, train.DMD_EMA), (True, 1, train.DMD_EMA)]
+    ema = emas[0][0]
+    saved = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+    half = lambda m: {k: v.to(train.STUDENT_DTYPE).float() for k, v in m.state_dict().items()}
+    assert all(torch.equal(saved[k], v) for k, v in half(ema).items())
+    assert any(not torch.equal(saved[k], v) for k, v in half(student).items())
+
+
+# -----------------------------------------------------------------------------
+# media I/O and sample.py: late audio, ':' in paths, memory, short lengths, unwritable folders, SIGHUP
+
+
+def test_audio_that_starts_late_in_its_container_keeps_its_offset(tmp_path):
+    """An audio track muxed to start 0.4 s into its container (-itsoffset: PCM in an mkv, AAC in an
+    mp4) reads back with that 0.4 s of silence first, in sync with the frames: a tone that starts at
+    0.5 s in the wav starts at 0.9 s (within 5 ms)."""
+    sf.write(tmp_path / "a.wav", tone(1.5, SAMPLE_RATE, onset=0.5), SAMPLE_RATE)
+    write_video(tmp_path / "v.mp4", synthetic_frames(50))
+    onset = lambda x: int(np.argmax(np.abs(x) > 0.1))
+    for name, codec in (("late.mkv", "pcm_s16le"), ("late.mp4", "aac")):
+        ffmpeg("-i", tmp_path / "v.mp4", "-itsoffset", "0.4", "-i", tmp_path / "a.wav", "-map", "0:v", "-map", "1:a",
+               "-c:v", "copy", "-c:a", codec, tmp_path / name)
+        a = read_audio(tmp_path / name)
+        assert abs(onset(a) - 0.9 * SAMPLE_RATE) <= 80, (name, onset(a))
+
+
+def test_paths_with_a_colon_are_files_not_protocols(tmp_path, monkeypatch):
+    """ffmpeg reads `take1:final.mp4` as protocol `take1`; every path reaches it as a file: reading
+    (video, audio, the probe), write_video and the stream's Mp4Writer, relative names with a ':'."""
+    monkeypatch.chdir(tmp_path)
+    frames = synthetic_frames(10)
+    write_video("take1:final.mp4", frames, tone(0.4, SAMPLE_RATE))
+    assert read_video("take1:final.mp4")[0].shape == frames.shape and has_audio("take1:final.mp4")
+    assert len(read_audio("take1:final.mp4")) == 10 * SAMPLES_PER_FRAME
+    w = sample.Mp4Writer("live:take.mp4", 64, 64)
+    w.write(frames[:3])
+    w.finish()
+    w.close()
+    assert len(read_video("live:take.mp4")[0]) == 3
+    assert sorted(os.listdir()) == ["live:take.mp4", "take1:final.mp4"]
+
+
+def test_resize_frames_holds_a_few_frames_of_floats_at_a_time(monkeypatch):
+    """resize_frames converts at most RESIZE_VALUES float values at a time (a long 720p clip is
+    never one float copy of 1.7 GB) and gives exactly the whole-clip resize, down (area) and up
+    (bilinear)."""
+    to_tensor, seen = L.frames_to_tensor, []
+    monkeypatch.setattr(L, "frames_to_tensor", lambda f: seen.append(f.size) or to_tensor(f))
+    for hw, size, mode in ((40, 32, "area"), (24, 32, "bilinear")):
+        frames = np.random.default_rng(0).integers(0, 256, (20, hw, hw, 3), dtype=np.uint8)
+        ref = L.tensor_to_frames(F.interpolate(to_tensor(frames), size=(size, size), mode=mode))
+        monkeypatch.setattr(L, "RESIZE_VALUES", 3 * hw * hw * 3, raising=False)   # 3 frames at a time
+        seen.clear()
+        assert np.array_equal(L.resize_frames(frames, size), ref)
+        assert max(seen) <= L.RESIZE_VALUES and sum(seen) == frames.size, seen
+
+
+def test_write_video_from_batches_is_the_whole_array_file(tmp_path):
+    """write_video fed batches (as a stream makes them, the clip's shape given up front) writes the
+    same file, byte for byte, as from the whole array; batches of another frame size or count are
+    refused and leave nothing."""
+    frames, audio = synthetic_frames(20, H=45, W=38), tone(0.7, SAMPLE_RATE)
+    write_video(tmp_path / "whole.mp4", frames, audio)
+    write_video(tmp_path / "batches.mp4", (frames[i:i + 7] for i in range(0, 20, 7)), audio, shape=frames.shape)
+    assert (tmp_path / "whole.mp4").read_bytes() == (tmp_path / "batches.mp4").read_bytes()
+    for batches in ([frames[:10]], [frames, frames[:1]], [frames[:, :40]]):
+        with pytest.raises(MediaError, match="cannot write"):
+            write_video(tmp_path / "bad.mp4", iter(batches), audio, shape=frames.shape)
+    assert sorted(os.listdir(tmp_path)) == ["batches.mp4", "whole.mp4"]
+
+
+def test_files_writes_each_chunk_as_it_is_made(tmp_path, capsys, ckpt, monkeypatch):
+    """Offline lip sync never holds its output clip: each dubbed chunk goes to the encoder as the
+    stream makes it, so when a chunk is made no chunk before the previous one is still alive; the
+    mp4 holds them all, one frame per 640 samples."""
+    import weakref
+    face_video(tmp_path / "v.mp4", 5)
+    n = speech(tmp_path / "a.wav", 45)                                    # chunks of 9, 12, 12, 12 frames
+    dub, refs, held = sample.dub, [], []
+
+    def spy(*args):
+        for frames in dub(*args):
+            held.append(sum(r() is not None for r in refs[:-1]))        # chunks made before the previous one
+            refs.append(weakref.ref(frames))
+            yield frames
+
+    monkeypatch.setattr(sample, "dub", spy)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt], capsys)
+    assert code == 0, err
+    assert len(held) >= 4 and held == [0] * len(held), held
+    assert len(read_video(tmp_path / "o.mp4")[0]) == math.ceil(n / SAMPLES_PER_FRAME)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seconds", "0.01"], ("--seconds 0.01", "shorter than one frame", "0.04 or more")),
+    (["--benchmark", "--seconds", "0.01"], ("--seconds 0.01", "0.04 or more")),
+    (["--benchmark", "--seconds", "1.3"], ("--seconds 1.3", "33-frame window", "1.32 or more")),
+    (["--long-stream", "0.01"], ("--long-stream 0.01", "0.04 or more")),
+])
+def test_lengths_too_short_to_run_are_one_line_errors(capsys, argv, words):
+    """--seconds and --long-stream shorter than one frame, and a benchmark shorter than the
+    teacher's 33-frame window, fail before any work with one line naming the shortest that runs."""
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, *words)
+
+
+def test_shortest_runs_work_and_a_long_stream_too_short_for_sync_c_says_so(tmp_path, capsys, ckpt):
+    """The demo at its shortest (--seconds 0.04, one frame) writes its one frame; a --long-stream of
+    5 frames, too few for one SyncNet window, streams them and reports Sync-C as not measured (null
+    in the json) instead of ending in a traceback."""
+    syncnet = os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors")
+    code, out, err = run([*ckpt, "--seconds", "0.04", "--syncnet", syncnet, "--out", tmp_path / "demo.mp4"], capsys)
+    assert code == 0, err
+    assert len(read_video(tmp_path / "demo.mp4")[0]) == 1 and "Sync-C: not measured" in out
+    code, out, err = run(["--long-stream", "0.2", *ckpt, "--syncnet", syncnet, "--results", tmp_path], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "long_stream.json").read_text())
+    assert res["frames"] == 5 and res["sync_c_first_30s"] is None and res["sync_c_last_30s"] is None
+    assert "Sync-C: not measured" in out
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["--video", "{tmp}/missing.mp4", "--audio", "{tmp}/a.wav", "--out", "{locked}/new/o.mp4"], "--out"),
+    (["--stream", "--video", "{tmp}/missing.mp4", "--audio", "{tmp}/a.wav", "--out", "{locked}/o.mp4"], "--out"),
+    (["--long-stream", "1", "--syncnet", "{tmp}/missing.safetensors", "--results", "{locked}"], "--results"),
+])
+def test_an_output_folder_we_cannot_write_in_fails_first(tmp_path, capsys, monkeypatch, argv, what):
+    """An output whose folder (or the nearest existing one above it) we may not write in fails
+    before any input is read or model loaded (the missing video and SyncNet are never reached):
+    one line, exit 2, naming the folder. Tests run as root, whom no folder refuses, so the folder is
+    made read-only and os.access reports it so."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    speech(tmp_path / "a.wav", 3)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.path.abspath(p) != str(locked) and access(p, mode, **kw))
+    code, _, err = run([a.format(tmp=tmp_path, locked=locked) for a in argv], capsys)
+    assert_one_line_error(code, err, what, f"cannot write in {locked}", "pick a folder you can write to")
+    assert os.listdir(locked) == []
+
+
+def test_hangup_leaves_no_output_and_no_temp_folder(tmp_path, ckpt):
+    """Closing the terminal (SIGHUP) mid-stream ends sample.py as Ctrl-C does: exit code 130, one
+    line on stderr, no mp4 nor hidden temp file in the output folder, and no temp folder left."""
+    import signal
+    import time
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP on this platform")
+    face_video(tmp_path / "v.mp4", 3)
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir(), out.mkdir()
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py"), "--stream", "--video", tmp_path / "v.mp4",
+                          "--audio", "-", "--out", out / "live.mp4", *ckpt], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp)})
+    p.stdin.write(bytes(2 * 20 * SAMPLES_PER_FRAME))                  # 20 frames of silence; the pipe stays open
+    p.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not list(tmp.glob("*/audio.wav")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)                                              # until the stream writes its temp files
+    p.send_signal(signal.SIGHUP)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.decode().strip().splitlines() == ["sample.py: interrupted; no output file was written"]
+    assert os.listdir(tmp) == [] and os.listdir(out) == []
+
+
+def test_folder_pool_skips_hidden_files(tmp_path):
+    """--data reads the clips of a folder, not its hidden files: macOS's ._clip.mp4 resource forks
+    and a write's leftover .clip.tmp-*.mp4 are left out, not read as (broken) clips."""
+    c = L.synthtalk_clip("train", 0, 0.8, size=32)                      # 20 frames
+    write_video(tmp_path / "clip.mp4", c.frames, c.audio)
+    (tmp_path / "._clip.mp4").write_bytes(b"\x00\x05\x16\x07" + bytes(4000))       # an AppleDouble header
+    data = (tmp_path / "clip.mp4").read_bytes()
+    (tmp_path / ".clip.tmp-1a2b3c4d.mp4").write_bytes(data[:len(data) // 2])
+    assert [clip.name for clip in L.folder_pool(tmp_path, 32, progress=False)] == ["clip"]

@@ -19,7 +19,7 @@ Every training stage of lipforcing, in one flat script.
   python train.py pipeline                 # foundation, teacher, df, dmd: every model the final student needs
   python train.py pipeline --steps 2 --clips 4 --seconds 2 --batch 16 --size 32 --ckpt-dir /tmp/dry   # its dry run
 
-On a GPU: add --device cuda (the default when one is present; bf16 autocast) and --compile.
+On a GPU: add --device cuda (the default when one is present; bf16 autocast), and --compile to teacher.
 On a CPU with native bf16 (AVX512-BF16 or AMX): add --bf16-convs to foundation or pipeline (README).
 
 Several processes (nanoGPT-style data parallel; --batch stays the global batch):
@@ -67,8 +67,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
     p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoints are read and written")
-    p.add_argument("--init", default=None, help="start from this checkpoint's weights and config (fine-tuning)")
-    p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors)")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights and config (vae: fine-tuning; "
+                                                "df: the teacher it starts from; dmd: the student it starts from)")
+    p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors; "
+                                                "eval-student: <ckpt-dir>/student_df.safetensors)")
     p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors); "
                                               "folder for export")
     p.add_argument("--results", default="results", help="folder for JSON results")
@@ -87,7 +89,7 @@ def get_args(argv=None):
                    help="CFG dropout: audio only, or all conditions (teacher)")
     p.add_argument("--cfg-drop", type=float, default=L.DiTConfig.cfg_drop,
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (teacher; pipeline passes it to teacher)")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing of the DiT blocks (teacher, the dmd critic): each block's "
                         "activations are recomputed in backward instead of kept, for the large shapes on one GPU "
@@ -96,8 +98,9 @@ def get_args(argv=None):
                    help="train the convolutional models (vae, syncnet, mouthnet) under bf16 autocast, on a CPU too: "
                         "1.4-1.7x faster steps on a CPU with native bf16 (AVX512-BF16 or AMX); leave it off on one without")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the DiTs' weights, gradients and "
-                                                      "optimiser state over the processes (teacher, df, dmd)")
-    p.add_argument("--resume", action="store_true", help="continue from the training-state file")
+                                                      "optimiser state over the processes (teacher, df, dmd; "
+                                                      "no --resume, --state or --stop-after)")
+    p.add_argument("--resume", action="store_true", help="continue from the training-state file (training stages)")
     p.add_argument("--state", default=None, help="training-state file (default: the output's name with .state.safetensors)")
     p.add_argument("--stop-after", type=L.positive_int, default=None, help="stop after this many steps (state saved)")
     p.add_argument("--log-every", type=L.positive_int, default=None,
@@ -359,13 +362,13 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     processes). Returns the list of per-step losses.
 
     ema: a copy of the model kept as an exponential moving average. state: a training-state file
-    (model, EMA, optimiser, step, torch and numpy RNG): if it exists the run resumes from it, and
-    it is rewritten every `save_every` steps and at the end, so an interrupted run continues as
-    if it never stopped. stop_after: stop (and save the state) after this many steps.
+    (model, EMA, optimiser, step, numpy RNG, torch RNGs of the CPU and of `device`): if it exists
+    the run resumes from it, and it is rewritten every `save_every` steps and at the end, so an
+    interrupted run continues as if it never stopped. stop_after: stop (and save the state) after this many steps.
     flops_per_unit: model FLOPs per item, for MFU on GPU."""
     log_every = log_every or LOG_EVERY
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
-    start = load_train_state(state, model, ema, opt, rng) if state and os.path.isfile(state) else 0
+    start = load_train_state(state, model, ema, opt, rng, device) if state and os.path.isfile(state) else 0
     if start:
         print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
@@ -393,7 +396,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
                        + (f" {extra[0]}" if extra else ""))
             t_log, seen_log, step_log = now, seen, step + 1
         if state and master() and ((step + 1) % save_every == 0 or step + 1 == end):
-            save_train_state(state, model, ema, opt, step + 1, rng)
+            save_train_state(state, model, ema, opt, step + 1, rng, device)
     return losses
 
 
@@ -424,18 +427,37 @@ def fresh_state(args, out, derived=lambda state: []):
     .state.safetensors (teacher.safetensors -> teacher.state.safetensors), so runs with different
     --out never share one. Unless --resume, it and the files derived(state) names beside it are
     deleted, so the run starts from scratch. None under --fsdp: training-state files hold full,
-    unsharded tensors."""
+    unsharded tensors (main refuses --resume, --state and --stop-after there).
+    Rank 0 deletes them (the only rank that writes them); the barrier keeps every other rank
+    from finding a stale file in fit before it is gone, and resuming from it alone."""
     if DIST.fsdp:
         return None
     state = args.state or os.path.splitext(out)[0] + ".state.safetensors"
     if not args.resume:
-        for f in [state, *derived(state)]:
-            if os.path.isfile(f):
-                os.remove(f)
+        if master():
+            for f in [state, *derived(state)]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f)
+        if DIST.world > 1:
+            dist.barrier()
     return state
 
 
-def save_train_state(path, model, ema, opt, step, rng):
+# The torch RNGs a training-state file keeps: the CPU's, and on a GPU the training device's own
+# generator, which draws the noise and timesteps there (torch.randn(..., device="cuda")) and which
+# every stage reseeds at its start with torch.manual_seed: without its state a resumed run would
+# draw its first steps' noise again. Under torchrun the one file rank 0 writes restores every rank:
+# each rank seeds the same and draws the whole global batch (section "data parallel"), so at every
+# step each rank's generators, CPU and device (cuda:LOCAL_RANK), are in the same state as rank 0's.
+# A per-rank seed would break that and need one entry per rank.
+
+
+def device_rng(device):
+    """The generator module of the training device when it has its own (torch.cuda), else None."""
+    return torch.cuda if torch.device(device).type == "cuda" else None
+
+
+def save_train_state(path, model, ema, opt, step, rng, device="cpu"):
     """Everything a run needs to continue identically, as safetensors (nothing pickled)."""
     from safetensors.torch import save_file
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -445,12 +467,15 @@ def save_train_state(path, model, ema, opt, step, rng):
         for name, v in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{name}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
+    gen = device_rng(device)
+    if gen:
+        tensors["rng.device"] = gen.get_rng_state(device)
     meta = {"step": str(step), "np_rng": json.dumps(rng.bit_generator.state if rng is not None else None)}
     with L.atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
 
 
-def load_train_state(path, model, ema, opt, rng):
+def load_train_state(path, model, ema, opt, rng, device="cpu"):
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(path, "pt") as f:
@@ -465,6 +490,12 @@ def load_train_state(path, model, ema, opt, rng):
         if st:
             opt.state[p] = st
     torch.set_rng_state(t["rng.torch"])
+    gen = device_rng(device)
+    if gen and "rng.device" in t:
+        gen.set_rng_state(t["rng.device"], device)
+    elif gen:                                     # resumable, but not the same run
+        print(f"{path} holds no {device} RNG state (saved on the CPU, or by an older train.py): the resumed run "
+              "draws other noise than an uninterrupted one")
     if rng is not None:
         rng.bit_generator.state = json.loads(meta["np_rng"])
     return int(meta["step"])
@@ -496,14 +527,15 @@ def train_vae(args):
         loss = F.mse_loss(y, x) + F.mse_loss(L.mouth_crop(y), L.mouth_crop(x))
         return loss, len(x) * n_frames
 
+    out = args.out or os.path.join(args.ckpt_dir, "vae.safetensors")
     losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames",
+                 state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every)
     if not master():
         return ae, losses
     trained = ae
     ae, cfg = latent_statistics(ae, clips[:64], args.device)
     print(f"latent mean {np.round(cfg.latent_mean, 3).tolist()}\nlatent std {np.round(cfg.latent_std, 3).tolist()}")
-    out = args.out or os.path.join(args.ckpt_dir, "vae.safetensors")
     metrics = eval_vae(ae, test_pool(args), args.device)
     print(f"test split: PSNR {metrics['psnr']:.2f} dB, mouth PSNR {metrics['mouth_psnr']:.2f} dB")
     L.save_checkpoint(out, ae, cfg, extra=metrics)
@@ -597,14 +629,15 @@ def train_syncnet(args):
             ae = gather_rows(net.embed_audio(shard(torch.stack(audio)).to(args.device)).float())
         return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), local_batch(batch)
 
+    out = args.out or os.path.join(args.ckpt_dir, f"syncnet_{args.role}.safetensors")
     losses = fit(net, step, args.steps or SYNCNET_STEPS, args.lr or SYNCNET_LR[args.role], f"syncnet-{args.role}",
-                 weight_decay=1e-4, unit="windows", log_every=args.log_every)
+                 weight_decay=1e-4, unit="windows", state=fresh_state(args, out), stop_after=args.stop_after, rng=rng,
+                 device=args.device, log_every=args.log_every)
     if not master():
         return net, losses
     net.eval()
     metrics = eval_syncnet(net, test_pool(args), val_clips(args))
     print(json.dumps(metrics))
-    out = args.out or os.path.join(args.ckpt_dir, f"syncnet_{args.role}.safetensors")
     L.save_checkpoint(out, net, cfg, extra=metrics)
     print(f"saved {out}")
     return net, losses
@@ -682,7 +715,9 @@ def train_mouthnet(args):
             pred = net(x).float()
         return F.mse_loss(pred, y), len(idx)
 
+    out = args.out or os.path.join(args.ckpt_dir, "mouthnet.safetensors")
     losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames",
+                 state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every)
     if not master():
         return net, losses
@@ -690,7 +725,6 @@ def train_mouthnet(args):
     test = test_pool(args)
     err = float(np.mean([L.mouth_error(net, c.frames, c.mouth) for c in test]))
     print(f"test split: MouthErr of ground-truth frames {err:.4f}")
-    out = args.out or os.path.join(args.ckpt_dir, "mouthnet.safetensors")
     L.save_checkpoint(out, net, cfg, extra={"gt_mouth_err": err})
     print(f"saved {out}")
     return net, losses
@@ -779,6 +813,7 @@ def train_teacher(args):
     h = w = args.size // ae.cfg.space_down
     tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
     bins = np.zeros((2, len(T_BINS) - 1))                      # loss sums and counts per t bin
+    log_every = args.log_every or LOG_EVERY                     # fit's log lines
 
     def step(i):
         x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
@@ -795,7 +830,7 @@ def train_teacher(args):
         np.add.at(bins[1], b, 1)
         text = "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
                                        zip(T_BINS[:-1], T_BINS[1:], *bins))
-        if (i + 1) % 100 == 0:                                 # the log line covers the last 100 steps
+        if (i + 1) % log_every == 0:                           # each log line covers the steps since the one before
             bins[:] = 0
         return per_sample.mean(), len(x0) * tokens, text
 
@@ -1002,7 +1037,7 @@ def train_dmd(args):
     c_state = state and critic_state(state)
     start = 0
     if state and os.path.isfile(state):
-        start = load_train_state(state, student, ema, s_opt, rng)
+        start = load_train_state(state, student, ema, s_opt, rng, dev)
         load_train_state(c_state, critic, None, c_opt, None)
         print(f"dmd: resumed from {state} at step {start}")
     steps = args.steps or DMD_STEPS
@@ -1048,7 +1083,7 @@ def train_dmd(args):
                        f"effective batch {np.mean(log['ess'][-n:]):.1f}/{batch} "
                        f"{dt / (step + 1 - start):.2f} s/step elapsed {dt:.0f}s")
         if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
-            save_train_state(state, student, ema, s_opt, step + 1, rng)
+            save_train_state(state, student, ema, s_opt, step + 1, rng, dev)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
     extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
              "reward_scale": reward_scale, "mouth_weight": args.mouth_weight, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
@@ -1425,11 +1460,12 @@ SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "pa
 
 def run_stage(args, stage, *extra):
     """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set)
-    and the flags --compile, --bf16-convs and --grad-ckpt: they come last, so they win. `pipeline --data DIR`
+    and the flags --bf16-convs, --grad-ckpt and (to the stages that take it) --compile: they come last, so they win. `pipeline --data DIR`
     trains every stage on DIR; `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
     shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None
               for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
-    flags = ["--compile"] * args.compile + ["--bf16-convs"] * args.bf16_convs + ["--grad-ckpt"] * args.grad_ckpt
+    compile_ = args.compile and stage in STAGE_OPTIONS["compile"]          # the stages that would refuse it get none
+    flags = ["--compile"] * compile_ + ["--bf16-convs"] * args.bf16_convs + ["--grad-ckpt"] * args.grad_ckpt
     return STAGES[stage](get_args([stage, *extra, *shared, *flags]))
 
 
@@ -1480,6 +1516,32 @@ STAGES = {"vae": train_vae, "syncnet": train_syncnet, "mouthnet": train_mouthnet
 
 DISTRIBUTED_STAGES = ("vae", "syncnet", "mouthnet", "teacher", "df", "dmd")     # torchrun-able
 FSDP_STAGES = ("teacher", "df", "dmd")                                          # the DiT stages
+TRAINING_STAGES = DISTRIBUTED_STAGES                                            # they keep a training-state file
+
+# the options only some stages act on: any other stage refuses them rather than ignore them.
+# The teacher trains from scratch (--resume continues a stopped run: a teacher --init would have to
+# say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
+# and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
+STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"),
+                 "resume": TRAINING_STAGES, "state": TRAINING_STAGES, "stop_after": TRAINING_STAGES}
+
+
+def fail(msg):
+    """A refused command line or bad input: one line on stderr, exit code 2 (as argparse and sample.py)."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_options(args):
+    """Refuse, before any work, an option the stage would silently ignore."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name, stages in STAGE_OPTIONS.items():
+        if getattr(args, name) not in (None, False) and args.stage not in stages:
+            fail(f"{flag(name)} does nothing in {args.stage}; only {', '.join(stages)} read it")
+    for name in ("resume", "state", "stop_after"):
+        if args.fsdp and getattr(args, name) not in (None, False):
+            fail(f"{flag(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
+                 "not written there")
 
 
 def main(argv=None):
@@ -1492,9 +1554,12 @@ def main(argv=None):
         raise SystemExit(f"{args.stage} runs in one process; torchrun runs {', '.join(DISTRIBUTED_STAGES)}")
     if args.fsdp and args.stage not in FSDP_STAGES:
         raise SystemExit(f"--fsdp shards the DiT stages ({', '.join(FSDP_STAGES)})")
+    check_options(args)
     init_distributed(args)
     try:
         return STAGES[args.stage](args)
+    except L.MediaError as e:                       # a bad clip in a --data folder: what is wrong, in one line
+        fail(str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
