@@ -2344,6 +2344,8 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["df", "--compile"], "--compile does nothing in df"),
     (["dmd", "--compile"], "--compile does nothing in dmd"),
     (["foundation", "--compile"], "--compile does nothing in foundation"),
+    (["df", "--grad-ckpt"], "--grad-ckpt does nothing in df"),
+    (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
 ])
 def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
     """An option the stage does not act on is one line `train.py: error: ...` and exit 2, before
@@ -2361,18 +2363,23 @@ def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkey
 
 
 def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypatch):
-    """`pipeline --compile` gives --compile to the teacher alone, and every stage that foundation
-    and pipeline run gets a command line the stage itself accepts."""
+    """`pipeline --compile --bf16-convs --grad-ckpt --data DIR` gives each flag to the stages that
+    act on it (compile: the teacher; bf16-convs: the convolutional stages; grad-ckpt: the teacher
+    and dmd), --data to every stage but MouthNet (it learns SynthTalk's ground-truth mouth), and
+    every stage that foundation and pipeline run gets a command line the stage itself accepts."""
     seen = []
 
     def leaf(args):
         train.check_options(args)
-        seen.append((args.stage, args.compile))
+        seen.append((args.stage, args.compile, args.bf16_convs, args.grad_ckpt, args.data))
     for stage in ("vae", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"):
         monkeypatch.setitem(train.STAGES, stage, leaf)
-    train.main(["pipeline", "--compile", "--ckpt-dir", str(tmp_path)])
-    assert [s for s, _ in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"]
-    assert [s for s, c in seen if c] == ["teacher"]
+    train.main(["pipeline", "--compile", "--bf16-convs", "--grad-ckpt", "--data", str(tmp_path), "--ckpt-dir", str(tmp_path)])
+    assert [s[0] for s in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"]
+    assert [s[0] for s in seen if s[1]] == ["teacher"]
+    assert [s[0] for s in seen if s[2]] == ["vae", "vae", "syncnet", "syncnet", "mouthnet"]
+    assert [s[0] for s in seen if s[3]] == ["teacher", "dmd"]
+    assert [s[0] for s in seen if s[4] is None] == ["mouthnet"]
 
 
 def test_only_rank_0_deletes_the_old_training_state_and_every_rank_waits_for_it(tmp_path, monkeypatch):

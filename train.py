@@ -1458,14 +1458,14 @@ SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "pa
                   "steps", "batch", "test_clips", "mouth_weight", "log_every")
 
 
-def run_stage(args, stage, *extra):
-    """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set)
-    and the flags --bf16-convs, --grad-ckpt and (to the stages that take it) --compile: they come last, so they win. `pipeline --data DIR`
-    trains every stage on DIR; `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
-    shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None
+def run_stage(args, stage, *extra, without=()):
+    """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set,
+    but for the names in `without`) and the FLAGS (those on, to the stages that act on them): they
+    come last, so they win. `pipeline --data DIR` trains every stage on DIR (but MouthNet: foundation);
+    `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
+    shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None and name not in without
               for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
-    compile_ = args.compile and stage in STAGE_OPTIONS["compile"]          # the stages that would refuse it get none
-    flags = ["--compile"] * compile_ + ["--bf16-convs"] * args.bf16_convs + ["--grad-ckpt"] * args.grad_ckpt
+    flags = ["--" + name.replace("_", "-") for name in FLAGS if getattr(args, name) and stage in STAGE_OPTIONS[name]]
     return STAGES[stage](get_args([stage, *extra, *shared, *flags]))
 
 
@@ -1476,7 +1476,11 @@ def foundation(args):
     for stage, extra in (("vae", []), ("vae", ["--init", vae, "--steps", "2000", "--lr", "5e-4"]),
                          ("syncnet", ["--role", "reward"]), ("syncnet", ["--role", "eval"]),
                          ("mouthnet", []), ("eval", [])):
-        run_stage(args, stage, *extra)
+        if stage == "mouthnet" and args.data:
+            # MouthNet, the MouthErr instrument, learns SynthTalk's ground-truth mouth, which real
+            # clips do not come with: it trains on SynthTalk whatever the other stages train on
+            print("foundation: mouthnet trains on SynthTalk (--data clips carry no ground-truth mouth)")
+        run_stage(args, stage, *extra, without=("data",) if stage == "mouthnet" else ())
 
 
 def pipeline(args):
@@ -1522,8 +1526,12 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # The teacher trains from scratch (--resume continues a stopped run: a teacher --init would have to
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
+# foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
 STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"),
+                 "grad_ckpt": ("teacher", "dmd", "pipeline"),
+                 "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
                  "resume": TRAINING_STAGES, "state": TRAINING_STAGES, "stop_after": TRAINING_STAGES}
+FLAGS = ("compile", "bf16_convs", "grad_ckpt")
 
 
 def fail(msg):
