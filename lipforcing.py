@@ -48,6 +48,7 @@ FPS = 25                                 # video frames per second
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS   # 640 audio samples per video frame
 MEL_HOP = 160                            # 100 Hz mel frames, as SyncNet's MFCCs
 MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP  # 4 mel frames per video frame
+FRAMES_PER_LATENT = 4                    # video frames per latent frame (the autoencoder's 4x in time)
 
 
 @contextlib.contextmanager
@@ -505,7 +506,7 @@ def read_video(path, fps=FPS):
 @dataclass
 class AEConfig:
     latent_channels: int = 16
-    time_down: int = 4        # video frames per latent frame
+    time_down: int = FRAMES_PER_LATENT   # video frames per latent frame: the DiT's data and audio assume 4
     space_down: int = 8       # pixels per latent cell, each side
     width: int = 32           # channels at the finest conv level, doubling at each level below
     # per-channel mean and std of the encoder's output on training clips (set after training):
@@ -543,6 +544,7 @@ class VideoAE(nn.Module):
     def __init__(self, cfg: AEConfig):
         super().__init__()
         self.cfg = cfg
+        assert cfg.time_down == FRAMES_PER_LATENT, "latent windows and packed audio assume FRAMES_PER_LATENT"
         cin = 3 * cfg.time_down * 4                   # 4 frames packed in channels, then 2x2 unshuffle
         levels = int(math.log2(cfg.space_down)) - 1   # stride-2 steps after the unshuffle
         ch = [cfg.width * 2 ** i for i in range(levels + 1)]   # 32, 64, 128 channels at 1/2, 1/4, 1/8
@@ -814,7 +816,7 @@ class DiT(nn.Module):
         d, p, zc = cfg.dim, cfg.patch, cfg.latent_channels
         self.patch_in = nn.Linear((zc + cfg.cond_channels) * p * p, d)
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        audio_in = (MELS_PER_FRAME * N_MELS) * (4 + 2 * cfg.audio_context)
+        audio_in = (MELS_PER_FRAME * N_MELS) * (FRAMES_PER_LATENT + 2 * cfg.audio_context)
         self.audio_embed = nn.Sequential(nn.Linear(audio_in, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg, audio=(i % cfg.audio_every == 0)) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -880,7 +882,7 @@ SHIFT = 5.0              # timestep shift, Wan's default for this resolution cla
 ODE_STEPS = 50           # the teacher's ODE
 CFG_SCALE = 4.5          # the teacher's guidance scale
 TEACHER_LATENT = 9       # the teacher generates windows of 9 latent frames (33 video frames), as it trains,
-TEACHER_HOP = 4 * (TEACHER_LATENT - 1)   # stitched with a 32-frame hop (consecutive windows share a frame)
+TEACHER_HOP = FRAMES_PER_LATENT * (TEACHER_LATENT - 1)   # stitched with a 32-frame hop (consecutive windows share a frame)
 
 
 def shift_t(t, shift=SHIFT):
@@ -1036,8 +1038,8 @@ def pack_audio(feats, start, n_latent, context):
     covers video frames start + 4f - 3 .. start + 4f (its 4 frames; the first latent frame's 3
     before the window are real past audio or silence) plus `context` frames either side.
     Returns (n_latent, (4 + 2c) * 160)."""
-    width = 4 + 2 * context
-    idx = start + 4 * torch.arange(n_latent)[:, None] + torch.arange(width)       # (F, 4 + 2c)
+    width = FRAMES_PER_LATENT + 2 * context
+    idx = start + FRAMES_PER_LATENT * torch.arange(n_latent)[:, None] + torch.arange(width)  # (F, 4 + 2c)
     return feats[idx].flatten(1)
 
 
@@ -1055,7 +1057,7 @@ class EncodedClip:
 
     @property
     def n_frames(self):
-        return 1 + 4 * len(self.groups)
+        return 1 + FRAMES_PER_LATENT * len(self.groups)
 
 
 @torch.no_grad()
@@ -1064,12 +1066,13 @@ def encode_clip(ae, frames, audio, context, batch=64):
     dev = next(ae.parameters()).device
     x = frames_to_tensor(frames)                                                   # (T, 3, H, W)
     masked = x * (1 - lower_face_mask(*x.shape[-2:]))
-    G = (len(x) - 1) // 4
+    tf = FRAMES_PER_LATENT
+    G = (len(x) - 1) // tf
 
     def enc(v):
-        grid = v[:1 + 4 * G:4, None]                                               # (G + 1, 1, 3, H, W)
+        grid = v[:1 + tf * G:tf, None]                                             # (G + 1, 1, 3, H, W)
         single = torch.cat([ae.encode(grid[i:i + batch].to(dev))[:, 0] for i in range(0, len(grid), batch)])
-        groups = ae.encode_groups(v[None, 1:1 + 4 * G].to(dev))[0]                  # (G, 16, h, w)
+        groups = ae.encode_groups(v[None, 1:1 + tf * G].to(dev))[0]                 # (G, 16, h, w)
         return single.cpu(), groups.cpu()
 
     (s, g), (ms, mg) = enc(x), enc(masked)
@@ -1103,13 +1106,14 @@ def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encodin
 def latent_window(enc, start, n_latent, ref, context):
     """The teacher's inputs for the window of 1 + 4(n_latent - 1) frames at video frame `start`
     with reference frame `ref` (both multiples of 4): x0 (F, 16, h, w), cond (F, 33, h, w), audio (F, A)."""
-    assert start % 4 == 0 and ref % 4 == 0, "windows and references sit on the 4-frame grid of the latents"
-    m = start // 4
+    tf = FRAMES_PER_LATENT
+    assert start % tf == 0 and ref % tf == 0, "windows and references sit on the 4-frame grid of the latents"
+    m = start // tf
     x0 = torch.cat([enc.single[m:m + 1], enc.groups[m:m + n_latent - 1]])
     src = torch.cat([enc.m_single[m:m + 1], enc.m_groups[m:m + n_latent - 1]])
     h, w = x0.shape[-2:]
     mask = lower_face_mask(h, w).expand(n_latent, 1, h, w)
-    cond = torch.cat([enc.single[ref // 4].expand(n_latent, -1, -1, -1), mask, src], 1)
+    cond = torch.cat([enc.single[ref // tf].expand(n_latent, -1, -1, -1), mask, src], 1)
     return x0, cond, pack_audio(enc.feats, start, n_latent, context)
 
 

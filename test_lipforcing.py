@@ -2382,6 +2382,15 @@ def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypa
     assert [s[0] for s in seen if s[4] is None] == ["mouthnet"]
 
 
+def test_resume_without_a_state_file_says_it_starts_from_scratch(tmp_path, capsys):
+    """--resume where no training state was saved is not an error (a first run may be resumable
+    from the start), but it says so rather than look like a continuation."""
+    args = SimpleNamespace(state=None, resume=True)
+    state = train.fresh_state(args, str(tmp_path / "teacher.safetensors"))
+    assert state == str(tmp_path / "teacher.state.safetensors")
+    assert f"no training state at {state}; this run starts from scratch" in capsys.readouterr().out
+
+
 def test_only_rank_0_deletes_the_old_training_state_and_every_rank_waits_for_it(tmp_path, monkeypatch):
     """Without --resume, rank 0 alone deletes the old training-state files (one that is already
     gone is no error), and every rank then meets at a barrier: no rank finds a stale file and

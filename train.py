@@ -433,6 +433,8 @@ def fresh_state(args, out, derived=lambda state: []):
     if DIST.fsdp:
         return None
     state = args.state or os.path.splitext(out)[0] + ".state.safetensors"
+    if args.resume and not os.path.isfile(state) and master():
+        print(f"--resume: no training state at {state}; this run starts from scratch")
     if not args.resume:
         if master():
             for f in [state, *derived(state)]:
