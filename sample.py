@@ -63,7 +63,9 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
 CONTAINER_MAGIC = {"a wav": (0, b"RIFF"), "an mp3": (0, b"ID3"), "a flac": (0, b"fLaC"),   # (offset, bytes)
-                   "an ogg": (0, b"OggS"), "an mp4/m4a": (4, b"ftyp")}                     # that are not raw PCM
+                   "an ogg": (0, b"OggS"), "an mp4/m4a": (4, b"ftyp"),                     # that are not raw PCM
+                   "a webm/mkv": (0, b"\x1aE\xdf\xa3"), "an aiff": (0, b"FORM"), "an au": (0, b".snd")}
+MAGIC_BYTES = max(at + len(magic) for at, magic in CONTAINER_MAGIC.values())  # read before the check
 GROW_IDLE = 1.0               # --stream from a growing file: it has ended after this many seconds without new data
 
 # -----------------------------------------------------------------------------
@@ -382,27 +384,31 @@ def pcm_pieces(path):
     has ended once GROW_IDLE seconds pass without new data). Pieces are whatever one read returns."""
     f = sys.stdin.buffer if path == "-" else open(path, "rb")
     growing = path != "-" and os.path.isfile(path)
-    carry, first, idle_since = b"", True, None
+    carry, checked, idle_since = b"", False, None
     try:
         while True:
-            b = f.read1(1 << 16)                           # what has arrived, without waiting for more
-            if not b:
-                if not growing or (idle_since and time.monotonic() - idle_since > GROW_IDLE):
-                    return
+            new = f.read1(1 << 16)                         # what has arrived, without waiting for more
+            ended = not new and (not growing or (idle_since and time.monotonic() - idle_since > GROW_IDLE))
+            if not new and not ended:
                 idle_since = idle_since or time.monotonic()
                 time.sleep(0.02)
                 continue
             idle_since = None
-            if first:
+            b = carry + new
+            if not checked and (ended or len(b) >= MAGIC_BYTES):   # the head is in: is it a container's?
                 for kind, (at, magic) in CONTAINER_MAGIC.items():
                     if b[at:at + len(magic)] == magic:
                         fail(f"--stream reads raw PCM, {path} is {kind}: "
                              f"convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
-                first = False
-            b = carry + b
+                checked = True
+            if not checked:                                # a few bytes so far: wait for the rest of the head
+                carry = b
+                continue
             carry, b = b[len(b) // 2 * 2:], b[:len(b) // 2 * 2]    # a sample can be split across reads
             if b:
                 yield np.frombuffer(b, "<i2").astype(np.float32) / 32768
+            if ended:
+                return
     finally:
         if f is not sys.stdin.buffer:
             f.close()

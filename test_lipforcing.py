@@ -1200,12 +1200,12 @@ def assert_one_line_error(code, err, *words):
 
 
 class Trickle:
-    """A stdin whose reads return the bytes in ragged pieces (odd sizes too), as a pipe does."""
-    def __init__(self, data, seed=0):
-        self.data, self.pos, self.rng = data, 0, np.random.default_rng(seed)
+    """A stdin whose reads return the bytes in ragged pieces (odd sizes too, under `most`), as a pipe does."""
+    def __init__(self, data, seed=0, most=3000):
+        self.data, self.pos, self.rng, self.most = data, 0, np.random.default_rng(seed), most
 
     def read1(self, n):
-        k = min(n, int(self.rng.integers(1, 3000)))
+        k = min(n, int(self.rng.integers(1, self.most)))
         b, self.pos = self.data[self.pos:self.pos + k], self.pos + k
         return b
 
@@ -1317,16 +1317,26 @@ def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path
     assert_one_line_error(code, err, *words)
 
 
-def test_stream_refuses_a_container_file_as_raw_pcm(tmp_path, capsys):
-    """--stream reads raw PCM: an mp3, flac, ogg, wav or mp4 fed to it is refused in one line, not
-    played as noise driving the lips."""
-    for head in (b"ID3\x04\x00", b"fLaC\x00\x00", b"OggS\x00\x02", b"RIFF$\x00\x00", b"\x00\x00\x00\x18ftypM4A "):
-        (tmp_path / "in").write_bytes(head + bytes(4000))
-        with pytest.raises(SystemExit) as e:
-            list(sample.pcm_pieces(str(tmp_path / "in")))
-        assert e.value.code == 2 and "reads raw PCM" in capsys.readouterr().err
-    (tmp_path / "in").write_bytes(bytes(4000))                               # silence is fine
+def test_stream_refuses_a_container_file_as_raw_pcm(tmp_path, capsys, monkeypatch):
+    """--stream reads raw PCM: an mp3 (ID3-tagged), flac, ogg, wav, mp4, webm/mkv, aiff or au fed
+    to it is refused in one line, not played as noise driving the lips, also when the pipe hands
+    over its first bytes a few at a time; raw PCM, however it arrives, comes out whole."""
+    heads = (b"ID3\x04\x00", b"fLaC\x00\x00", b"OggS\x00\x02", b"RIFF$\x00\x00", b"\x00\x00\x00\x18ftypM4A ",
+             b"\x1aE\xdf\xa3\x9fB\x86", b"FORM\x00\x00\x10\x00AIFF", b".snd\x00\x00\x00\x18")
+    for head in heads:
+        for most in (1 << 16, 4):                                            # ragged, or 1-3 bytes per read
+            monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(head + bytes(4000), most=most)))
+            with pytest.raises(SystemExit) as e:
+                list(sample.pcm_pieces("-"))
+            assert e.value.code == 2 and "reads raw PCM" in capsys.readouterr().err, (head, most)
+    samples = (np.arange(-7, 8) * 1000).astype("<i2")                        # 15 samples, 30 bytes
+    for most in (1 << 16, 4, 2):                                             # 2: one byte per read
+        monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(samples.tobytes(), most=most)))
+        assert np.array_equal(np.concatenate(list(sample.pcm_pieces("-"))) * 32768, samples)
+    (tmp_path / "in").write_bytes(bytes(4000))                               # silence is fine, from a file too
     assert sum(len(p) for p in sample.pcm_pieces(str(tmp_path / "in"))) == 2000
+    (tmp_path / "in").write_bytes(samples[:4].tobytes())                      # shorter than any container's head
+    assert np.array_equal(np.concatenate(list(sample.pcm_pieces(str(tmp_path / "in")))) * 32768, samples[:4])
 
 
 def test_stream_mp4_audio_lasts_as_long_as_its_frames(tmp_path):
