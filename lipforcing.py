@@ -210,13 +210,17 @@ def _last_line(text):
     return lines[-1] if lines else "no error output"
 
 
-def check_file(path):
-    """An input media path as a Path, or MediaError if it is missing or a folder."""
+def check_file(path, pipe_ok=False):
+    """An input media path as a Path, or MediaError if it is missing or a folder, or (unless
+    pipe_ok) a pipe such as bash's <(...): ffmpeg reads a media file more than once (probe, check,
+    decode), and a pipe's bytes are gone after the first read."""
     path = Path(path)
     if not path.exists():
         raise MediaError(f"{path} does not exist: check the path and spelling")
     if path.is_dir():
         raise MediaError(f"{path} is a directory, not a media file: pass a file inside it")
+    if not pipe_ok and not path.is_file():
+        raise MediaError(f"{path} is a pipe or device, not a file: save it to a file first")
     return path
 
 

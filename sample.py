@@ -181,7 +181,7 @@ def check_args(args):
         fail("--audio - (raw PCM on stdin) is for --stream; without it pass an audio file")
     if args.stream and args.audio != "-":
         try:
-            L.check_file(args.audio)                       # a pipe or a raw PCM file: it must be there
+            L.check_file(args.audio, pipe_ok=True)         # a pipe or a raw PCM file: it must be there
         except L.MediaError as e:
             fail(f"--audio {e}")
     if args.out is not None and args.out != "-":

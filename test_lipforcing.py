@@ -447,6 +447,8 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
     sf.write(wav, tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, np.float32), SAMPLE_RATE)
+    fifo = tmp_path / "fifo.wav"                                         # what bash's <(...) hands over
+    os.mkfifo(fifo)
     cut_mp4, cut_webm = tmp_path / "cut.mp4", tmp_path / "cut.webm"
     whole = [cut_short(cut_mp4), cut_short(cut_webm, "webm")]
     assert [len(read_video(p)[0]) for p in whole] == [100, 100]      # the whole files are fine
@@ -481,6 +483,8 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
         (read_audio, cut_webm, "cut short"),
         (read_audio, tmp_path / "cut.wav", "cut short (its header says 4.00 s, it holds 2.00 s)"),
         (read_audio, tmp_path / "cut.flac", "cut short (its header says 4.00 s"),
+        (read_audio, fifo, "is a pipe or device, not a file: save it to a file first"),
+        (read_video, fifo, "is a pipe or device"),
     ]
     for fn, path, what in cases:
         with pytest.raises(MediaError) as e:
