@@ -488,7 +488,9 @@ def load_train_state(path, model, ema, opt, rng, device="cpu"):
     if ema is not None:
         ema.load_state_dict(sub("ema."))
     for i, p in enumerate(model.parameters()):
-        st = {k.split(".", 2)[2]: v.to(p.device) for k, v in t.items() if k.startswith(f"opt.{i}.")}
+        # Adam keeps its step count on the CPU (unless capturable): on the device it would cost a sync a step
+        st = {name: v if name == "step" else v.to(p.device)
+              for name, v in ((k.split(".", 2)[2], v) for k, v in t.items() if k.startswith(f"opt.{i}."))}
         if st:
             opt.state[p] = st
     torch.set_rng_state(t["rng.torch"])
@@ -1040,7 +1042,10 @@ def train_dmd(args):
     start = 0
     if state and os.path.isfile(state):
         start = load_train_state(state, student, ema, s_opt, rng, dev)
-        load_train_state(c_state, critic, None, c_opt, None)
+        if not os.path.isfile(c_state) or load_train_state(c_state, critic, None, c_opt, None) != start:
+            # two files, written one after the other: a run killed between the writes leaves them apart
+            fail(f"{c_state} is missing or not at step {start} as {state} is (the run stopped while saving): "
+                 f"delete both and start over without --resume")
         print(f"dmd: resumed from {state} at step {start}")
     steps = args.steps or DMD_STEPS
     end = min(steps, args.stop_after) if args.stop_after else steps
