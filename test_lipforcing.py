@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -2058,6 +2059,13 @@ def test_dmd_resumes_identically(tmp_path, monkeypatch):
     a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    # the student's and the critic's states are two files: a pair at different steps (a run killed
+    # between the two writes) is refused in one line, not resumed
+    train.main(["dmd"] + base + ["--stop-after", "1", "--out", str(tmp_path / "c.safetensors")])
+    shutil.copy(tmp_path / "critic-b.state.safetensors", tmp_path / "critic-c.state.safetensors")  # step 2 by step 1
+    with pytest.raises(SystemExit) as e:
+        train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "c.safetensors")])
+    assert e.value.code == 2
 
 
 def test_a_non_finite_loss_stops_training():
