@@ -2413,6 +2413,19 @@ def test_resume_without_a_state_file_says_it_starts_from_scratch(tmp_path, capsy
     assert f"no training state at {state}; this run starts from scratch" in capsys.readouterr().out
 
 
+def test_resume_needs_every_process_to_find_the_state(tmp_path, monkeypatch):
+    """Processes that disagree on whether the training state exists (nodes without a shared
+    filesystem) stop the run rather than resume on some and restart on others; agreeing ones go on."""
+    state = tmp_path / "x.state.safetensors"
+    state.write_bytes(b"")
+    monkeypatch.setattr(train, "DIST", train.Dist(0, 2, False))
+    monkeypatch.setattr(train, "summed", lambda x: 2 * x)                  # the other rank agrees with this one
+    assert train.resumes_from(str(state)) and not train.resumes_from(str(tmp_path / "none"))
+    monkeypatch.setattr(train, "summed", lambda x: x)                      # the other rank does not
+    with pytest.raises(SystemExit, match="1 of 2 processes find it"):
+        train.resumes_from(str(state))
+
+
 def test_only_rank_0_deletes_the_old_training_state_and_every_rank_waits_for_it(tmp_path, monkeypatch):
     """Without --resume, rank 0 alone deletes the old training-state files (one that is already
     gone is no error), and every rank then meets at a barrier: no rank finds a stale file and

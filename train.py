@@ -368,7 +368,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     flops_per_unit: model FLOPs per item, for MFU on GPU."""
     log_every = log_every or LOG_EVERY
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
-    start = load_train_state(state, model, ema, opt, rng, device) if state and os.path.isfile(state) else 0
+    start = load_train_state(state, model, ema, opt, rng, device) if resumes_from(state, device) else 0
     if start:
         print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
@@ -457,6 +457,19 @@ def fresh_state(args, out, derived=lambda state: []):
 def device_rng(device):
     """The generator module of the training device when it has its own (torch.cuda), else None."""
     return torch.cuda if torch.device(device).type == "cuda" else None
+
+
+def resumes_from(state, device="cpu"):
+    """Whether the run continues from the training-state file `state`. Every process must find it,
+    or none: on nodes that share no filesystem only rank 0's would, and the others would start from
+    scratch beside it, silently."""
+    here = bool(state) and os.path.isfile(state)
+    if DIST.world > 1:
+        found = round(summed(torch.tensor([float(here)], device=device)).item())
+        if 0 < found < DIST.world:
+            raise SystemExit(f"{state}: {found} of {DIST.world} processes find it; --resume on several "
+                             "nodes needs the checkpoint folder on a filesystem they share")
+    return here
 
 
 def save_train_state(path, model, ema, opt, step, rng, device="cpu"):
@@ -1040,7 +1053,7 @@ def train_dmd(args):
     state = fresh_state(args, out, lambda st: [critic_state(st)])
     c_state = state and critic_state(state)
     start = 0
-    if state and os.path.isfile(state):
+    if resumes_from(state, dev):
         start = load_train_state(state, student, ema, s_opt, rng, dev)
         if not os.path.isfile(c_state) or load_train_state(c_state, critic, None, c_opt, None) != start:
             # two files, written one after the other: a run killed between the writes leaves them apart
