@@ -318,11 +318,13 @@ def _ffmpeg_audio(path, sr):
     # samples carry no timestamps, so an audio track that starts after the container's time 0 (an
     # mkv muxed with -itsoffset, a late mp4 edit) would slide to sample 0 and out of sync with the
     # frames. aresample places the samples by their timestamps instead: first_pts=0 pads a late
-    # start with silence (and trims samples before 0), async=1 fills a gap later in the track the
-    # same way. Audio that starts at 0 comes out sample for sample as without the filter (checked on
-    # mp4/m4a AAC with its priming trimmed, mp3, opus, webm, avi, ts).
+    # start with silence, async=1 fills a gap later in the track the same way. A track stamped to
+    # start before 0 is shifted to 0 first (asetpts), not cut: an opus webm's first packet sits
+    # 13 ms early and holds the recording's first samples. Audio that starts at 0 comes out sample
+    # for sample as without the filters (checked on mp4/m4a AAC, mp3, ogg, opus, webm, avi, ts).
     cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path), "-map", "0:a:0",
-           "-af", "aresample=async=1:first_pts=0", "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
+           "-af", "asetpts=PTS-min(STARTPTS\\,0),aresample=async=1:first_pts=0",
+           "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
     p = subprocess.run(cmd, capture_output=True)
     err = p.stderr.decode(errors="replace")
     if "Stream #" not in err:  # ffmpeg never got as far as listing streams
@@ -438,11 +440,14 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
             try:
                 for batch in frames:
                     batch = _check_frames(batch, path, (H, W))
+                    written += len(batch)
+                    if written > T:
+                        break
                     for frame in batch:  # stream frame by frame: no second full copy of the clip
                         p.stdin.write(np.ascontiguousarray(_pad_even(frame)).tobytes())
-                    written += len(batch)
-                if written != T:  # the audio was cut to T frames: a clip of another length is a bug upstream
-                    raise MediaError(f"cannot write {path}: {written} frames came, not the {T} of shape {tuple(shape)}")
+                if written != T:  # the audio was cut to T frames: a clip of another length is the caller's bug
+                    raise ValueError(f"write_video {path}: {'more than' if written > T else 'only'} {min(written, T)} "
+                                     f"frames came, not the {T} of shape {tuple(shape)}")
                 p.stdin.close()
                 rc = p.wait()
             except BrokenPipeError:  # ffmpeg died early; its log says why

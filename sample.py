@@ -133,6 +133,11 @@ def check_folder(folder, what, path):
         fail(f"{what} {path}: cannot write in {parent}; pick a folder you can write to")
 
 
+def n_frames(seconds):
+    """Video frames in `seconds` of clip, as SynthTalk counts them."""
+    return round(seconds * L.FPS)
+
+
 def check_args(args):
     """Everything that can be checked before any media is read or any model is loaded. Fills in the
     defaults of the options only some modes read (MODE_DEFAULTS)."""
@@ -141,7 +146,7 @@ def check_args(args):
     for name, value in (("--seconds", args.seconds), ("--long-stream", args.long_stream)):
         if value is not None and not 0 < value < math.inf:
             fail(f"{name} {value:g}: takes a positive number of seconds")
-        if value is not None and value < 1 / L.FPS:
+        if value is not None and n_frames(value) < 1:
             fail(f"{name} {value:g}: shorter than one frame at {L.FPS} fps; pass {1 / L.FPS:g} or more")
     if not 0 <= args.seed < 2 ** 63:
         fail(f"--seed {args.seed}: takes a whole number from 0 to 2**63 - 1")
@@ -156,7 +161,7 @@ def check_args(args):
     for name, default in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.benchmark and args.seconds < (1 + L.TEACHER_HOP) / L.FPS:
+    if args.benchmark and n_frames(args.seconds) < 1 + L.TEACHER_HOP:
         fail(f"--seconds {args.seconds:g}: the benchmark's teacher needs one {1 + L.TEACHER_HOP}-frame window; "
              f"pass --seconds {(1 + L.TEACHER_HOP) / L.FPS:g} or more")
     if args.patch is not None and not (args.benchmark and args.shape):

@@ -635,7 +635,9 @@ def test_rope_is_wans():
     rotation as a complex multiply of channel pairs (x_2i + j x_2i+1) e^(j angle)."""
     d, theta = 128, 10000.0
     rope_params = lambda dim: 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float64).div(dim))
-    for got, part in zip(L.rope_freqs(d, theta), (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))):
+    freqs = L.rope_freqs(d, theta)
+    assert len(freqs) == 3
+    for got, part in zip(freqs, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))):
         assert torch.equal(got, rope_params(part))
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)                     # (B, H, N, Dh)
     angles = torch.rand(5, 4, dtype=torch.float64) * 6
@@ -2063,7 +2065,7 @@ def test_dmd_resumes_identically(tmp_path, monkeypatch):
     # between the two writes) is refused in one line, not resumed
     train.main(["dmd"] + base + ["--stop-after", "1", "--out", str(tmp_path / "c.safetensors")])
     shutil.copy(tmp_path / "critic-b.state.safetensors", tmp_path / "critic-c.state.safetensors")  # step 2 by step 1
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="critic-c.state.safetensors is missing or not at step 1 as") as e:
         train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "c.safetensors")])
     assert e.value.code == 2
 
@@ -2367,6 +2369,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["dmd", "--compile"], "--compile does nothing in dmd"),
     (["foundation", "--compile"], "--compile does nothing in foundation"),
     (["df", "--grad-ckpt"], "--grad-ckpt does nothing in df"),
+    (["eval-student", "--data", "d"], "--data does nothing in eval-student"),
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
 ])
 def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
@@ -2382,6 +2385,16 @@ def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkey
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: "), lines
     assert words in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("stage", ["mouthnet", "heldout", "audio-probe"])
+def test_stages_that_need_synthtalk_refuse_data_in_one_line(stage, capsys):
+    """MouthNet, heldout and audio-probe need SynthTalk's ground truth: --data is one line saying
+    why, exit 2, before any work."""
+    with pytest.raises(SystemExit) as e:
+        train.main([stage, "--data", "d"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: ") and "SynthTalk" in lines[0]
 
 
 def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypatch):
@@ -2401,7 +2414,7 @@ def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypa
     assert [s[0] for s in seen if s[1]] == ["teacher"]
     assert [s[0] for s in seen if s[2]] == ["vae", "vae", "syncnet", "syncnet", "mouthnet"]
     assert [s[0] for s in seen if s[3]] == ["teacher", "dmd"]
-    assert [s[0] for s in seen if s[4] is None] == ["mouthnet"]
+    assert [s[0] for s in seen if s[4] is None] == ["mouthnet", "eval"]
 
 
 def test_resume_without_a_state_file_says_it_starts_from_scratch(tmp_path, capsys):
@@ -2426,19 +2439,20 @@ def test_resume_needs_every_process_to_find_the_state(tmp_path, monkeypatch):
         train.resumes_from(str(state))
 
 
-def test_only_rank_0_deletes_the_old_training_state_and_every_rank_waits_for_it(tmp_path, monkeypatch):
-    """Without --resume, rank 0 alone deletes the old training-state files (one that is already
-    gone is no error), and every rank then meets at a barrier: no rank finds a stale file and
-    resumes from it while the others start afresh."""
+def test_every_rank_deletes_the_old_training_state_and_waits_for_the_others(tmp_path, monkeypatch):
+    """Without --resume, each rank deletes the old training-state files (its node's own copy where
+    nodes share no filesystem; one that another rank removed first is no error), then every rank
+    meets at a barrier: no rank finds a stale file and resumes from it while the others start afresh."""
     state = tmp_path / "t.state.safetensors"
     at_barrier = []
     monkeypatch.setattr(train.dist, "barrier", lambda: at_barrier.append((train.DIST.rank, state.exists())))
     args = train.get_args(["teacher"])
-    for rank in (1, 0):
-        state.write_bytes(b"an older run's state")
+    for rank, stale in ((1, True), (0, True), (0, False)):             # the last: a file already gone
+        if stale:
+            state.write_bytes(b"an older run's state")
         monkeypatch.setattr(train, "DIST", train.Dist(rank, 2))
         assert train.fresh_state(args, str(tmp_path / "t.safetensors"), lambda st: [st + ".gone"]) == str(state)
-    assert at_barrier == [(1, True), (0, False)]      # rank 1 left it to rank 0, which deleted it before the barrier
+    assert at_barrier == [(1, False), (0, False), (0, False)]
 
 
 def test_teacher_loss_by_t_covers_the_steps_since_the_last_log_line(tmp_path, monkeypatch, capsys):
@@ -2595,7 +2609,8 @@ def test_dmd_student_update_is_reward_weighted_uses_self_forcings_adam_and_saves
 def test_audio_that_starts_late_in_its_container_keeps_its_offset(tmp_path):
     """An audio track muxed to start 0.4 s into its container (-itsoffset: PCM in an mkv, AAC in an
     mp4) reads back with that 0.4 s of silence first, in sync with the frames: a tone that starts at
-    0.5 s in the wav starts at 0.9 s (within 5 ms)."""
+    0.5 s in the wav starts at 0.9 s (within 5 ms). One whose first packet is stamped before 0 is
+    read whole, from its first sample."""
     sf.write(tmp_path / "a.wav", tone(1.5, SAMPLE_RATE, onset=0.5), SAMPLE_RATE)
     write_video(tmp_path / "v.mp4", synthetic_frames(50))
     onset = lambda x: int(np.argmax(np.abs(x) > 0.1))
@@ -2604,6 +2619,11 @@ def test_audio_that_starts_late_in_its_container_keeps_its_offset(tmp_path):
                "-c:v", "copy", "-c:a", codec, tmp_path / name)
         a = read_audio(tmp_path / name)
         assert abs(onset(a) - 0.9 * SAMPLE_RATE) <= 80, (name, onset(a))
+    # and one that starts early is not cut: an audio-only opus webm (a browser's recording) has its
+    # first packet 13 ms before 0, yet holds the whole wav from its first sample
+    ffmpeg("-i", tmp_path / "a.wav", "-c:a", "libopus", tmp_path / "early.webm")
+    a = read_audio(tmp_path / "early.webm")
+    assert len(a) == round(1.5 * SAMPLE_RATE) and abs(onset(a) - 0.5 * SAMPLE_RATE) <= 80, (len(a), onset(a))
 
 
 def test_paths_with_a_colon_are_files_not_protocols(tmp_path, monkeypatch):
@@ -2645,8 +2665,10 @@ def test_write_video_from_batches_is_the_whole_array_file(tmp_path):
     write_video(tmp_path / "whole.mp4", frames, audio)
     write_video(tmp_path / "batches.mp4", (frames[i:i + 7] for i in range(0, 20, 7)), audio, shape=frames.shape)
     assert (tmp_path / "whole.mp4").read_bytes() == (tmp_path / "batches.mp4").read_bytes()
-    for batches in ([frames[:10]], [frames, frames[:1]], [frames[:, :40]]):
-        with pytest.raises(MediaError, match="cannot write"):
+    for batches, error, words in (([frames[:10]], ValueError, "only 10 frames came, not the 20"),
+                                  ([frames, frames[:1]], ValueError, "more than 20 frames came"),
+                                  ([frames[:, :40]], MediaError, "cannot write")):
+        with pytest.raises(error, match=words):
             write_video(tmp_path / "bad.mp4", iter(batches), audio, shape=frames.shape)
     assert sorted(os.listdir(tmp_path)) == ["batches.mp4", "whole.mp4"]
 

@@ -185,7 +185,7 @@ def init_distributed(args):
     global DIST
     if "RANK" not in os.environ:
         if args.fsdp:
-            raise SystemExit("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+            fail("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
         return
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -204,7 +204,7 @@ def master():
 def local_batch(batch):
     """This process's share of the global batch."""
     if batch % DIST.world:
-        raise SystemExit(f"--batch {batch} must be a multiple of the number of processes ({DIST.world})")
+        fail(f"--batch {batch} must be a multiple of the number of processes ({DIST.world})")
     return batch // DIST.world
 
 
@@ -428,18 +428,18 @@ def fresh_state(args, out, derived=lambda state: []):
     --out never share one. Unless --resume, it and the files derived(state) names beside it are
     deleted, so the run starts from scratch. None under --fsdp: training-state files hold full,
     unsharded tensors (main refuses --resume, --state and --stop-after there).
-    Rank 0 deletes them (the only rank that writes them); the barrier keeps every other rank
-    from finding a stale file in fit before it is gone, and resuming from it alone."""
+    Every rank deletes them (on nodes that share no filesystem each has its own stale copy; where
+    they share one, a file another rank removed first is no error), and the barrier keeps a rank
+    from finding a stale file in fit before it is gone."""
     if DIST.fsdp:
         return None
     state = args.state or os.path.splitext(out)[0] + ".state.safetensors"
     if args.resume and not os.path.isfile(state) and master():
         print(f"--resume: no training state at {state}; this run starts from scratch")
     if not args.resume:
-        if master():
-            for f in [state, *derived(state)]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(f)
+        for f in [state, *derived(state)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
         if DIST.world > 1:
             dist.barrier()
     return state
@@ -467,8 +467,8 @@ def resumes_from(state, device="cpu"):
     if DIST.world > 1:
         found = round(summed(torch.tensor([float(here)], device=device)).item())
         if 0 < found < DIST.world:
-            raise SystemExit(f"{state}: {found} of {DIST.world} processes find it; --resume on several "
-                             "nodes needs the checkpoint folder on a filesystem they share")
+            fail(f"{state}: {found} of {DIST.world} processes find it; --resume on several "
+                 "nodes needs the checkpoint folder on a filesystem they share")
     return here
 
 
@@ -564,7 +564,8 @@ def train_vae(args):
 def latent_statistics(ae, clips, device):
     """Measure the raw encoder output's per-channel mean and std on training clips and return
     the autoencoder rebuilt with them in its config (so its latents come out normalised)."""
-    z = torch.cat([ae.encode(L.frames_to_tensor(c.frames[:1 + 4 * ((len(c.frames) - 1) // 4)])[None].to(device))[0]
+    tf = L.FRAMES_PER_LATENT                                                   # whole latent frames only
+    z = torch.cat([ae.encode(L.frames_to_tensor(c.frames[:1 + tf * ((len(c.frames) - 1) // tf)])[None].to(device))[0]
                    for c in clips]) * ae.z_std + ae.z_mean                    # (N, 16, h, w), raw
     cfg = dataclasses.replace(ae.cfg, latent_mean=tuple(z.mean((0, 2, 3)).tolist()),
                               latent_std=tuple(z.std((0, 2, 3)).tolist()))
@@ -610,8 +611,8 @@ def train_syncnet(args):
     group = 8                                                               # windows per clip in a batch
     batch = args.batch or 64
     if batch % group or batch < 2 * group:       # the loss needs windows of other clips (easy negatives)
-        raise SystemExit(f"--batch {batch}: a SyncNet batch is groups of {group} windows from one clip, at least "
-                         f"two of them; pass a multiple of {group} from {2 * group} up")
+        fail(f"--batch {batch}: a SyncNet batch is groups of {group} windows from one clip, at least "
+             f"two of them; pass a multiple of {group} from {2 * group} up")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     clips = role_subset(train_pool(args, n_default=512, seconds_default=4.0), args.role)
@@ -712,7 +713,7 @@ def eval_syncnet(net, test, val):
 
 def train_mouthnet(args):
     if args.data:
-        raise SystemExit("mouthnet needs ground-truth mouth parameters: it trains on SynthTalk only (drop --data)")
+        fail("mouthnet needs ground-truth mouth parameters: it trains on SynthTalk only (drop --data)")
     seed = args.seed if args.seed is not None else 3
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -758,12 +759,12 @@ def dit_pool(args, n_latent, stage):
     latent frames plus a reference frame outside it on the 4-frame grid: 4 n_latent + 1 frames.
     A --data folder may hold such clips; they are left out with a note."""
     clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
-    need = 4 * n_latent + 1
+    need = L.FRAMES_PER_LATENT * n_latent + 1
     keep = [c for c in clips if len(c.frames) >= need]
     if not keep:
-        raise SystemExit(f"{stage}: every training clip is shorter than {need} frames ({need / L.FPS:.2f} s at "
-                         f"{L.FPS} fps), what a {n_latent}-latent window and its reference frame take; "
-                         f"use longer clips or a smaller --latent-frames")
+        fail(f"{stage}: every training clip is shorter than {need} frames ({need / L.FPS:.2f} s at "
+             f"{L.FPS} fps), what a {n_latent}-latent window and its reference frame take; "
+             f"use longer clips or a smaller --latent-frames")
     if len(keep) < len(clips):
         print(f"{stage}: {len(clips) - len(keep)} of {len(clips)} clips are shorter than {need} frames; left out")
     return keep
@@ -772,7 +773,7 @@ def dit_pool(args, n_latent, stage):
 def random_ref(rng, T, start, length):
     """A reference frame on the 4-frame grid, outside the target window [start, start + length)."""
     while True:
-        r = 4 * int(rng.integers((T - 1) // 4 + 1))
+        r = L.FRAMES_PER_LATENT * int(rng.integers((T - 1) // L.FRAMES_PER_LATENT + 1))
         if not start <= r < start + length:
             return r
 
@@ -781,13 +782,14 @@ def teacher_batch(encoded, batch, n_latent, rng, context, device, audios=None):
     """Random windows of n_latent latent frames: x0 (B, F, 16, h, w), cond, audio features. With
     `audios` (audios[i] = encoded[i]'s waveform) also each window's raw audio (B, T * 640) on the
     CPU: the 640 samples of each of its 1 + 4 (n_latent - 1) frames (what ae.decode returns)."""
-    n_frames = 1 + 4 * (n_latent - 1)
+    tf = L.FRAMES_PER_LATENT
+    n_frames = 1 + tf * (n_latent - 1)
     n_samples = n_frames * L.SAMPLES_PER_FRAME
     items, raw = [], []
     for _ in range(batch):
         i = rng.integers(len(encoded))
         T = encoded[i].n_frames
-        start = 4 * int(rng.integers((T - n_frames) // 4 + 1))
+        start = tf * int(rng.integers((T - n_frames) // tf + 1))
         items.append(L.latent_window(encoded[i], start, n_latent, random_ref(rng, T, start, n_frames), context))
         if audios is not None:
             a = audios[i][start * L.SAMPLES_PER_FRAME:][:n_samples]
@@ -1127,7 +1129,8 @@ def segment_starts(T):
 def teacher_windows(enc, T, context):
     """The teacher's inputs for a T-frame clip: its 33-frame windows (32-frame hop), each with the
     reference frame half a clip away. Returns x0, cond, audio, each (S, F, ...)."""
-    ref = lambda s: 4 * (((s + T // 2) % T) // 4)                  # half a clip away, on the latent grid
+    tf = L.FRAMES_PER_LATENT
+    ref = lambda s: tf * (((s + T // 2) % T) // tf)                # half a clip away, on the latent grid
     items = [L.latent_window(enc, s, L.TEACHER_LATENT, ref(s), context) for s in segment_starts(T)]
     return [torch.stack(x) for x in zip(*items)]
 
@@ -1194,7 +1197,7 @@ def eval_heldout(args):
     and window draw for both. A ratio well above 1 means the DiT memorised its training
     identities and more clips (--clips) will help; near 1, it is limited by steps or size."""
     if args.data:
-        raise SystemExit("heldout compares SynthTalk training clips with unseen SynthTalk identities; it takes no --data")
+        fail("heldout compares SynthTalk training clips with unseen SynthTalk identities; it takes no --data")
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
     model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
@@ -1238,12 +1241,12 @@ def probe_data(clips, context, track="audio"):
     pack_audio features (sum G, (4 + 2c) 160) and the true mouth of their 4 video frames
     (sum G, 12). track="dub_audio" pairs each test clip's second audio track with its own mouth
     (a control: audio that did not make that mouth)."""
-    X, Y = [], []
+    X, Y, tf = [], [], L.FRAMES_PER_LATENT
     for c in clips:
-        G = (len(c.mouth) - 1) // 4
+        G = (len(c.mouth) - 1) // tf
         feats = L.audio_frame_features(getattr(c, track), context)
-        X.append(L.pack_audio(feats, 4, G, context))                   # latent f: frames 4f + 1 .. 4f + 4
-        Y.append(torch.as_tensor(c.mouth[1:1 + 4 * G]).reshape(G, 12))
+        X.append(L.pack_audio(feats, tf, G, context))                  # latent f: frames 4f + 1 .. 4f + 4
+        Y.append(torch.as_tensor(c.mouth[1:1 + tf * G]).reshape(G, tf * c.mouth.shape[1]))
     return torch.cat(X), torch.cat(Y)
 
 
@@ -1256,7 +1259,7 @@ def eval_audio_probe(args):
     did not make that mouth). A small error means the corpus is learnable from the DiT's input:
     a teacher short of sync is limited by the DiT, not by its audio features or context."""
     if args.data:
-        raise SystemExit("audio-probe needs SynthTalk's ground-truth mouth; it takes no --data")
+        fail("audio-probe needs SynthTalk's ground-truth mouth; it takes no --data")
     seed = args.seed if args.seed is not None else 0
     clips, test = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), test_pool(args)
     d = L.DIT_PRESETS[args.preset]["dim"]
@@ -1478,14 +1481,20 @@ SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "pa
                   "steps", "batch", "test_clips", "mouth_weight", "log_every")
 
 
+def option(name):
+    """An args attribute's command-line spelling: stop_after -> --stop-after."""
+    return "--" + name.replace("_", "-")
+
+
 def run_stage(args, stage, *extra, without=()):
-    """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS (those set,
-    but for the names in `without`) and the FLAGS (those on, to the stages that act on them): they
+    """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS and FLAGS
+    that are set and that the stage acts on (STAGE_OPTIONS), but for the names in `without`: they
     come last, so they win. `pipeline --data DIR` trains every stage on DIR (but MouthNet: foundation);
     `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
-    shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None and name not in without
-              for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
-    flags = ["--" + name.replace("_", "-") for name in FLAGS if getattr(args, name) and stage in STAGE_OPTIONS[name]]
+    takes = lambda name: name not in without and stage in STAGE_OPTIONS.get(name, (stage,))
+    shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None and takes(name)
+              for x in (option(name), str(getattr(args, name)))]
+    flags = [option(name) for name in FLAGS if getattr(args, name) and takes(name)]
     return STAGES[stage](get_args([stage, *extra, *shared, *flags]))
 
 
@@ -1550,25 +1559,38 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"),
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
-                 "resume": TRAINING_STAGES, "state": TRAINING_STAGES, "stop_after": TRAINING_STAGES}
+                 "resume": TRAINING_STAGES, "state": TRAINING_STAGES, "stop_after": TRAINING_STAGES,
+                 # the evaluations grade the SynthTalk test split; MouthNet, heldout and audio-probe
+                 # need SynthTalk's ground-truth mouth or identities (each says so itself)
+                 "data": ("vae", "syncnet", "mouthnet", "heldout", "audio-probe", "teacher", "df", "dmd",
+                          "foundation", "pipeline")}
 FLAGS = ("compile", "bf16_convs", "grad_ckpt")
+
+
+class Refused(SystemExit):
+    """SystemExit with exit code 2 that reads as its message (for whoever catches it)."""
+    def __init__(self, msg):
+        super().__init__(2)
+        self.msg = msg
+
+    def __str__(self):
+        return self.msg
 
 
 def fail(msg):
     """A refused command line or bad input: one line on stderr, exit code 2 (as argparse and sample.py)."""
     print(f"train.py: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise Refused(msg)
 
 
 def check_options(args):
     """Refuse, before any work, an option the stage would silently ignore."""
-    flag = lambda name: "--" + name.replace("_", "-")
     for name, stages in STAGE_OPTIONS.items():
         if getattr(args, name) not in (None, False) and args.stage not in stages:
-            fail(f"{flag(name)} does nothing in {args.stage}; only {', '.join(stages)} read it")
+            fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it")
     for name in ("resume", "state", "stop_after"):
         if args.fsdp and getattr(args, name) not in (None, False):
-            fail(f"{flag(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
+            fail(f"{option(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
                  "not written there")
 
 
@@ -1579,9 +1601,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if "RANK" in os.environ and args.stage not in DISTRIBUTED_STAGES:
-        raise SystemExit(f"{args.stage} runs in one process; torchrun runs {', '.join(DISTRIBUTED_STAGES)}")
+        fail(f"{args.stage} runs in one process; torchrun runs {', '.join(DISTRIBUTED_STAGES)}")
     if args.fsdp and args.stage not in FSDP_STAGES:
-        raise SystemExit(f"--fsdp shards the DiT stages ({', '.join(FSDP_STAGES)})")
+        fail(f"--fsdp shards the DiT stages ({', '.join(FSDP_STAGES)})")
     check_options(args)
     init_distributed(args)
     try:
