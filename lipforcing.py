@@ -234,6 +234,10 @@ def _not_media(path, info):
     return MediaError(f"{path} could not be decoded ({_last_line(info)}): the file is corrupt or not audio/video")
 
 
+def _cut_short(path, what):
+    return MediaError(f"{path} is damaged or cut short ({what}): re-download or re-encode it")
+
+
 def _check_whole(path, stream):
     """MediaError if ffmpeg's demuxer finds the first `stream` ("v" or "a") of `path` damaged or cut
     short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
@@ -243,7 +247,7 @@ def _check_whole(path, stream):
     err = p.stderr.decode(errors="replace")
     if err.strip() or p.returncode != 0:
         what = re.sub(r"^\[[^]]*\]\s*", "", _last_line(err))           # drop ffmpeg's "[demuxer @ 0x..]"
-        raise MediaError(f"{path} is damaged or cut short ({what}): re-download or re-encode it")
+        raise _cut_short(path, what)
 
 
 def _declared_seconds(path):
@@ -353,8 +357,7 @@ def read_audio(path, sr=SAMPLE_RATE):
     if len(x) == 0:
         raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
     if declared is not None and declared - len(x) / sr > 1 / FPS:  # a missing part under a frame is harmless
-        raise MediaError(f"{path} is damaged or cut short (its header says {declared:.2f} s, it holds "
-                         f"{len(x) / sr:.2f} s): re-download or re-encode it")
+        raise _cut_short(path, f"its header says {declared:.2f} s, it holds {len(x) / sr:.2f} s")
     if not np.isfinite(x).all():
         raise MediaError(f"{path} holds NaN or infinite samples: re-export it (e.g. as a 16-bit PCM wav)")
     # Float files and the resampler can overshoot slightly; the model expects [-1, 1].

@@ -320,13 +320,20 @@ def frame_pieces(audio):
 
 
 def sync_c(net, frames, audio):
-    """Sync-C (eval SyncNet) of frames (T, H, W, 3) against their audio."""
+    """Sync-C (eval SyncNet) of frames (T, H, W, 3) against their audio; None for a clip of one
+    SyncNet window or less, which it cannot score (not_measured says so)."""
+    if len(frames) <= net.cfg.frames:
+        return None
     audio = np.pad(audio[:len(frames) * SPF], (0, max(0, len(frames) * SPF - len(audio))))
     return L.evaluate_sync(net, [frames], [audio])["sync_c"]
 
 
 # -----------------------------------------------------------------------------
 # the demo and real files
+
+
+def not_measured(net, n):
+    return f"Sync-C: not measured, it takes more than {net.cfg.frames} frames ({n} here)"
 
 
 def demo(args):
@@ -347,10 +354,11 @@ def demo(args):
     print(f"wrote {dest}: source | dubbed, {len(out)} frames, the dub audio")
     print(f"student {path}, {args.steps} steps, {args.device}: {len(out) / dt:.1f} FPS, "
           f"compute TTFF {1000 * ttff:.0f} ms, live TTFF {1000 * (ttff + student_wait(ae, student.cfg)):.0f} ms")
-    if len(out) <= net.cfg.frames:
-        print(f"Sync-C: not measured, it takes more than {net.cfg.frames} frames ({len(out)} here)")
+    dubbed = sync_c(net, out, clip.dub_audio)
+    if dubbed is None:
+        print(not_measured(net, len(out)))
         return
-    print(f"Sync-C (eval SyncNet): dubbed vs the dub audio {sync_c(net, out, clip.dub_audio):.2f}; "
+    print(f"Sync-C (eval SyncNet): dubbed vs the dub audio {dubbed:.2f}; "
           f"source vs its own audio {sync_c(net, clip.frames, clip.audio):.2f}")
 
 
@@ -726,21 +734,20 @@ def long_stream(args):
     at["end"] = memory()
     dt = time.perf_counter() - t0
     last = np.stack(last)
-    measured = n > net.cfg.frames                         # as in the demo: Sync-C needs more than one window
     res = {"seconds": args.long_stream, "frames": n, "fps": n / dt, "student": path, "steps": args.steps,
-           "memory": at, "sync_c_first_30s": sync_c(net, np.stack(first), clip.dub_audio) if measured else None,
-           "sync_c_last_30s": sync_c(net, last, clip.dub_audio[(n - len(last)) * SPF:]) if measured else None}
+           "memory": at, "sync_c_first_30s": sync_c(net, np.stack(first), clip.dub_audio),
+           "sync_c_last_30s": sync_c(net, last, clip.dub_audio[(n - len(last)) * SPF:])}
     print(f"\nlong stream: {args.long_stream:g} s SynthTalk test clip 0 dubbed, {path}, {n / dt:.1f} FPS on {args.device}\n")
     print("| | at 20 s | at the end (after the flush: no input buffered) |\n|---|---|---|")
     get = lambda k, key, f: f.format(at[k][key]) if k in at and at[k][key] is not None else "-"
     for label, key, f in (("frames", "frames", "{:d}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
                           ("RSS now (MB)", "rss_mb", "{:.0f}"), ("stream state (bytes)", "state_bytes", "{:d}")):
         print(f"| {label} | {get('20s', key, f)} | {get('end', key, f)} |")
-    if measured:
+    if res["sync_c_first_30s"] is None:                  # both ends hold all n frames or 30 s of them
+        print("\n" + not_measured(net, n))
+    else:
         print(f"\nSync-C (eval SyncNet, vs the dub audio): first 30 s {res['sync_c_first_30s']:.2f}, "
               f"last 30 s {res['sync_c_last_30s']:.2f}")
-    else:
-        print(f"\nSync-C: not measured, it takes more than {net.cfg.frames} frames ({n} here)")
     L.save_json(os.path.join(args.results, "long_stream.json"), res)
 
 

@@ -1198,10 +1198,10 @@ def run(argv, cap):
     return code, out, err
 
 
-def assert_one_line_error(code, err, *words):
+def assert_one_line_error(code, err, *words, prog="sample.py"):
     assert code == 2, (code, err)
     lines = err.strip().splitlines() if isinstance(err, str) else err.decode().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sample.py: error: "), err
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
     for w in words:
         assert w in lines[0], (w, lines[0])
 
@@ -2382,9 +2382,7 @@ def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkey
         monkeypatch.setitem(train.STAGES, stage, work)
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: "), lines
-    assert words in lines[0], lines[0]
+    assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
 
 
 @pytest.mark.parametrize("stage", ["mouthnet", "heldout", "audio-probe"])
@@ -2393,8 +2391,7 @@ def test_stages_that_need_synthtalk_refuse_data_in_one_line(stage, capsys):
     why, exit 2, before any work."""
     with pytest.raises(SystemExit) as e:
         train.main([stage, "--data", "d"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: ") and "SynthTalk" in lines[0]
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "SynthTalk", prog="train.py")
 
 
 def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypatch):

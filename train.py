@@ -712,8 +712,6 @@ def eval_syncnet(net, test, val):
 
 
 def train_mouthnet(args):
-    if args.data:
-        fail("mouthnet needs ground-truth mouth parameters: it trains on SynthTalk only (drop --data)")
     seed = args.seed if args.seed is not None else 3
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -832,7 +830,7 @@ def train_teacher(args):
     h = w = args.size // ae.cfg.space_down
     tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
     bins = np.zeros((2, len(T_BINS) - 1))                      # loss sums and counts per t bin
-    log_every = args.log_every or LOG_EVERY                     # fit's log lines
+    log_every = args.log_every or LOG_EVERY                     # fit's log lines, given to it below
 
     def step(i):
         x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
@@ -858,7 +856,7 @@ def train_teacher(args):
     steps = args.steps or TEACHER_STEPS
     losses = fit(model, step, steps, args.lr or TEACHER_LR, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
-                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=args.log_every)
+                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=log_every)
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
@@ -1196,8 +1194,6 @@ def eval_heldout(args):
     clips of the same distribution whose identities no model saw (val_clips). Same noise, times
     and window draw for both. A ratio well above 1 means the DiT memorised its training
     identities and more clips (--clips) will help; near 1, it is limited by steps or size."""
-    if args.data:
-        fail("heldout compares SynthTalk training clips with unseen SynthTalk identities; it takes no --data")
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
     model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
@@ -1258,8 +1254,6 @@ def eval_audio_probe(args):
     predicting the pool's mean mouth, and against the test clips' second audio track (speech that
     did not make that mouth). A small error means the corpus is learnable from the DiT's input:
     a teacher short of sync is limited by the DiT, not by its audio features or context."""
-    if args.data:
-        fail("audio-probe needs SynthTalk's ground-truth mouth; it takes no --data")
     seed = args.seed if args.seed is not None else 0
     clips, test = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), test_pool(args)
     d = L.DIT_PRESETS[args.preset]["dim"]
@@ -1486,12 +1480,11 @@ def option(name):
     return "--" + name.replace("_", "-")
 
 
-def run_stage(args, stage, *extra, without=()):
+def run_stage(args, stage, *extra):
     """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS and FLAGS
-    that are set and that the stage acts on (STAGE_OPTIONS), but for the names in `without`: they
-    come last, so they win. `pipeline --data DIR` trains every stage on DIR (but MouthNet: foundation);
+    that are set and that the stage acts on (STAGE_OPTIONS): they come last, so they win. `pipeline --data DIR` trains every stage on DIR (but MouthNet: foundation);
     `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
-    takes = lambda name: name not in without and stage in STAGE_OPTIONS.get(name, (stage,))
+    takes = lambda name: stage in STAGE_OPTIONS.get(name, (stage,))
     shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None and takes(name)
               for x in (option(name), str(getattr(args, name)))]
     flags = [option(name) for name in FLAGS if getattr(args, name) and takes(name)]
@@ -1507,9 +1500,9 @@ def foundation(args):
                          ("mouthnet", []), ("eval", [])):
         if stage == "mouthnet" and args.data:
             # MouthNet, the MouthErr instrument, learns SynthTalk's ground-truth mouth, which real
-            # clips do not come with: it trains on SynthTalk whatever the other stages train on
+            # clips do not come with: run_stage gives it no --data (STAGE_OPTIONS)
             print("foundation: mouthnet trains on SynthTalk (--data clips carry no ground-truth mouth)")
-        run_stage(args, stage, *extra, without=("data",) if stage == "mouthnet" else ())
+        run_stage(args, stage, *extra)
 
 
 def pipeline(args):
@@ -1560,10 +1553,9 @@ STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
                  "resume": TRAINING_STAGES, "state": TRAINING_STAGES, "stop_after": TRAINING_STAGES,
-                 # the evaluations grade the SynthTalk test split; MouthNet, heldout and audio-probe
-                 # need SynthTalk's ground-truth mouth or identities (each says so itself)
-                 "data": ("vae", "syncnet", "mouthnet", "heldout", "audio-probe", "teacher", "df", "dmd",
-                          "foundation", "pipeline")}
+                 "data": ("vae", "syncnet", "teacher", "df", "dmd", "foundation", "pipeline")}
+OPTION_NOTES = {"data": "the evaluations grade SynthTalk's test split; mouthnet, heldout and audio-probe "
+                        "need SynthTalk's ground-truth mouths or identities"}
 FLAGS = ("compile", "bf16_convs", "grad_ckpt")
 
 
@@ -1587,7 +1579,8 @@ def check_options(args):
     """Refuse, before any work, an option the stage would silently ignore."""
     for name, stages in STAGE_OPTIONS.items():
         if getattr(args, name) not in (None, False) and args.stage not in stages:
-            fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it")
+            note = f" ({OPTION_NOTES[name]})" if name in OPTION_NOTES else ""
+            fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it{note}")
     for name in ("resume", "state", "stop_after"):
         if args.fsdp and getattr(args, name) not in (None, False):
             fail(f"{option(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
