@@ -241,13 +241,24 @@ def _cut_short(path, what):
 def _check_whole(path, stream):
     """MediaError if ffmpeg's demuxer finds the first `stream` ("v" or "a") of `path` damaged or cut
     short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
-    clip on silently; copying the packets to nowhere, without decoding, is where it says so."""
+    clip on silently; copying the packets, without decoding, to framecrc's listing (one line per
+    packet: stream, dts, pts, duration, size, crc) is where it says so. Returns that listing."""
     p = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", ffmpeg_path(path), "-map", f"0:{stream}:0",
-                        "-c", "copy", "-f", "null", "-"], capture_output=True)
+                        "-c", "copy", "-f", "framecrc", "-"], capture_output=True)
     err = p.stderr.decode(errors="replace")
     if err.strip() or p.returncode != 0:
         what = re.sub(r"^\[[^]]*\]\s*", "", _last_line(err))           # drop ffmpeg's "[demuxer @ 0x..]"
         raise _cut_short(path, what)
+    return p.stdout.decode(errors="replace")
+
+
+def _stream_end(listing):
+    """The time, in seconds, at which the last packet of a framecrc listing stops being shown (the
+    latest pts + duration), or None where the packets carry no durations."""
+    tb = re.search(r"^#tb \d+: (\d+)/(\d+)", listing, re.M)
+    packets = [line.split(",") for line in listing.splitlines() if line and not line.startswith("#")]
+    ends = [int(f[2]) + int(f[3]) for f in packets if len(f) >= 4 and int(f[3]) > 0]
+    return max(ends) * int(tb[1]) / int(tb[2]) if tb and ends else None
 
 
 def _declared_seconds(path):
@@ -467,37 +478,36 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
 # reading video
 
 def read_video(path, fps=FPS):
-    """Decode a video to uint8 (T, H, W, 3) RGB frames resampled to `fps`; returns (frames, source_fps)."""
+    """Decode a video to uint8 (T, H, W, 3) RGB frames at `fps`; returns (frames, source_fps).
+
+    By timestamps, as a player shows it: output frame i is the source frame on screen at time i / fps
+    of the container's clock. ffmpeg's fps filter does it (round=up: a frame shown from time p fills
+    the output times >= p until the next one), so a variable-frame-rate phone video keeps its timing
+    and a video stream that starts after time 0 (as the audio track may not) is led by its first
+    frame, both in sync with read_audio. Output frames are kept while their whole display interval
+    [i, i + 1) / fps lies within the video, so T_out * SAMPLES_PER_FRAME never outruns the clip's
+    audio; a clip shorter than one output frame still gives 1."""
     path = check_file(path)
     info = _probe(path)
     if "Stream #" not in info:
         raise _not_media(path, info)
     if not _VIDEO_RE.search(info):
         raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
-    _check_whole(path, "v")
-    out, i, n_src = [], 0, 0
+    end = _stream_end(_check_whole(path, "v"))
+    rate = Fraction(fps).limit_denominator(1001)
+    out = []
     try:
-        with contextlib.closing(imageio_ffmpeg.read_frames(ffmpeg_path(path))) as gen:
+        with contextlib.closing(imageio_ffmpeg.read_frames(
+                ffmpeg_path(path), output_params=["-map", "0:v:0", "-vf", f"fps={rate}:round=up:start_time=0"])) as gen:
             meta = next(gen)
             w, h = meta["size"]
-            src_fps = float(meta["fps"]) or float(fps)  # fps 0 means "unknown": take frames as they come
-            # Resample by timestamps: output frame i shows at i/fps, which falls inside source frame
-            # floor(i * src_fps / fps). The 1e-6 absorbs float error (e.g. 6 * 30/25 = 7.199999...).
-            # Frames are streamed, so downsampling 60->25 fps never holds the dropped frames.
-            for j, buf in enumerate(gen):
-                n_src = j + 1
-                while math.floor(i * src_fps / fps + 1e-6) == j:
-                    out.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
-                    i += 1
+            src_fps = float(meta["fps"]) or float(fps)     # the stream's nominal rate, for messages
+            out = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in gen]
     except (RuntimeError, OSError) as e:
         raise MediaError(f"{path} could not be decoded by ffmpeg ({_last_line(e)}): check that it plays, or re-encode it") from None
-    if n_src == 0:
+    if not out:
         raise MediaError(f"{path} has a video stream but no decodable frames: re-encode it")
-    # Keep the output frames whose whole display interval [i/fps, (i+1)/fps) lies inside the source
-    # clip (T_src / src_fps seconds), so T_out * SAMPLES_PER_FRAME never outruns the clip's audio.
-    # The loop above may have produced one frame too many; a clip shorter than one output frame
-    # still gives 1.
-    t_out = min(len(out), max(1, math.floor(n_src * fps / src_fps + 1e-6)))
+    t_out = len(out) if end is None else min(len(out), max(1, math.floor(end * rate + 1e-6)))
     frames = np.empty((t_out, h, w, 3), np.uint8)
     for k in range(t_out):  # each decoded frame let go as it is copied: the clip is never held twice
         frames[k], out[k] = out[k], None
@@ -717,12 +727,20 @@ def rope_angles(freqs, t_pos, h, w):
     return torch.cat([at, ah, aw], -1).reshape(Fr * h * w, -1)                 # float64; cast at use
 
 
-def apply_rope(x, angles):
-    """Rotate pairs of channels of x (B, H, N, Dh) by angles (N, Dh/2)."""
-    x2 = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (B, H, N, Dh/2, 2)
-    cos, sin = angles.cos().to(x2.dtype), angles.sin().to(x2.dtype)
-    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1)
-    return out.flatten(-2).type_as(x)
+def rope_factors(angles, dtype=torch.float32):
+    """What apply_rope multiplies by, from angles (N, Dh/2): each angle's cos and its sin with the
+    sign the pair's first channel takes, both repeated over the channel pair: (2, N, Dh). Made once
+    per forward pass and shared by every block."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)]).to(dtype)
+
+
+def apply_rope(x, rope):
+    """Rotate each channel pair (a, b) of x (B, H, N, Dh) by its angle: (a cos - b sin, a sin + b cos),
+    Wan's complex product, in at least the factors' dtype. rope = rope_factors(angles) (2, N, Dh)."""
+    cos, sin = rope
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)                  # (b, a) for each pair (a, b)
+    return (x * cos + swapped * sin).type_as(x)
 
 
 def block_causal_mask(n_frames, tokens_per_frame, chunk, device=None):
@@ -781,9 +799,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, angles, mask=None, cache=None, layer=0, tokens_per_frame=1):
-        """x (B, n, D). angles (m, Dh/2) for the m >= n keys attended: without a cache m = n; with
-        one the cached keys come first and the queries take the last n positions."""
+    def forward(self, x, rope, mask=None, cache=None, layer=0, tokens_per_frame=1):
+        """x (B, n, D). rope (2, m, Dh): rope_factors of the m >= n keys attended: without a cache
+        m = n; with one the cached keys come first and the queries take the last n positions."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         # qk-norm in its weight's dtype: fp32 under bf16 autocast, as Wan computes it
@@ -791,7 +809,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q.to(norm_dtype)).to(v.dtype), self.k_norm(k.to(norm_dtype)).to(v.dtype)
         if cache is not None:
             k, v = cache.layer(layer, k, v, tokens_per_frame)                    # (B, H, m, Dh)
-        q, k = apply_rope(q, angles[-N:]), apply_rope(k, angles)
+        q, k = apply_rope(q, rope[:, -N:]), apply_rope(k, rope)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
@@ -809,14 +827,14 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.audio = nn.Linear(d, d) if audio else None   # this block's audio projection (zero-init)
 
-    def forward(self, x, c, a, angles, mask=None, cache=None, layer=0):
+    def forward(self, x, c, a, rope, mask=None, cache=None, layer=0):
         """x (B, F, N, D) tokens; c (B, F, D) timestep embedding; a (B, F, D) audio or None."""
         B, Fr, N, D = x.shape
         if self.audio is not None and a is not None:
             x = x + self.audio(a)[:, :, None, :]                                  # added to the frame's tokens
         s1, sc1, g1, s2, sc2, g2 = self.ada(c)[:, :, None, :].chunk(6, -1)      # each (B, F, 1, D)
         h = modulate(self.norm1(x), s1, sc1).reshape(B, Fr * N, D)
-        x = x + g1 * self.attn(h, angles, mask, cache, layer, N).view(B, Fr, N, D)
+        x = x + g1 * self.attn(h, rope, mask, cache, layer, N).view(B, Fr, N, D)
         x = x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
         return x
 
@@ -834,7 +852,7 @@ class DiT(nn.Module):
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.patch_out = nn.Linear(d, zc * p * p)
-        self.rope = rope_freqs(d // cfg.heads, cfg.rope_theta)
+        self.freqs = rope_freqs(d // cfg.heads, cfg.rope_theta)     # RoPE's (t, h, w) frequencies, as Wan's self.freqs
         self.checkpointing = False     # activation checkpointing in training (set by train.py --grad-ckpt)
         self.initialize_weights()
 
@@ -868,16 +886,17 @@ class DiT(nn.Module):
         c = self.t_embed(timestep_embedding(t, 256).to(tok.dtype))                    # (B, F, D)
         a = self.audio_embed(audio)                                                   # (B, F, D)
         past = cache.cached_frames if cache is not None else 0
-        angles = rope_angles(self.rope, torch.arange(past + Fr, device=x.device), h, w)   # ((P+F) N, Dh/2)
+        angles = rope_angles(self.freqs, torch.arange(past + Fr, device=x.device), h, w)   # ((P+F) N, Dh/2)
+        rope = rope_factors(angles, torch.promote_types(tok.dtype, torch.float32))         # (2, (P+F) N, Dh)
         if cache is not None:
             cache.update = update_cache
         for i, blk in enumerate(self.blocks):
             if self.checkpointing and cache is None and torch.is_grad_enabled():
                 # keep only each block's input; backward runs the block again. Not with a cache: by
                 # the time backward runs, later chunks have rewritten it
-                tok = torch.utils.checkpoint.checkpoint(blk, tok, c, a, angles, mask, use_reentrant=False)
+                tok = torch.utils.checkpoint.checkpoint(blk, tok, c, a, rope, mask, use_reentrant=False)
             else:
-                tok = blk(tok, c, a, angles, mask, cache, i)
+                tok = blk(tok, c, a, rope, mask, cache, i)
         if cache is not None and update_cache:
             cache.frames += Fr
             cache.update = False
