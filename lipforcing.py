@@ -238,6 +238,9 @@ def _cut_short(path, what):
     return MediaError(f"{path} is damaged or cut short ({what}): re-download or re-encode it")
 
 
+NO_PTS = -2 ** 63        # ffmpeg's AV_NOPTS_VALUE: a packet without a timestamp
+
+
 def _check_whole(path, stream):
     """MediaError if ffmpeg's demuxer finds the first `stream` ("v" or "a") of `path` damaged or cut
     short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
@@ -254,11 +257,16 @@ def _check_whole(path, stream):
 
 def _stream_end(listing):
     """The time, in seconds, at which the last packet of a framecrc listing stops being shown (the
-    latest pts + duration), or None where the packets carry no durations."""
+    latest pts plus its duration, or the typical duration where a packet states none), or None
+    where the packets carry no timestamps (a raw .h264 stream) or no durations."""
     tb = re.search(r"^#tb \d+: (\d+)/(\d+)", listing, re.M)
-    packets = [line.split(",") for line in listing.splitlines() if line and not line.startswith("#")]
-    ends = [int(f[2]) + int(f[3]) for f in packets if len(f) >= 4 and int(f[3]) > 0]
-    return max(ends) * int(tb[1]) / int(tb[2]) if tb and ends else None
+    rows = [line.split(",") for line in listing.splitlines() if line and not line.startswith("#")]
+    rows = [(int(f[2]), int(f[3])) for f in rows if len(f) >= 4]          # (pts, duration)
+    durations = sorted(d for _, d in rows if d > 0)
+    if not (tb and rows and durations) or any(pts == NO_PTS for pts, _ in rows):
+        return None
+    end = max(pts + (d or durations[len(durations) // 2]) for pts, d in rows)
+    return end * int(tb[1]) / int(tb[2])
 
 
 def _declared_seconds(path):
@@ -724,13 +732,13 @@ def rope_angles(freqs, t_pos, h, w):
     at = (t_pos.double()[:, None] * ft.to(t_pos.device))[:, None, None, :].expand(Fr, h, w, -1)
     ah = (torch.arange(h, device=t_pos.device).double()[:, None] * fh.to(t_pos.device))[None, :, None, :].expand(Fr, h, w, -1)
     aw = (torch.arange(w, device=t_pos.device).double()[:, None] * fw.to(t_pos.device))[None, None, :, :].expand(Fr, h, w, -1)
-    return torch.cat([at, ah, aw], -1).reshape(Fr * h * w, -1)                 # float64; cast at use
+    return torch.cat([at, ah, aw], -1).reshape(Fr * h * w, -1)                 # float64; rope_factors casts
 
 
 def rope_factors(angles, dtype=torch.float32):
-    """What apply_rope multiplies by, from angles (N, Dh/2): each angle's cos and its sin with the
-    sign the pair's first channel takes, both repeated over the channel pair: (2, N, Dh). Made once
-    per forward pass and shared by every block."""
+    """apply_rope's multipliers for angles (N, Dh/2): (2, N, Dh), per channel pair (cos, cos) and
+    (-sin, sin), so that the pair (a, b) -> (a, b) * (cos, cos) + (b, a) * (-sin, sin). Made once per
+    forward pass and shared by every block."""
     cos, sin = angles.cos(), angles.sin()
     return torch.stack([cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)]).to(dtype)
 

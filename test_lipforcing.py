@@ -444,7 +444,7 @@ def test_read_video_follows_timestamps(tmp_path):
     """Frames are placed by their timestamps, not their count: a variable-frame-rate clip (10 fps for
     a second, then 50 fps) and a video stream that starts 0.5 s after its audio give, at every
     output time i / 25, the source frame on screen then (the first one before the video starts), and
-    as many frames as fit whole in the stream."""
+    as many frames as fit whole in the stream; a raw stream without timestamps, all its frames."""
     raw = tmp_path / "frames.rgb"
     levels = 10 + 6 * np.arange(39)                                      # each frame's brightness is its index
     raw.write_bytes(np.broadcast_to(levels[:, None, None, None], (39, 32, 32, 3)).astype(np.uint8).tobytes())
@@ -462,6 +462,11 @@ def test_read_video_follows_timestamps(tmp_path):
         want = [levels[max([j for j, t in enumerate(pts) if t <= i / FPS + 1e-9], default=0)] for i in range(n)]
         assert len(back) == n, name
         assert np.abs(back.reshape(n, -1).mean(1) - want).max() < 1.5, name
+    # a raw H.264 stream has no timestamps at all: ffmpeg's own, one frame each, keep every frame
+    mp4, h264 = tmp_path / "v.mp4", tmp_path / "v.h264"
+    write_video(mp4, synthetic_frames(10))
+    ffmpeg("-i", str(mp4), "-c", "copy", "-bsf:v", "h264_mp4toannexb", str(h264))
+    assert len(read_video(h264)[0]) == 10
 
 
 def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
