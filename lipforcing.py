@@ -1009,11 +1009,12 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_sc
 STUDENT_STEPS = (0.999, ode_t(30))
 
 
-def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS, grad=False):
+def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS, grad=False, refresh=True):
     """One chunk of the student's few-step sampler, no CFG: predict x0 from pure noise at steps[0],
     re-noise the prediction to steps[1] with fresh noise, predict x0 again, and so on. With a
     cache, a last pass on the clean output at t = 0 writes the chunk's keys and values into it
-    (the KV refresh), so the next chunk attends a clean past.
+    (the KV refresh), so the next chunk attends a clean past. refresh=False leaves it out, for a last
+    chunk whose cache nothing reads after it (a training rollout's).
 
     grad=True (Self-Forcing's rollout): the last step runs with gradient; the earlier steps and the
     KV refresh never do, so no gradient crosses steps or chunks.
@@ -1025,7 +1026,7 @@ def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS, gr
         x = noises[0] if x0 is None else add_noise(x0, noises[i], tt)
         with torch.set_grad_enabled(grad and i == len(steps) - 1):
             x0 = x - t * model(x, tt, cond, audio, cache=cache)
-    if cache is not None:
+    if cache is not None and refresh:
         with torch.no_grad():                                                  # the KV refresh
             model(x0.detach(), torch.zeros(B, Fr, device=noises.device), cond, audio, cache=cache, update_cache=True)
     return x0
@@ -1897,9 +1898,10 @@ def self_forcing_rollout(model, cond, audio, noises, exit_step, steps=STUDENT_ST
     cfg = model.cfg
     cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)     # the inference cache (df draws others)
     n, grad = exit_step + 1, torch.is_grad_enabled()
+    F = noises.shape[2]
     return torch.cat([sample_chunk(model, cond[:, c:c + cfg.chunk], audio[:, c:c + cfg.chunk],
-                                   noises[:n, :, c:c + cfg.chunk], cache, steps[:n], grad)
-                      for c in range(0, noises.shape[2], cfg.chunk)], 1)
+                                   noises[:n, :, c:c + cfg.chunk], cache, steps[:n], grad, refresh=c + cfg.chunk < F)
+                      for c in range(0, F, cfg.chunk)], 1)
 
 
 DMD_T_RANGE = (0.02, 0.98)                 # re-noise times: shift_t of a uniform in this range

@@ -1934,7 +1934,7 @@ def test_rollout_to_the_last_step_is_the_stream():
 @pytest.mark.parametrize("exit_step", [0, 1])
 def test_rollout_gradient_flows_only_through_the_exit_step(exit_step):
     """Gradient reaches the weights only through each chunk's exit pass: (a) per chunk the passes
-    before the exit and the KV refresh run without grad, the exit pass with it; (b) unused and
+    before the exit and the KV refresh (every chunk's but the last) run without grad, the exit pass with it; (b) unused and
     pre-exit noise get zero gradient, and so do an earlier chunk's conditions although they change
     the output (no gradient crosses chunks); (c) the weight gradient equals a reference in which a
     frozen copy of the model runs every pass but the exit ones."""
@@ -1950,7 +1950,7 @@ def test_rollout_gradient_flows_only_through_the_exit_step(exit_step):
     hook.remove()
     t_exit = round(steps[exit_step], 3)
     per_chunk = [(False, round(t, 3), False) for t in steps[:exit_step]] + [(True, t_exit, False), (False, 0.0, True)]
-    assert calls == per_chunk * 3                                            # (a)
+    assert calls == per_chunk * 2 + per_chunk[:-1]        # (a); the last chunk's cache is not read: no refresh
     g = torch.randn_like(x)
     (x[:, 3:6] * g[:, 3:6]).sum().backward(retain_graph=True)               # chunk 1's output only
     assert cond.grad[:, :3].abs().max() == 0 and cond.grad[:, 3:6].abs().max() > 0
@@ -2007,7 +2007,8 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
 
 def test_df_refreshes_the_cache_with_each_clean_chunk_at_t_0():
     """df_loss runs each chunk once at its own noise level (reading the cache), then once clean at
-    t = 0 writing the cache (the KV refresh), and returns each chunk's flow-matching loss."""
+    t = 0 writing the cache (the KV refresh; not after the last chunk, whose cache no one reads),
+    and returns each chunk's flow-matching loss."""
     model = dmd_dit(causal=True)
     passes, forward = [], model.forward
     model.forward = lambda x, t, cond, audio, cache=None, update_cache=False: \
@@ -2015,12 +2016,14 @@ def test_df_refreshes_the_cache_with_each_clean_chunk_at_t_0():
     x0, _, cond, audio = dit_inputs(Fr=6)
     eps, levels = torch.randn_like(x0), torch.tensor([[0, 1], [1, 1]])
     losses = train.df_loss(model, x0, cond, audio, levels, eps, window=7, sink=1)
-    assert [p[2] for p in passes] == [False, True, False, True]
+    assert [p[2] for p in passes] == [False, True, False]
     steps = torch.tensor(L.STUDENT_STEPS)
     for k, sl in enumerate((slice(0, 3), slice(3, 6))):
-        (x, t, _), (clean, t0, _) = passes[2 * k:2 * k + 2]
-        assert torch.equal(t, steps[levels[:, k]][:, None].expand(-1, 3)) and (t0 == 0).all()
-        assert torch.equal(clean, x0[:, sl]) and torch.equal(x, L.add_noise(x0[:, sl], eps[:, sl], t))
+        x, t, _ = passes[2 * k]
+        assert torch.equal(t, steps[levels[:, k]][:, None].expand(-1, 3))
+        assert torch.equal(x, L.add_noise(x0[:, sl], eps[:, sl], t))
+    clean, t0, _ = passes[1]
+    assert torch.equal(clean, x0[:, :3]) and (t0 == 0).all()
     assert losses.shape == (2, 2) and (losses > 0).all()
 
 
