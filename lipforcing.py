@@ -980,7 +980,7 @@ def velocity(model, x, t, cond, audio, scale=1.0, mode="audio", **kw):
     return guided_velocity(model, x, t, cond, audio, scale, mode, **kw)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ode_trajectory(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_schedule=None, mode="audio"):
     """The teacher's Euler sampler from pure noise, step by step: yields (j, t_j, x_tj, v_j) at
     t_j = shift(1 - j/steps), before the step x <- x + (t_{j+1} - t_j) v. x_tj - t_j v_j is the x0
@@ -998,7 +998,7 @@ def ode_trajectory(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cf
         x = x + (t_next - t) * v
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_schedule=None, mode="audio"):
     """The teacher's 50-step Euler sampler (ode_trajectory run to the end): the sample at t = 0."""
     *_, (j, t, x, v) = ode_trajectory(model, cond, audio, noise, steps, cfg, cfg_schedule, mode)
@@ -1836,7 +1836,7 @@ class LipSyncStream:
     def _nothing(self):
         return np.zeros((0, *(self.frame_shape or (0, 0, 3))), np.uint8)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run_chunk(self, n):
         src, self.frames = np.stack(self.frames[:n]), self.frames[n:]
         x = frames_to_tensor(src).to(self.device)                                # (n, 3, H, W)

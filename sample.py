@@ -605,7 +605,7 @@ def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_ST
             "peak_memory_mb": peak_memory_mb(device), "state_mb": stream.nbytes() / 2 ** 20}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS):
     """The teacher as it samples: 33-frame windows with a 32-frame hop, each encoded, sampled with
     50 Euler steps and CFG 4.5 (batch 2: conditional and unconditional), decoded, one after another.
