@@ -1898,10 +1898,10 @@ def self_forcing_rollout(model, cond, audio, noises, exit_step, steps=STUDENT_ST
     cfg = model.cfg
     cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)     # the inference cache (df draws others)
     n, grad = exit_step + 1, torch.is_grad_enabled()
-    F = noises.shape[2]
+    Fr = noises.shape[2]
     return torch.cat([sample_chunk(model, cond[:, c:c + cfg.chunk], audio[:, c:c + cfg.chunk],
-                                   noises[:n, :, c:c + cfg.chunk], cache, steps[:n], grad, refresh=c + cfg.chunk < F)
-                      for c in range(0, F, cfg.chunk)], 1)
+                                   noises[:n, :, c:c + cfg.chunk], cache, steps[:n], grad, refresh=c + cfg.chunk < Fr)
+                      for c in range(0, Fr, cfg.chunk)], 1)
 
 
 DMD_T_RANGE = (0.02, 0.98)                 # re-noise times: shift_t of a uniform in this range
