@@ -503,7 +503,6 @@ def read_video(path, fps=FPS):
         raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
     end = _stream_end(_check_whole(path, "v"))
     rate = Fraction(fps).limit_denominator(1001)
-    out = []
     try:
         with contextlib.closing(imageio_ffmpeg.read_frames(
                 ffmpeg_path(path), output_params=["-map", "0:v:0", "-vf", f"fps={rate}:round=up:start_time=0"])) as gen:

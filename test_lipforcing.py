@@ -620,7 +620,7 @@ def test_fresh_dit_outputs_zero_and_blocks_are_identity():
     assert torch.equal(model(x, t, cond, audio), torch.zeros_like(x))
     tok = torch.randn(2, 3, 4, 64)
     c, a = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
-    rope = L.rope_factors(L.rope_angles(model.freqs, torch.arange(3), 2, 2))
+    rope = rope_at(model.freqs, range(3))
     for blk in model.blocks:
         assert torch.equal(blk(tok, c, a, rope), tok)
 
@@ -638,7 +638,7 @@ def test_dit_block_is_the_adaln_zero_formula():
         for p in list(blk.attn.parameters()) + list(blk.mlp.parameters()):
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(1, 2, 4, D)
-    rope = L.rope_factors(L.rope_angles(tiny_dit().freqs, torch.arange(2), 2, 2))
+    rope = rope_at(tiny_dit().freqs, range(2))
     ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
     h = x + g1 * blk.attn((ln(x) * (1 + sc1) + s1).reshape(1, 8, D), rope).view(1, 2, 4, D)
     ref = h + g2 * blk.mlp(ln(h) * (1 + sc2) + s2)
@@ -658,6 +658,17 @@ def test_timestep_embedding_and_rope_angles_reference():
     assert torch.equal(angles, ref)
 
 
+def rope_at(freqs, pos, dtype=torch.float32):
+    """The DiT's RoPE factors for latent frames at positions pos on a 2 x 2 token grid."""
+    return L.rope_factors(L.rope_angles(freqs, torch.as_tensor(pos), 2, 2), dtype)
+
+
+def wan_rope(x, angles):
+    """RoPE as Wan computes it, by hand: the channel pairs of x as complex numbers times e^(j angle)."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
 def test_rope_is_wans():
     """A straight port of Wan2.1's RoPE at its head dim 128: the split (t gets d - 4 (d // 6), h and w
     2 (d // 6) each), each part's frequencies from rope_params (theta^(-2k / part)), and the
@@ -670,8 +681,7 @@ def test_rope_is_wans():
         assert torch.equal(got, rope_params(part))
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)                     # (B, H, N, Dh)
     angles = torch.rand(5, 4, dtype=torch.float64) * 6
-    rotated = torch.view_as_complex(x.reshape(2, 3, 5, 4, 2)) * torch.polar(torch.ones_like(angles), angles)
-    assert_close(L.apply_rope(x, L.rope_factors(angles, torch.float64)), torch.view_as_real(rotated).flatten(-2), 1e-12)
+    assert_close(L.apply_rope(x, L.rope_factors(angles, torch.float64)), wan_rope(x, angles), 1e-12)
 
 
 def test_audio_every_sets_the_blocks_that_take_audio():
@@ -727,11 +737,10 @@ def test_rope_is_relative():
     attn = L.Attention(64, 4)
     freqs = L.rope_freqs(16, 10000.0)
     x = torch.randn(1, 3 * 4, 64)
-    rope = lambda pos: L.rope_factors(L.rope_angles(freqs, pos, 2, 2))
-    a0 = attn(x, rope(torch.arange(3)))
-    a7 = attn(x, rope(torch.arange(3) + 7))
+    a0 = attn(x, rope_at(freqs, range(3)))
+    a7 = attn(x, rope_at(freqs, range(7, 10)))
     assert_close(a7, a0, 1e-5, "shifted positions")
-    swapped = attn(x, rope(torch.tensor([0, 2, 1])))
+    swapped = attn(x, rope_at(freqs, [0, 2, 1]))
     assert (swapped - a0).abs().max() > 1e-3          # but the order does matter
 
 
@@ -742,7 +751,7 @@ def test_qk_norm_runs_in_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     attn = L.Attention(64, 4)
     x = torch.randn(1, 3 * 4, 64)
-    rope = L.rope_factors(L.rope_angles(L.rope_freqs(16, 10000.0), torch.arange(3), 2, 2))
+    rope = rope_at(L.rope_freqs(16, 10000.0), range(3))
     seen = []
     for norm in (attn.q_norm, attn.k_norm):
         norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
@@ -991,7 +1000,7 @@ def test_rolling_cache_attention_equals_explicit_slicing(window, sink):
     for c in range(n_chunks):
         x = xs[:, c * chunk * N:(c + 1) * chunk * N]
         past = cache.cached_frames
-        rope = L.rope_factors(L.rope_angles(freqs, torch.arange(past + chunk), 2, 2), torch.float64)
+        rope = rope_at(freqs, range(past + chunk), torch.float64)
         out = attn(x, rope, cache=cache, tokens_per_frame=N)
         cache.update = True                                               # the refresh pass writes
         attn(x, rope, cache=cache, tokens_per_frame=N)
@@ -1003,10 +1012,8 @@ def test_rolling_cache_attention_equals_explicit_slicing(window, sink):
         frames = keep + list(range(c * chunk, (c + 1) * chunk))
         tok = torch.cat([torch.arange(f * N, (f + 1) * N) for f in frames])
         ang = L.rope_angles(freqs, torch.arange(len(frames)), 2, 2)
-        rotate = lambda z, a: torch.view_as_real(              # RoPE as Wan's complex product, by hand
-            torch.view_as_complex(z.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(a), a)).flatten(-2)
-        q = rotate(attn.q_norm(q_all[:, :, c * chunk * N:(c + 1) * chunk * N]), ang[-chunk * N:])
-        k = rotate(k_all[:, :, tok], ang)
+        q = wan_rope(attn.q_norm(q_all[:, :, c * chunk * N:(c + 1) * chunk * N]), ang[-chunk * N:])
+        k = wan_rope(k_all[:, :, tok], ang)
         ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // H), -1) @ v_all[:, :, tok]
         ref = attn.proj(ref.transpose(1, 2).reshape(1, -1, D))
         assert_close(out, ref, 1e-10, f"chunk {c}")
