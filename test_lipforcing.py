@@ -762,9 +762,11 @@ def test_qk_norm_runs_in_fp32_under_bf16_autocast():
 
 
 def test_ode_schedule_landmarks():
-    """The teacher's shifted 50-step ODE: t_20 = 0.882, t_30 = 0.769, t_40 = 0.556 (METHOD.md)."""
+    """The teacher's shifted 50-step ODE: t_20 = 0.882, t_30 = 0.769, t_40 = 0.556 (METHOD.md); the
+    student's two steps sit at t = 0.999 and at the teacher's step 30."""
     assert round(L.ode_t(20), 3) == 0.882 and round(L.ode_t(30), 3) == 0.769 and round(L.ode_t(40), 3) == 0.556
     assert L.ode_t(0) == 1.0 and L.ode_t(50) == 0.0
+    assert L.STUDENT_STEPS == (0.999, L.ode_t(30))
 
 
 def test_mouth_weighted_loss_counts_the_mouth_box_again_and_keeps_the_minimiser():
