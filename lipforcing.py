@@ -1008,11 +1008,19 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_sc
 STUDENT_STEPS = (0.999, ode_t(30))
 
 
+@torch.no_grad()
+def kv_refresh(model, x0, cond, audio, cache):
+    """The KV refresh: the model run once more on a chunk's clean latents x0 (B, F, 16, h, w) at
+    t = 0, writing their keys and values into `cache`, so the next chunk attends a clean past.
+    No gradient. The stream, the Self-Forcing rollout and Diffusion Forcing all refresh this way."""
+    model(x0, torch.zeros(x0.shape[:2], device=x0.device), cond, audio, cache=cache, update_cache=True)
+
+
 def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS, grad=False, refresh=True):
     """One chunk of the student's few-step sampler, no CFG: predict x0 from pure noise at steps[0],
     re-noise the prediction to steps[1] with fresh noise, predict x0 again, and so on. With a
     cache, a last pass on the clean output at t = 0 writes the chunk's keys and values into it
-    (the KV refresh), so the next chunk attends a clean past. refresh=False leaves it out, for a last
+    (kv_refresh), so the next chunk attends a clean past. refresh=False leaves it out, for a last
     chunk whose cache nothing reads after it (a training rollout's).
 
     grad=True (Self-Forcing's rollout): the last step runs with gradient; the earlier steps and the
@@ -1026,8 +1034,7 @@ def sample_chunk(model, cond, audio, noises, cache=None, steps=STUDENT_STEPS, gr
         with torch.set_grad_enabled(grad and i == len(steps) - 1):
             x0 = x - t * model(x, tt, cond, audio, cache=cache)
     if cache is not None and refresh:
-        with torch.no_grad():                                                  # the KV refresh
-            model(x0.detach(), torch.zeros(B, Fr, device=noises.device), cond, audio, cache=cache, update_cache=True)
+        kv_refresh(model, x0, cond, audio, cache)
     return x0
 
 

@@ -1943,10 +1943,10 @@ def test_rollout_to_the_last_step_is_the_stream():
 @pytest.mark.parametrize("exit_step", [0, 1])
 def test_rollout_gradient_flows_only_through_the_exit_step(exit_step):
     """Gradient reaches the weights only through each chunk's exit pass: (a) per chunk the passes
-    before the exit and the KV refresh (every chunk's but the last) run without grad, the exit pass with it; (b) unused and
-    pre-exit noise get zero gradient, and so do an earlier chunk's conditions although they change
-    the output (no gradient crosses chunks); (c) the weight gradient equals a reference in which a
-    frozen copy of the model runs every pass but the exit ones."""
+    before the exit and the KV refresh (every chunk's but the last) run without grad, the exit pass
+    with it; (b) unused and pre-exit noise get zero gradient, and so do an earlier chunk's
+    conditions although they change the output (no gradient crosses chunks); (c) the weight
+    gradient equals a reference in which a frozen copy of the model runs every pass but the exit ones."""
     model = dmd_dit(causal=True, sink=1, window=7).double()
     cond, audio, noises = (z.double() for z in dmd_inputs(1, 9))
     steps = L.STUDENT_STEPS

@@ -918,8 +918,7 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
         v = model(L.add_noise(x0[:, sl], eps[:, sl], t), t, cond[:, sl], audio[:, sl], cache=cache)
         losses.append(L.flow_matching_loss(v, x0[:, sl], eps[:, sl], mouth_weight))
         if c0 + chunk < n:                              # the last chunk's refresh would feed no one
-            with torch.no_grad():
-                model(x0[:, sl], torch.zeros_like(t), cond[:, sl], audio[:, sl], cache=cache, update_cache=True)
+            L.kv_refresh(model, x0[:, sl], cond[:, sl], audio[:, sl], cache)
     return torch.stack(losses, 1)                                   # (B, chunks)
 
 
