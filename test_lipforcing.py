@@ -2014,6 +2014,29 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     assert any((p - q).abs().max() > 0 for p, q in zip(out.parameters(), student.parameters()))
 
 
+def test_eval_student_val_split_streams_unseen_test_length_clips_without_a_dub_row(tmp_path, monkeypatch):
+    """`eval-student --split val` grades the student on val_clips as long as the test clips (never
+    the test split), streams only their own audio (they have no dub track), and writes
+    <stem>_val.json beside the test split's <stem>.json."""
+    torch.manual_seed(0)
+    student = dmd_dit(causal=True)
+    L.save_checkpoint(tmp_path / "s.safetensors", student, student.cfg)
+    nets = (L.VideoAE(L.AEConfig(width=8)), L.SyncNet(L.SyncNetConfig(width=4)).eval(), None, L.MouthNet(L.MouthNetConfig()))
+    monkeypatch.setattr(train, "load_foundation", lambda ckpt_dir, device="cpu": nets)
+    monkeypatch.setattr(train, "test_pool", lambda args: pytest.fail("the test split was read"))
+    asked = []
+    monkeypatch.setattr(train, "val_clips", lambda args, n=16, seconds=4.0: asked.append(seconds) or
+                        [L.synthtalk_clip("train", 100_000 + i, 1.0, 32) for i in range(2)])
+    train.main(["eval-student", "--split", "val", "--ckpt", str(tmp_path / "s.safetensors"),
+                "--results", str(tmp_path), "--size", "32"])
+    assert asked == [L.TEST_SECONDS]
+    with open(tmp_path / "s_val.json") as f:
+        res = json.load(f)
+    rows = [k for k, v in res.items() if isinstance(v, dict)]
+    assert rows == ["ground truth", "autoencoder reconstruction", "student s, 2 steps, recon"] and res["test_clips"] == 2
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_df_refreshes_the_cache_with_each_clean_chunk_at_t_0():
     """df_loss runs each chunk once at its own noise level (reading the cache), then once clean at
     t = 0 writing the cache (the KV refresh; not after the last chunk, whose cache no one reads),
@@ -2419,6 +2442,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["foundation", "--compile"], "--compile does nothing in foundation"),
     (["df", "--grad-ckpt"], "--grad-ckpt does nothing in df"),
     (["eval-student", "--data", "d"], "--data does nothing in eval-student"),
+    (["eval-teacher", "--split", "val"], "--split does nothing in eval-teacher"),
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
 ])
 def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
