@@ -1314,10 +1314,10 @@ def mean_rows(rows, n_clips):
 # stage: eval-student (the causal student streamed over whole test clips)
 
 
-def student_rows(rows, name, model, ae, test, sync_net, mouth_net):
+def student_rows(rows, name, model, ae, clips, sync_net, mouth_net):
     """Stream the student over each whole clip, with its own audio (recon) and, where the clip has
     one, the second speaker's (dub), and add the metrics to rows["<name>, recon" / ", dub"]."""
-    for ci, c in enumerate(tqdm(test, desc=name)):
+    for ci, c in enumerate(tqdm(clips, desc=name)):
         for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
             if audio is None:
                 continue
