@@ -566,10 +566,12 @@ class MemBlock(nn.Module):
         B, Fr = x.shape[:2]
         h = torch.cat([x, past], 2).flatten(0, 1)    # (B*F, 2C, h, w)
         h = self.conv2(F.relu(self.conv1(F.relu(h))))
-        return x + h.view_as(x)
+        return x + h.reshape_as(x)
 
 
 class VideoAE(nn.Module):
+    """Its tensors are reshaped, not viewed, so that it also runs in channels-last memory (train.py
+    --channels-last), where the conv outputs are not contiguous in (B, C, H, W) order."""
     def __init__(self, cfg: AEConfig):
         super().__init__()
         self.cfg = cfg
@@ -606,7 +608,7 @@ class VideoAE(nn.Module):
         Fr = T // tf
         x = x.reshape(B * Fr, tf * C, H, W)                                  # frames packed in C
         z = (self.encoder(F.pixel_unshuffle(x, 2)) - self.z_mean) / self.z_std   # (B*F, 16, h, w)
-        return z.view(B, Fr, *z.shape[1:])
+        return z.reshape(B, Fr, *z.shape[1:])
 
     def decode(self, z, memory=None):
         """z (B, F, 16, h, w) -> (frames (B, T, 3, H, W), memory). memory=None starts a clip: the
@@ -617,14 +619,14 @@ class VideoAE(nn.Module):
         h = self.dec_in(z.flatten(0, 1) * self.z_std + self.z_mean)
         new_memory = []
         for i, (mem, res, up) in enumerate(zip(self.dec_mem, self.dec_res, self.dec_up)):
-            h = h.view(B, Fr, *h.shape[1:])                                  # (B, F, C, h, w)
+            h = h.reshape(B, Fr, *h.shape[1:])                               # (B, F, C, h, w)
             prev = torch.zeros_like(h[:, :1]) if first else memory[i]
             new_memory.append(h[:, -1:])
             h = res(mem(h, torch.cat([prev, h[:, :-1]], 1)).flatten(0, 1))
             h = up(F.interpolate(h, scale_factor=2, mode="nearest"))
         x = F.pixel_shuffle(self.dec_out(h), 2)                              # (B*F, 4*3, H, W)
         tf = self.cfg.time_down
-        x = x.view(B, Fr * tf, 3, *x.shape[-2:])                             # (B, 4F, 3, H, W)
+        x = x.reshape(B, Fr * tf, 3, *x.shape[-2:])                          # (B, 4F, 3, H, W)
         return (x[:, tf - 1:] if first else x), new_memory
 
     def forward(self, x):

@@ -180,6 +180,39 @@ def test_ae_streaming_decode_equals_whole_decode():
         assert (alone - whole[:, -12:]).abs().max() > 1e-3
 
 
+def test_conv_models_in_channels_last_memory_compute_what_they_compute_contiguous(tmp_path):
+    """train.py --channels-last: the autoencoder (encode, decode, streamed decode), SyncNet and
+    MouthNet in channels-last memory give their contiguous twins' outputs and gradients, and the
+    checkpoint written from them loads into a contiguous model with the same weights."""
+    torch.manual_seed(0)
+    ae = L.VideoAE(L.AEConfig()).double()
+    for p in ae.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    ae_cl = train.conv_memory(SimpleNamespace(channels_last=True), copy.deepcopy(ae))
+    assert ae_cl.dec_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert ae_cl.dec_in.weight.stride() != ae.dec_in.weight.stride()
+    x = torch.rand(2, 9, 3, 64, 32, dtype=torch.float64) * 2 - 1
+    outs = []
+    for net in (ae, ae_cl):
+        z = net.encode(x)
+        first, mem = net.decode(z[:, :2])
+        later, _ = net.decode(z[:, 2:], mem)
+        (torch.cat([first, later], 1) * torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view(x.shape)).sum().backward()
+        outs.append((z, first, later, net.dec_mem[0].conv1.weight.grad))
+    for a, b, what in zip(*outs, ("latents", "first decoded chunk", "streamed chunk", "a gradient")):
+        assert_close(b, a, 1e-10, what)
+    frames = torch.rand(4, 5, 3, 64, 64) * 2 - 1
+    for net in (L.SyncNet(L.SyncNetConfig()).eval(), L.MouthNet(L.MouthNetConfig()).eval()):
+        twin = train.conv_memory(SimpleNamespace(channels_last=True), copy.deepcopy(net))
+        embed = (lambda n: n.embed_video(frames)) if isinstance(net, L.SyncNet) else (lambda n: n(frames[:, 0]))
+        with torch.no_grad():
+            assert_close(embed(twin), embed(net), 1e-5, type(net).__name__)
+    L.save_checkpoint(tmp_path / "ae.safetensors", ae_cl.float(), ae_cl.cfg)
+    back = L.load_checkpoint(tmp_path / "ae.safetensors", L.AEConfig, L.VideoAE)[0]
+    assert back.dec_in.weight.is_contiguous()
+    assert torch.equal(back.dec_in.weight, ae.dec_in.weight.float())
+
+
 def test_checkpoint_round_trip(tmp_path):
     """A checkpoint rebuilds its model from the config stored inside it, with identical outputs."""
     cfg = L.AEConfig(width=16, seed=3, latent_mean=tuple((0.1 * torch.arange(16.)).tolist()), latent_std=(0.5,) * 16)
@@ -2191,22 +2224,33 @@ def test_counts_and_sizes_are_checked_before_any_work(capsys, main, argv, words)
 def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     """`pipeline` with every stage cut to 2 steps on a toy pool: each stage finds what the one
     before it wrote, and the options given to pipeline reach every stage (the autoencoder's
-    fine-tuning run included, whose own --steps 2000 they override), and --bf16-convs reaches the
-    convolutional stages, whose forward passes then run in bf16."""
+    fine-tuning run included, whose own --steps 2000 they override), and --bf16-convs and
+    --channels-last reach the convolutional stages, which then train in channels-last memory and in
+    bf16, but the eval SyncNet: it trains in fp32."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
-    seen, real = [], train.conv_autocast     # seen: (stage, dtype of a convolution under its conv_autocast)
+    seen, real = [], train.conv_autocast     # seen: (stage, role, dtype of a convolution under its conv_autocast)
 
     def conv_autocast(args):
         with real(args):
-            seen.append((args.stage, torch.nn.Conv2d(1, 1, 1)(torch.zeros(1, 1, 1, 1)).dtype))
+            role = args.role if args.stage == "syncnet" else None
+            seen.append((args.stage, role, torch.nn.Conv2d(1, 1, 1)(torch.zeros(1, 1, 1, 1)).dtype))
         return real(args)
     monkeypatch.setattr(train, "conv_autocast", conv_autocast)
+    layouts, real_memory = [], train.conv_memory   # (stage, whether its first conv weight is channels-last)
+
+    def conv_memory(args, net):
+        net = real_memory(args, net)
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        layouts.append((args.stage, conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return net
+    monkeypatch.setattr(train, "conv_memory", conv_memory)
     times = train.main(["pipeline", "--ckpt-dir", str(tmp_path), "--results", str(tmp_path), "--size", "32",
                         "--clips", "4", "--seconds", "2", "--steps", "2", "--batch", "16", "--test-clips", "1",
-                        "--device", "cpu", "--bf16-convs"])
+                        "--device", "cpu", "--bf16-convs", "--channels-last"])
     assert list(times) == ["foundation", "teacher", "df", "dmd"]
-    assert {stage for stage, _ in seen} == {"vae", "syncnet", "mouthnet"}
-    assert {dtype for _, dtype in seen} == {torch.bfloat16}
+    assert set(seen) == {("vae", None, torch.bfloat16), ("syncnet", "reward", torch.bfloat16),
+                         ("syncnet", "eval", torch.float32), ("mouthnet", None, torch.bfloat16)}
+    assert layouts == [("vae", True), ("vae", True), ("syncnet", True), ("syncnet", True), ("mouthnet", True)]
     assert (tmp_path / "foundation.json").is_file()
     for name in ("vae", "syncnet_reward", "syncnet_eval", "mouthnet", "teacher", "student_df", "student"):
         assert (tmp_path / f"{name}.safetensors").is_file(), name
@@ -2444,6 +2488,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["eval-student", "--data", "d"], "--data does nothing in eval-student"),
     (["eval-teacher", "--split", "val"], "--split does nothing in eval-teacher"),
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
+    (["df", "--channels-last"], "--channels-last does nothing in df"),
 ])
 def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
     """An option the stage does not act on is one line `train.py: error: ...` and exit 2, before
@@ -2468,23 +2513,25 @@ def test_stages_that_need_synthtalk_refuse_data_in_one_line(stage, capsys):
 
 
 def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypatch):
-    """`pipeline --compile --bf16-convs --grad-ckpt --data DIR` gives each flag to the stages that
-    act on it (compile: the teacher; bf16-convs: the convolutional stages; grad-ckpt: the teacher
-    and dmd), --data to every stage but MouthNet (it learns SynthTalk's ground-truth mouth), and
+    """`pipeline --compile --bf16-convs --channels-last --grad-ckpt --data DIR` gives each flag to the
+    stages that act on it (compile: the teacher; bf16-convs: the convolutional stages but the eval
+    SyncNet; channels-last: all of those; grad-ckpt: the teacher and dmd), --data to every stage but MouthNet (it learns SynthTalk's ground-truth mouth), and
     every stage that foundation and pipeline run gets a command line the stage itself accepts."""
     seen = []
 
     def leaf(args):
         train.check_options(args)
-        seen.append((args.stage, args.compile, args.bf16_convs, args.grad_ckpt, args.data))
+        seen.append((args.stage, args.compile, args.bf16_convs, args.grad_ckpt, args.data, args.channels_last))
     for stage in ("vae", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"):
         monkeypatch.setitem(train.STAGES, stage, leaf)
-    train.main(["pipeline", "--compile", "--bf16-convs", "--grad-ckpt", "--data", str(tmp_path), "--ckpt-dir", str(tmp_path)])
+    train.main(["pipeline", "--compile", "--bf16-convs", "--channels-last", "--grad-ckpt", "--data", str(tmp_path),
+                "--ckpt-dir", str(tmp_path)])
     assert [s[0] for s in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"]
     assert [s[0] for s in seen if s[1]] == ["teacher"]
-    assert [s[0] for s in seen if s[2]] == ["vae", "vae", "syncnet", "syncnet", "mouthnet"]
+    assert [s[0] for s in seen if s[2]] == ["vae", "vae", "syncnet", "mouthnet"]      # not the eval SyncNet
     assert [s[0] for s in seen if s[3]] == ["teacher", "dmd"]
     assert [s[0] for s in seen if s[4] is None] == ["mouthnet", "eval"]
+    assert [s[0] for s in seen if s[5]] == ["vae", "vae", "syncnet", "syncnet", "mouthnet"]
 
 
 def test_resume_without_a_state_file_says_it_starts_from_scratch(tmp_path, capsys):
