@@ -2251,7 +2251,10 @@ def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     assert set(seen) == {("vae", None, torch.bfloat16), ("syncnet", "reward", torch.bfloat16),
                          ("syncnet", "eval", torch.float32), ("mouthnet", None, torch.bfloat16)}
     assert layouts == [("vae", True), ("vae", True), ("syncnet", True), ("syncnet", True), ("mouthnet", True)]
-    assert (tmp_path / "foundation.json").is_file()
+    assert not (tmp_path / "foundation.json").exists()          # the foundation table is `train.py eval`:
+    train.main(["eval", "--ckpt-dir", str(tmp_path), "--results", str(tmp_path), "--size", "32", "--test-clips", "1",
+                "--device", "cpu"])
+    assert json.loads((tmp_path / "foundation.json").read_text())["test_clips"] == 1
     for name in ("vae", "syncnet_reward", "syncnet_eval", "mouthnet", "teacher", "student_df", "student"):
         assert (tmp_path / f"{name}.safetensors").is_file(), name
     assert L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)[2]["steps"] == 2
@@ -2513,10 +2516,12 @@ def test_stages_that_need_synthtalk_refuse_data_in_one_line(stage, capsys):
 
 
 def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypatch):
-    """`pipeline --compile --bf16-convs --channels-last --grad-ckpt --data DIR` gives each flag to the
-    stages that act on it (compile: the teacher; bf16-convs: the convolutional stages but the eval
-    SyncNet; channels-last: all of those; grad-ckpt: the teacher and dmd), --data to every stage but MouthNet (it learns SynthTalk's ground-truth mouth), and
-    every stage that foundation and pipeline run gets a command line the stage itself accepts."""
+    """`pipeline --compile --bf16-convs --channels-last --grad-ckpt --data DIR` runs the training
+    stages only, and gives each flag to the stages that act on it (compile: the teacher; bf16-convs:
+    the convolutional stages but the eval SyncNet; channels-last: all of those; grad-ckpt: the
+    teacher and dmd), --data to every stage but MouthNet (it learns SynthTalk's ground-truth mouth);
+    `foundation` ends with the foundation table (eval, on the SynthTalk test split); and every stage
+    that foundation and pipeline run gets a command line the stage itself accepts."""
     seen = []
 
     def leaf(args):
@@ -2526,12 +2531,16 @@ def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypa
         monkeypatch.setitem(train.STAGES, stage, leaf)
     train.main(["pipeline", "--compile", "--bf16-convs", "--channels-last", "--grad-ckpt", "--data", str(tmp_path),
                 "--ckpt-dir", str(tmp_path)])
-    assert [s[0] for s in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"]
+    assert [s[0] for s in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "teacher", "df", "dmd"]
     assert [s[0] for s in seen if s[1]] == ["teacher"]
     assert [s[0] for s in seen if s[2]] == ["vae", "vae", "syncnet", "mouthnet"]      # not the eval SyncNet
     assert [s[0] for s in seen if s[3]] == ["teacher", "dmd"]
-    assert [s[0] for s in seen if s[4] is None] == ["mouthnet", "eval"]
+    assert [s[0] for s in seen if s[4] is None] == ["mouthnet"]
     assert [s[0] for s in seen if s[5]] == ["vae", "vae", "syncnet", "syncnet", "mouthnet"]
+    seen.clear()
+    train.main(["foundation", "--bf16-convs", "--channels-last", "--data", str(tmp_path), "--ckpt-dir", str(tmp_path)])
+    assert [s[0] for s in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "eval"]
+    assert [s[0] for s in seen if s[4] is None] == ["mouthnet", "eval"]
 
 
 def test_resume_without_a_state_file_says_it_starts_from_scratch(tmp_path, capsys):
