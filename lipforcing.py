@@ -570,8 +570,9 @@ class MemBlock(nn.Module):
 
 
 class VideoAE(nn.Module):
-    """Its tensors are reshaped, not viewed, so that it also runs in channels-last memory (train.py
-    --channels-last), where the conv outputs are not contiguous in (B, C, H, W) order."""
+    """The video autoencoder. Its tensors are reshaped, not viewed, so that it also runs in
+    channels-last memory (train.py --channels-last), where conv outputs are not contiguous in
+    (B, C, H, W) order."""
     def __init__(self, cfg: AEConfig):
         super().__init__()
         self.cfg = cfg
