@@ -1503,8 +1503,9 @@ def option(name):
 
 def run_stage(args, stage, *extra, withhold=()):
     """Run another stage with its defaults and `extra`, then this run's SHARED_OPTIONS and FLAGS
-    that are set and that the stage acts on (STAGE_OPTIONS), but those named in `withhold`: they come last, so they win. `pipeline --data DIR` trains every stage on DIR (but MouthNet: foundation);
-    `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
+    that are set and that the stage acts on (STAGE_OPTIONS), less those named in `withhold`: they
+    come last, so they win. `pipeline --data DIR` trains every stage on DIR (but MouthNet:
+    foundation); `pipeline --steps 2 --clips 8 ...` is a dry run of the whole chain."""
     takes = lambda name: stage in STAGE_OPTIONS.get(name, (stage,)) and name not in withhold
     shared = [x for name in SHARED_OPTIONS if getattr(args, name) is not None and takes(name)
               for x in (option(name), str(getattr(args, name)))]
@@ -1518,9 +1519,9 @@ def foundation_models(args):
     # the autoencoder: 5000 steps, then 2000 more at a lower rate (the committed checkpoint's recipe).
     # The eval SyncNet, which grades every table, trains in fp32 whatever --bf16-convs says: under
     # bf16 autocast on a CPU with AMX it settled at ~90% off-sync accuracy in both runs (README).
-    fp32 = ("bf16_convs",)
     for stage, extra, withhold in (("vae", [], ()), ("vae", ["--init", vae, "--steps", "2000", "--lr", "5e-4"], ()),
-                                   ("syncnet", ["--role", "reward"], ()), ("syncnet", ["--role", "eval"], fp32),
+                                   ("syncnet", ["--role", "reward"], ()),
+                                   ("syncnet", ["--role", "eval"], ("bf16_convs",)),
                                    ("mouthnet", [], ())):
         if stage == "mouthnet" and args.data:
             # MouthNet, the MouthErr instrument, learns SynthTalk's ground-truth mouth, which real
