@@ -939,6 +939,9 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
     return torch.stack(losses, 1)                                   # (B, chunks)
 
 
+DF_STEPS = 500      # METHOD.md: 5000 at lr 1e-5; here 500 at 1e-4. 1000 synced 0.02-0.04 better after DMD (README)
+
+
 def train_df(args):
     seed = args.seed if args.seed is not None else 0
     torch.manual_seed(seed)
@@ -969,7 +972,7 @@ def train_df(args):
 
     out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
     state = fresh_state(args, out)
-    steps = args.steps or 1000          # METHOD.md: 5000 steps at lr 1e-5; the tiny run gets 1000 at 1e-4
+    steps = args.steps or DF_STEPS
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every)
     ema = unsharded(ema)
@@ -986,7 +989,7 @@ def train_df(args):
 GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (METHOD's table)
 DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
 DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); our runs are short
-DMD_STEPS, DMD_BATCH = 100, 8   # ~6.5 s per step on one CPU thread; 200 steps synced worse on all five seeds (README)
+DMD_STEPS, DMD_BATCH = 100, 8   # 2.5-3.9 s per step on 2 CPU cores; 200 steps synced worse on all five seeds (README)
 DMD_LOG_EVERY = 10          # a log line every 10 student steps
 DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
