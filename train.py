@@ -989,7 +989,7 @@ def train_df(args):
 GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (METHOD's table)
 DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
 DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); our runs are short
-DMD_STEPS, DMD_BATCH = 100, 8   # 2.5-3.9 s per step on 2 CPU cores; 200 steps synced worse on all five seeds (README)
+DMD_STEPS, DMD_BATCH = 50, 8    # 2.5-3.9 s per step on 2 CPU cores; sync peaks by step 25-75 and falls after (README, "Why 50 steps")
 DMD_LOG_EVERY = 10          # a log line every 10 student steps
 DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
