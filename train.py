@@ -1320,9 +1320,10 @@ def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
     return add
 
 
-def mean_rows(rows, n_clips):
+def mean_rows(rows, n_clips, split="test"):
+    """Each row's metrics averaged over its clips, and the clip count as "<split>_clips"."""
     res = {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in rows.items()}
-    res["test_clips"] = n_clips
+    res[f"{split}_clips"] = n_clips
     return res
 
 
@@ -1352,7 +1353,7 @@ def eval_student(args):
         reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
     stem = os.path.basename(path).split(".")[0]
     student_rows(rows, f"student {stem}, {len(L.STUDENT_STEPS)} steps", model, ae, clips, sync_eval, mouth_net)
-    res = mean_rows(rows, len(clips))
+    res = mean_rows(rows, len(clips), "val" if val else "test")
     split = "validation clips (unseen training-distribution identities)" if val else "test clips"
     print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole {split}; "
                      "sync by the eval SyncNet")
@@ -1363,7 +1364,8 @@ def print_table(res, title):
     """The results table; an "fps" entry in a row adds the FPS column."""
     gt_c = res["ground truth"]["sync_c"]
     fps = any("fps" in m for m in res.values() if isinstance(m, dict))
-    print(f"\n{title}, {res['test_clips']} clips\n")
+    n_clips = res.get("test_clips", res.get("val_clips"))
+    print(f"\n{title}, {n_clips} clips\n")
     print("| row | Sync-C | Sync-C / GT | Sync-D | MouthErr | mouth PSNR | mouth SSIM | PSNR |" + " FPS |" * fps)
     print("|---|---|---|---|---|---|---|---|" + "---|" * fps)
     for name, m in res.items():
@@ -1378,11 +1380,11 @@ def print_table(res, title):
 ABLATION = (
     ("DF-init student", "student_df", "train.py df"),
     ("DMD, teacher without CFG", "student_dmd_none",
-     "train.py dmd --teacher-cfg none --beta 0 --out checkpoints/student_dmd_none.safetensors"),
+     "train.py dmd --teacher-cfg none --beta 0 --threads 1 --out checkpoints/student_dmd_none.safetensors"),
     (f"DMD, fixed CFG {L.CFG_SCALE:g}", "student_dmd_fixed",
-     "train.py dmd --teacher-cfg fixed --beta 0 --out checkpoints/student_dmd_fixed.safetensors"),
+     "train.py dmd --teacher-cfg fixed --beta 0 --threads 1 --out checkpoints/student_dmd_fixed.safetensors"),
     ("DMD, Sync-Window CFG", "student_dmd_window",
-     "train.py dmd --teacher-cfg window --beta 0 --out checkpoints/student_dmd_window.safetensors"),
+     "train.py dmd --teacher-cfg window --beta 0 --threads 1 --out checkpoints/student_dmd_window.safetensors"),
     ("DMD, Sync-Window CFG + SyncNet reward", "student", "train.py dmd"),
 )
 
