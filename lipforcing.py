@@ -672,6 +672,7 @@ class DiTConfig:
     patch: int = 2                 # spatial patch; temporal patch is 1
     audio_context: int = 2         # video frames of audio on each side of a latent frame's 4
     audio_every: int = 1           # audio is added in every k-th block
+    audio_adaln: bool = False      # the audio embedding also joins the timestep's in every block's adaLN input
     rope_theta: float = 10000.0
     cfg_drop: float = 0.1          # probability of dropping the condition in training (CFG)
     drop_mode: str = "audio"       # "audio": drop only the audio; "all": audio and spatial conditions
@@ -838,7 +839,8 @@ class DiTBlock(nn.Module):
         self.audio = nn.Linear(d, d) if audio else None   # this block's audio projection (zero-init)
 
     def forward(self, x, c, a, rope, mask=None, cache=None, layer=0):
-        """x (B, F, N, D) tokens; c (B, F, D) timestep embedding; a (B, F, D) audio or None."""
+        """x (B, F, N, D) tokens; c (B, F, D) timestep embedding (plus the audio's with audio_adaln);
+        a (B, F, D) audio or None."""
         B, Fr, N, D = x.shape
         if self.audio is not None and a is not None:
             x = x + self.audio(a)[:, :, None, :]                                  # added to the frame's tokens
@@ -895,6 +897,7 @@ class DiT(nn.Module):
         tok = self.patch_in(tok)                                                      # (B, F, N, D)
         c = self.t_embed(timestep_embedding(t, 256).to(tok.dtype))                    # (B, F, D)
         a = self.audio_embed(audio)                                                   # (B, F, D)
+        cb = c + a if self.cfg.audio_adaln else c                                     # the blocks' modulation input
         past = cache.cached_frames if cache is not None else 0
         angles = rope_angles(self.freqs, torch.arange(past + Fr, device=x.device), h, w)   # ((P+F) N, Dh/2)
         rope = rope_factors(angles, torch.promote_types(tok.dtype, torch.float32))         # (2, (P+F) N, Dh)
@@ -904,9 +907,9 @@ class DiT(nn.Module):
             if self.checkpointing and cache is None and torch.is_grad_enabled():
                 # keep only each block's input; backward runs the block again. Not with a cache: by
                 # the time backward runs, later chunks have rewritten it
-                tok = torch.utils.checkpoint.checkpoint(blk, tok, c, a, rope, mask, use_reentrant=False)
+                tok = torch.utils.checkpoint.checkpoint(blk, tok, cb, a, rope, mask, use_reentrant=False)
             else:
-                tok = blk(tok, c, a, rope, mask, cache, i)
+                tok = blk(tok, cb, a, rope, mask, cache, i)
         if cache is not None and update_cache:
             cache.frames += Fr
             cache.update = False

@@ -678,6 +678,30 @@ def test_dit_block_is_the_adaln_zero_formula():
     assert_close(blk(x, torch.randn(1, 2, D), None, rope), ref, 1e-5)
 
 
+def test_audio_adaln_adds_the_audio_to_every_blocks_modulation(monkeypatch):
+    """audio_adaln: every block's adaLN input is the timestep embedding plus the audio embedding
+    (the final layer's stays the timestep's), against the same weights without it whose blocks are
+    handed c + a by hand. With the blocks' token projections of the audio at zero the output still
+    follows the audio, which it does not without the option."""
+    on = bitey_dit(audio_adaln=True)
+    off = copy.deepcopy(on)
+    off.cfg = dataclasses.replace(on.cfg, audio_adaln=False)
+    x, t, cond, audio = (v.double() for v in dit_inputs())
+    with torch.no_grad():
+        y = on(x, t, cond, audio)
+        assert not torch.equal(y, off(x, t, cond, audio))
+        block_forward = L.DiTBlock.forward
+        monkeypatch.setattr(L.DiTBlock, "forward", lambda blk, tok, c, a, *rest, **kw: block_forward(blk, tok, c + a, a, *rest, **kw))
+        assert torch.equal(y, off(x, t, cond, audio))
+        monkeypatch.undo()
+        for m in (on, off):
+            for blk in m.blocks:
+                blk.audio.weight.zero_(), blk.audio.bias.zero_()
+        silent = torch.zeros_like(audio)
+        assert torch.equal(off(x, t, cond, audio), off(x, t, cond, silent))
+        assert (on(x, t, cond, audio) - on(x, t, cond, silent)).abs().max() > 1e-3
+
+
 def test_timestep_embedding_and_rope_angles_reference():
     """timestep_embedding is [cos, sin](1000 t f_k), f_k = 10000^(-k / half); rope_angles gives the
     token at (frame f, row r, column c) of a non-square grid the angles [f ft, r fh, c fw]."""
@@ -941,20 +965,22 @@ def test_teacher_step_draws_shifted_times_and_drops_the_audio_at_the_cfg_rate(tm
 
 
 def test_teacher_shape_options_reach_its_checkpoint(tmp_path, monkeypatch):
-    """`train.py teacher --patch 1 --depth 2 --cfg-drop 0.25` trains and saves a DiT of 1x1 patches
-    (64 tokens per 8x8 latent frame) and 2 blocks trained with that CFG dropout, its config in the
-    checkpoint; without them the preset's shape, Wan's 2x2 patches and the config's dropout."""
+    """`train.py teacher --patch 1 --depth 2 --cfg-drop 0.25 --audio-adaln` trains and saves a DiT of
+    1x1 patches (64 tokens per 8x8 latent frame) and 2 blocks trained with that CFG dropout and the
+    audio in its modulation, its config in the checkpoint; without them the preset's shape, Wan's
+    2x2 patches, the config's dropout and the audio in the tokens only."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "1",
-                "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2", "--cfg-drop", "0.25"])
+                "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2", "--cfg-drop", "0.25", "--audio-adaln"])
     model, cfg, _ = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)
     assert cfg.patch == 1 and model.patch_in.in_features == cfg.latent_channels + cfg.cond_channels
     assert cfg.depth == 2 and len(model.blocks) == 2 and cfg.dim == L.DIT_PRESETS["tiny"]["dim"]
-    assert cfg.cfg_drop == 0.25
+    assert cfg.cfg_drop == 0.25 and cfg.audio_adaln
     args = train.get_args(["teacher"])
     assert args.patch is None and L.DiTConfig().patch == 2 and args.depth is None
     assert args.cfg_drop == L.DiTConfig().cfg_drop == 0.1
+    assert not args.audio_adaln and not L.DiTConfig().audio_adaln
 
 
 def test_ssim_matches_a_direct_computation():
@@ -998,12 +1024,12 @@ def stream_inputs(n_frames, seed=1):
     return x.double(), torch.zeros_like(t).double(), cond.double(), audio.double()
 
 
-@pytest.mark.parametrize("patch", [2, 1])
-def test_streaming_with_cache_equals_block_causal_forward(patch):
+@pytest.mark.parametrize("patch, audio_adaln", [(2, False), (1, False), (2, True)])
+def test_streaming_with_cache_equals_block_causal_forward(patch, audio_adaln):
     """(a) While the stream fits the window, running chunk after chunk with the KV cache (each
     pass writing its keys) equals one block-causal forward over the whole sequence, to 1e-5; at
-    Wan's patch 2 and at patch 1 (`train.py teacher --patch 1`)."""
-    model = bitey_dit(patch=patch)
+    Wan's patch 2, at patch 1 (`train.py teacher --patch 1`) and with `--audio-adaln`."""
+    model = bitey_dit(patch=patch, audio_adaln=audio_adaln)
     chunk, n_chunks = 3, 4
     x, t, cond, audio = stream_inputs(chunk * n_chunks)
     N = (4 // patch) ** 2                                         # tokens per latent frame (4x4 latent)
@@ -2493,6 +2519,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["eval-teacher", "--split", "val"], "--split does nothing in eval-teacher"),
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
     (["df", "--channels-last"], "--channels-last does nothing in df"),
+    (["df", "--audio-adaln"], "--audio-adaln does nothing in df"),
 ])
 def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
     """An option the stage does not act on is one line `train.py: error: ...` and exit 2, before

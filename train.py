@@ -94,6 +94,9 @@ def get_args(argv=None):
                    help="CFG dropout: audio only, or all conditions (teacher)")
     p.add_argument("--cfg-drop", type=float, default=L.DiTConfig.cfg_drop,
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
+    p.add_argument("--audio-adaln", action="store_true",
+                   help="the audio embedding also joins the timestep's in every block's adaLN input (teacher; "
+                        "df and dmd inherit it): a stronger model without CFG and a better student (README)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (teacher; pipeline passes it to teacher)")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing of the DiT blocks (teacher, the dmd critic): each block's "
@@ -835,7 +838,7 @@ def train_teacher(args):
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     preset = L.DIT_PRESETS[args.preset]
     cfg = L.DiTConfig(**{**preset, "depth": args.depth or preset["depth"]}, patch=args.patch or L.DiTConfig.patch,
-                      drop_mode=args.drop_mode, cfg_drop=args.cfg_drop, seed=seed)
+                      drop_mode=args.drop_mode, cfg_drop=args.cfg_drop, audio_adaln=args.audio_adaln, seed=seed)
     n_latent, batch = args.latent_frames or 9, args.batch or 16
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
     model = L.DiT(cfg)
@@ -1592,6 +1595,7 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
 STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-student",),
+                 "audio_adaln": ("teacher",),
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
                  "channels_last": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
