@@ -646,9 +646,11 @@ def dit_inputs(B=2, Fr=3, hw=4, seed=0):
             torch.randn(B, Fr, cfg.cond_channels, hw, hw, generator=g), torch.randn(B, Fr, A, generator=g))
 
 
-def test_fresh_dit_outputs_zero_and_blocks_are_identity():
-    """adaLN-Zero: a fresh model predicts exactly 0, and every block returns its input unchanged."""
-    model = tiny_dit()
+@pytest.mark.parametrize("audio_adaln", [False, True])
+def test_fresh_dit_outputs_zero_and_blocks_are_identity(audio_adaln):
+    """adaLN-Zero: a fresh model predicts exactly 0, and every block returns its input unchanged
+    (also with the audio in the modulation)."""
+    model = tiny_dit(audio_adaln=audio_adaln)
     x, t, cond, audio = dit_inputs()
     assert torch.equal(model(x, t, cond, audio), torch.zeros_like(x))
     tok = torch.randn(2, 3, 4, 64)
