@@ -131,6 +131,8 @@ def load_checkpoint(path, config_class, model_class, device="cpu"):
         meta = f.metadata() or {}
     if meta.get("config_class") != config_class.__name__:
         raise ValueError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
+    # a field missing from the stored config takes its default: so a field added to a config class
+    # must default to the behaviour from before it existed (DiTConfig.audio_adaln = False)
     known = {f.name for f in fields(config_class)}
     config = config_class(**{k: tuple(v) if isinstance(v, list) else v        # json turns tuples into lists
                              for k, v in json.loads(meta["config"]).items() if k in known})

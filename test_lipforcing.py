@@ -231,6 +231,22 @@ def test_checkpoint_round_trip(tmp_path):
         L.load_checkpoint(p, L.SyncNetConfig, L.SyncNet)
 
 
+def test_a_checkpoint_older_than_a_config_field_loads_with_the_behaviour_it_was_trained_with(tmp_path):
+    """A checkpoint written before DiTConfig.audio_adaln existed (the committed students among
+    them) has no such key; it loads with the field's default, which must be the behaviour it was
+    trained with: no audio in the modulation, the same outputs as before the field."""
+    from safetensors.torch import load_file, save_file
+    model = bitey_dit().float()
+    p = tmp_path / "dit.safetensors"
+    L.save_checkpoint(p, model, model.cfg)
+    stored = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "audio_adaln"}
+    save_file(load_file(p), p, metadata={"config": json.dumps(stored), "config_class": "DiTConfig"})
+    old, cfg, _ = L.load_checkpoint(p, L.DiTConfig, L.DiT)
+    assert not cfg.audio_adaln
+    x, t, cond, audio = dit_inputs(B=1, Fr=3, hw=4)
+    assert torch.equal(old(x, t, cond, audio), model(x, t, cond, audio))
+
+
 # -----------------------------------------------------------------------------
 # sync metrics
 
