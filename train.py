@@ -1201,7 +1201,7 @@ def eval_teacher(args):
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
     res = mean_rows(rows, len(test))
-    print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet")
+    print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet", len(test))
     L.save_json(os.path.join(args.results, "teacher.json"), res)
 
 
@@ -1359,15 +1359,14 @@ def eval_student(args):
     res = mean_rows(rows, len(clips), "val" if val else "test")
     split = "validation clips (unseen training-distribution identities)" if val else "test clips"
     print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole {split}; "
-                     "sync by the eval SyncNet")
+                     "sync by the eval SyncNet", len(clips))
     L.save_json(os.path.join(args.results, f"{stem}_val.json" if val else f"{stem}.json"), res)
 
 
-def print_table(res, title):
-    """The results table; an "fps" entry in a row adds the FPS column."""
+def print_table(res, title, n_clips):
+    """The results table over n_clips clips; an "fps" entry in a row adds the FPS column."""
     gt_c = res["ground truth"]["sync_c"]
     fps = any("fps" in m for m in res.values() if isinstance(m, dict))
-    n_clips = res.get("test_clips", res.get("val_clips"))
     print(f"\n{title}, {n_clips} clips\n")
     print("| row | Sync-C | Sync-C / GT | Sync-D | MouthErr | mouth PSNR | mouth SSIM | PSNR |" + " FPS |" * fps)
     print("|---|---|---|---|---|---|---|---|" + "---|" * fps)
@@ -1425,9 +1424,9 @@ def eval_ablation(args):
     res = {**mean_rows(refs, len(test)),
            **{k: dict(v, fps=fps("teacher") if guided in k else None) for k, v in teacher.items() if k.startswith("teacher")},
            **{k: dict(v, fps=fps("student")) for k, v in mean_rows(students, len(test)).items() if isinstance(v, dict)},
-           "test_clips": len(test), "students": found}
+           "students": found}                                          # mean_rows wrote test_clips
     print_table(res, "the distillation on the SynthTalk test split (teacher rows from results/teacher.json); "
-                     "sync by the eval SyncNet")
+                     "sync by the eval SyncNet", len(test))
     L.save_json(os.path.join(args.results, "ablation.json"), res)
 
 
