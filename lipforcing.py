@@ -772,11 +772,11 @@ class KVCache:
     qk-norm but *before* RoPE and rotated when used by their place in that layout (dynamic RoPE):
     positions stay below `window` however long the stream runs, and memory is constant once the
     window has filled. Only a forward pass with update=True (the KV refresh on the clean output at
-    t = 0) writes into it."""
+    t = 0) writes into it. Block i reads and writes through its own slot, `layers[i]`."""
     def __init__(self, depth, sink=1, window=7, chunk=3):
         assert window - chunk - sink >= 0, "the window must hold the sink and the current chunk"
         self.sink, self.recent = sink, window - chunk - sink
-        self.k, self.v = [None] * depth, [None] * depth
+        self.layers = [KVSlot(self) for _ in range(depth)]
         self.frames = 0               # latent frames written since the stream began
         self.update = False           # set by DiT.forward for the KV-refresh pass
 
@@ -784,23 +784,30 @@ class KVCache:
     def cached_frames(self):
         return min(self.frames, self.sink + self.recent)
 
-    def layer(self, i, k, v, tokens_per_frame):
-        """Keys and values block i attends: (cached, then the current chunk's); writes the current
-        ones into the cache when updating. k, v (B, H, n, Dh), k not yet rotated."""
-        past_k, past_v = self.k[i], self.v[i]
-        k_all = k if past_k is None else torch.cat([past_k, k], 2)
-        v_all = v if past_v is None else torch.cat([past_v, v], 2)
-        if self.update:
-            keep_sink, keep_recent = self.sink * tokens_per_frame, self.recent * tokens_per_frame
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for s in self.layers for t in (s.k, s.v) if t is not None)
+
+
+class KVSlot:
+    """One block's cached keys and values (B, H, m, Dh), k not yet rotated. A block is handed its
+    slot rather than its number, so torch.compile can compile the block's code once for every
+    block (compile_blocks) instead of once per number."""
+    def __init__(self, cache):
+        self.cache, self.k, self.v = cache, None, None
+
+    def __call__(self, k, v, tokens_per_frame):
+        """Keys and values to attend: (cached, then the current chunk's); writes the current ones
+        into the slot when the cache is updating. k, v (B, H, n, Dh), k not yet rotated."""
+        k_all = k if self.k is None else torch.cat([self.k, k], 2)
+        v_all = v if self.v is None else torch.cat([self.v, v], 2)
+        if self.cache.update:
+            keep_sink, keep_recent = self.cache.sink * tokens_per_frame, self.cache.recent * tokens_per_frame
             if k_all.shape[2] > keep_sink + keep_recent:
                 roll = lambda z: torch.cat([z[:, :, :keep_sink], z[:, :, z.shape[2] - keep_recent:]], 2)
-                self.k[i], self.v[i] = roll(k_all), roll(v_all)
+                self.k, self.v = roll(k_all), roll(v_all)
             else:
-                self.k[i], self.v[i] = k_all, v_all
+                self.k, self.v = k_all, v_all
         return k_all, v_all
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 class Attention(nn.Module):
@@ -812,16 +819,17 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope, mask=None, cache=None, layer=0, tokens_per_frame=1):
+    def forward(self, x, rope, mask=None, kv=None, tokens_per_frame=1):
         """x (B, n, D). rope (2, m, Dh): rope_factors of the m >= n keys attended: without a cache
-        m = n; with one the cached keys come first and the queries take the last n positions."""
+        m = n; with one (kv: this block's KVSlot) the cached keys come first and the queries take
+        the last n positions."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         # qk-norm in its weight's dtype: fp32 under bf16 autocast, as Wan computes it
         norm_dtype = self.q_norm.weight.dtype
         q, k = self.q_norm(q.to(norm_dtype)).to(v.dtype), self.k_norm(k.to(norm_dtype)).to(v.dtype)
-        if cache is not None:
-            k, v = cache.layer(layer, k, v, tokens_per_frame)                    # (B, H, m, Dh)
+        if kv is not None:
+            k, v = kv(k, v, tokens_per_frame)                                     # (B, H, m, Dh)
         q, k = apply_rope(q, rope[:, -N:]), apply_rope(k, rope)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
@@ -840,15 +848,15 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.audio = nn.Linear(d, d) if audio else None   # this block's audio projection (zero-init)
 
-    def forward(self, x, c, a, rope, mask=None, cache=None, layer=0):
+    def forward(self, x, c, a, rope, mask=None, kv=None):
         """x (B, F, N, D) tokens; c (B, F, D) timestep embedding (plus the audio's with audio_adaln);
-        a (B, F, D) audio or None."""
+        a (B, F, D) audio or None; kv: this block's KVSlot when streaming."""
         B, Fr, N, D = x.shape
         if self.audio is not None and a is not None:
             x = x + self.audio(a)[:, :, None, :]                                  # added to the frame's tokens
         s1, sc1, g1, s2, sc2, g2 = self.ada(c)[:, :, None, :].chunk(6, -1)      # each (B, F, 1, D)
         h = modulate(self.norm1(x), s1, sc1).reshape(B, Fr * N, D)
-        x = x + g1 * self.attn(h, rope, mask, cache, layer, N).view(B, Fr, N, D)
+        x = x + g1 * self.attn(h, rope, mask, kv, N).view(B, Fr, N, D)
         x = x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
         return x
 
@@ -911,7 +919,7 @@ class DiT(nn.Module):
                 # the time backward runs, later chunks have rewritten it
                 tok = torch.utils.checkpoint.checkpoint(blk, tok, cb, a, rope, mask, use_reentrant=False)
             else:
-                tok = blk(tok, cb, a, rope, mask, cache, i)
+                tok = blk(tok, cb, a, rope, mask, None if cache is None else cache.layers[i])
         if cache is not None and update_cache:
             cache.frames += Fr
             cache.update = False
@@ -919,6 +927,17 @@ class DiT(nn.Module):
         out = self.patch_out(modulate(self.norm_out(tok), shift, scale))              # (B, F, N, Cpp)
         out = out.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, Fr, C, H, W)
+
+
+def compile_blocks(model, **options):
+    """torch.compile a DiT's blocks in place (regional compilation). The blocks share one code, so
+    compiling costs about one block's worth however deep the model is, where compiling the whole
+    model traces every block again, and again for each cache size a stream passes through. The
+    rest of the forward (patches, embeddings, RoPE factors) stays eager; parameter names do not
+    change. options go to torch.compile (mode, backend). Returns the model."""
+    for blk in model.blocks:
+        blk.compile(**options)
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -111,11 +111,12 @@ def get_args(argv=None):
     p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
     p.add_argument("--patch", type=int, choices=L.DIT_PATCHES,
                    help=f"with --shape: the DiTs' spatial patch (default {L.DiTConfig.patch})")
+    p.add_argument("--depth", type=L.positive_int, help="with --shape: the DiTs' number of blocks (default: the preset's)")
     p.add_argument("--seconds", type=float, help=f"SynthTalk clip length (demo, --benchmark; default {MODE_DEFAULTS['seconds']:g})")
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
     p.add_argument("--results", help=f"folder for the JSON of --benchmark and --long-stream (default {MODE_DEFAULTS['results']})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (--benchmark: and the teacher)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student's blocks (--benchmark: and the teacher's)")
     p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -164,8 +165,9 @@ def check_args(args):
     if args.benchmark and n_frames(args.seconds) < 1 + L.TEACHER_HOP:
         fail(f"--seconds {args.seconds:g}: the benchmark's teacher needs one {1 + L.TEACHER_HOP}-frame window; "
              f"pass --seconds {(1 + L.TEACHER_HOP) / L.FPS:g} or more")
-    if args.patch is not None and not (args.benchmark and args.shape):
-        fail("--patch sets the random-init models of --benchmark --shape; a checkpoint keeps its own patch")
+    for name in ("patch", "depth"):
+        if getattr(args, name) is not None and not (args.benchmark and args.shape):
+            fail(f"--{name} sets the random-init models of --benchmark --shape; a checkpoint keeps its own {name}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -243,7 +245,7 @@ def load_student(args):
     path = student_path(args)
     model = load_causal(path, args.device)
     log(args, f"student {path}: {model.cfg}")
-    return torch.compile(model) if args.compile else model, path
+    return L.compile_blocks(model) if args.compile else model, path
 
 
 def load_ae(args):
@@ -650,9 +652,10 @@ def benchmark(args):
         student = load_causal(path, "cpu")
         weights += f", student {path}"
     else:
-        patch = args.patch or L.DiTConfig.patch
-        student = L.DiT(L.DiTConfig(**L.DIT_PRESETS[args.shape or "tiny"], causal=True, patch=patch)).eval()
-        weights += f", student random init (preset {args.shape or 'tiny'}, patch {patch})"
+        preset = L.DIT_PRESETS[args.shape or "tiny"]
+        patch, depth = args.patch or L.DiTConfig.patch, args.depth or preset["depth"]
+        student = L.DiT(L.DiTConfig(**{**preset, "depth": depth}, causal=True, patch=patch)).eval()
+        weights += f", student random init (preset {args.shape or 'tiny'}, patch {patch}, depth {depth})"
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
         teacher = load(args.teacher, L.DiTConfig, L.DiT, "cpu", "train it with `python train.py teacher`")
@@ -665,13 +668,18 @@ def benchmark(args):
 
     def run(fn, model, kw, warm_kw):
         model.to(dev)
-        model = torch.compile(model) if args.compile else model        # both or neither: a like-for-like ratio
-        fn(model, ae, frames[:warm], audio[:warm * SPF], dev, **{**kw, **warm_kw})   # warm-up (kernels, allocator), untimed
+        model = L.compile_blocks(model) if args.compile else model    # both or neither: a like-for-like ratio
+        sync(dev)
+        t0 = time.perf_counter()
+        fn(model, ae, frames[:warm], audio[:warm * SPF], dev, **{**kw, **warm_kw})   # warm-up (kernels, allocator, compiling)
+        sync(dev)
+        warm_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         r = fn(model, ae, frames, audio, dev, **kw)
         r["live_ttff_ms"] = r["input_wait_ms"] + r["ttff_compute_ms"]
+        r["warm_up_s"] = warm_s
         model.to("cpu")
         return r
 
@@ -679,6 +687,7 @@ def benchmark(args):
            "teacher": run(bench_teacher, teacher, {}, {"steps": 2})}
     res["throughput_ratio"] = res["student"]["fps"] / res["teacher"]["fps"]
     res["setup"] = {"device": dev, "threads": torch.get_num_threads(), "size": args.size, "seconds": args.seconds,
+                    "compile": args.compile,
                     "dit": dataclasses.asdict(cfg), "weights": weights, "student_steps": args.steps,
                     "teacher": f"{L.ODE_STEPS} Euler steps, CFG {L.CFG_SCALE}, {L.TEACHER_LATENT}-latent windows, "
                                f"{L.TEACHER_HOP}-frame hop",
@@ -694,14 +703,15 @@ def print_benchmark(res):
     print(f"\nbenchmark on {setup['device']} ({setup['threads']} threads), {setup['size']} px, "
           f"{setup['seconds']:g} s SynthTalk clip; {setup['weights']}")
     dit = setup["dit"]
-    print(f"DiT dim {dit['dim']}, depth {dit['depth']}, patch {dit['patch']}; end to end = encode + DiT + decode; "
+    compiled = ", blocks compiled" if setup["compile"] else ""
+    print(f"DiT dim {dit['dim']}, depth {dit['depth']}, patch {dit['patch']}{compiled}; end to end = encode + DiT + decode; "
           f"compute TTFF: all input available; live TTFF = input wait + compute TTFF\n")
     print(f"| | student (causal, {setup['student_steps']} steps, KV cache) | teacher ({setup['teacher']}) |\n|---|---|---|")
     rows = [("frames", "frames", "{:d}"), ("FPS, end to end", "fps", "{:.1f}"), ("FPS, DiT only", "dit_fps", "{:.1f}"),
             ("compute TTFF (ms)", "ttff_compute_ms", "{:.0f}"), ("input wait (ms)", "input_wait_ms", "{:.0f}"),
             ("live TTFF (ms)", "live_ttff_ms", "{:.0f}"), ("chunk latency p50 (ms)", "chunk_p50_ms", "{:.1f}"),
             ("chunk latency p95 (ms)", "chunk_p95_ms", "{:.1f}"), ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
-            ("stream state (MB)", "state_mb", "{:.2f}")]
+            ("stream state (MB)", "state_mb", "{:.2f}"), ("warm-up, untimed (s)", "warm_up_s", "{:.1f}")]
     for label, key, f in rows:
         print(f"| {label} | {fmt(s[key], f)} | {fmt(t[key], f)} |")
     print(f"\nthroughput student / teacher: {res['throughput_ratio']:.1f}x; memory: {setup['memory']}")

@@ -97,7 +97,7 @@ def get_args(argv=None):
     p.add_argument("--audio-adaln", action="store_true",
                    help="the audio embedding also joins the timestep's in every block's adaLN input (teacher; "
                         "df and dmd inherit it): a stronger model without CFG and a better student (README)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (teacher; pipeline passes it to teacher)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (teacher; pipeline passes it to teacher)")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing of the DiT blocks (teacher, the dmd critic): each block's "
                         "activations are recomputed in backward instead of kept, for the large shapes on one GPU "
@@ -845,7 +845,8 @@ def train_teacher(args):
     model.checkpointing = args.grad_ckpt
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
-    fwd = torch.compile(model) if args.compile else model
+    if args.compile:
+        L.compile_blocks(model)
     print(cfg, f"\nDiT ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     h = w = args.size // ae.cfg.space_down
     tokens = n_latent * (h // cfg.patch) * (w // cfg.patch)
@@ -860,7 +861,7 @@ def train_teacher(args):
         x0, cond, audio, t, eps, drop = shard(x0, cond, audio, t, eps, drop)                # this process's rows
         cond, audio = L.drop_conditions(cond, audio, drop, cfg.drop_mode)
         with L.autocast(args.device):
-            v = fwd(L.add_noise(x0, eps, t), t, cond, audio)
+            v = model(L.add_noise(x0, eps, t), t, cond, audio)
         per_sample = L.flow_matching_loss(v, x0, eps, args.mouth_weight)
         b = np.digitize(gather_rows(t[:, 0].detach()).cpu().numpy(), T_BINS[1:-1])
         np.add.at(bins[0], b, gather_rows(per_sample.detach()).cpu().numpy())
