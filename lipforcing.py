@@ -32,9 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -197,7 +195,15 @@ class MediaError(ValueError):
     """Bad media input. The message is one line: what is wrong and what to do."""
 
 
-def _ffmpeg():
+# soundfile and imageio_ffmpeg are imported where media is read or written, not at the top: the
+# DiT stages and the benchmark, which touch no media file, run where neither is installed.
+def _sf():
+    import soundfile
+    return soundfile
+
+
+def ffmpeg_exe():
+    import imageio_ffmpeg
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -228,7 +234,7 @@ def check_file(path, pipe_ok=False):
 
 def _probe(path):
     """ffmpeg's stream listing for `path` (stderr of `ffmpeg -i`; it exits 1 without an output, that's fine)."""
-    p = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path)], capture_output=True)
+    p = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path)], capture_output=True)
     return p.stderr.decode(errors="replace")
 
 
@@ -248,7 +254,7 @@ def _check_whole(path, stream):
     short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
     clip on silently; copying the packets, without decoding, to framecrc's listing (one line per
     packet: stream, dts, pts, duration, size, crc) is where it says so. Returns that listing."""
-    p = subprocess.run([_ffmpeg(), "-nostdin", "-v", "error", "-i", ffmpeg_path(path), "-map", f"0:{stream}:0",
+    p = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-i", ffmpeg_path(path), "-map", f"0:{stream}:0",
                         "-c", "copy", "-f", "framecrc", "-"], capture_output=True)
     err = p.stderr.decode(errors="replace")
     if err.strip() or p.returncode != 0:
@@ -278,7 +284,7 @@ def _declared_seconds(path):
     suffix = path.suffix.lower()
     if suffix == ".flac":
         try:
-            info = sf.info(str(path))  # STREAMINFO's total, read from the first bytes
+            info = _sf().info(str(path))  # STREAMINFO's total, read from the first bytes
         except RuntimeError:
             return None
         return info.frames / info.samplerate if info.frames > 0 else None
@@ -347,7 +353,7 @@ def _ffmpeg_audio(path, sr):
     # start before 0 is shifted to 0 first (asetpts), not cut: an opus webm's first packet sits
     # 13 ms early and holds the recording's first samples. Audio that starts at 0 comes out sample
     # for sample as without the filters (checked on mp4/m4a AAC, mp3, ogg, opus, webm, avi, ts).
-    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path), "-map", "0:a:0",
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path), "-map", "0:a:0",
            "-af", "asetpts=PTS-min(STARTPTS\\,0),aresample=async=1:first_pts=0",
            "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
     p = subprocess.run(cmd, capture_output=True)
@@ -369,7 +375,7 @@ def read_audio(path, sr=SAMPLE_RATE):
     x = None
     if path.suffix.lower() in _SOUNDFILE_EXTS:
         try:
-            x, sr_in = sf.read(str(path), dtype="float32", always_2d=True)
+            x, sr_in = _sf().read(str(path), dtype="float32", always_2d=True)
             x = resample_audio(x.mean(axis=1), sr_in, sr)
         except RuntimeError:
             x = None  # e.g. a codec this libsndfile lacks: let ffmpeg have a go (and word the error)
@@ -401,7 +407,7 @@ def write_audio(path, audio, sr=SAMPLE_RATE):
     """Write audio (N,) or (N, C) float in [-1, 1] as 16-bit PCM (for .wav), atomically."""
     audio = _check_audio(audio, path)
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), audio, sr)
+        _sf().write(str(tmp), audio, sr)
 
 
 def _pad_even(frame):
@@ -445,7 +451,7 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
         raise MediaError(f"cannot write {path}: frames must be a non-empty uint8 array (T, H, W, 3), "
                          f"got {tuple(shape)}")
     rate = str(Fraction(fps).limit_denominator(1001))  # exact for 25, 30, 30000/1001
-    cmd = [_ffmpeg(), "-y", "-hide_banner", "-nostdin", "-v", "error",
+    cmd = [ffmpeg_exe(), "-y", "-hide_banner", "-nostdin", "-v", "error",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W + W % 2}x{H + H % 2}", "-r", rate, "-i", "-"]
     if audio is not None:
         audio, n = _check_audio(audio, path), round(T * sr / fps)
@@ -453,7 +459,7 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
     with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as td:
         if audio is not None:
             wav = os.path.join(td, "audio.wav")
-            sf.write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
+            _sf().write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
             cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
                 "-movflags", "+faststart", ffmpeg_path(tmp)]
@@ -505,6 +511,7 @@ def read_video(path, fps=FPS):
         raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
     end = _stream_end(_check_whole(path, "v"))
     rate = Fraction(fps).limit_denominator(1001)
+    import imageio_ffmpeg
     try:
         with contextlib.closing(imageio_ffmpeg.read_frames(
                 ffmpeg_path(path), output_params=["-map", "0:v:0", "-vf", f"fps={rate}:round=up:start_time=0"])) as gen:
@@ -934,7 +941,11 @@ def compile_blocks(model, **options):
     compiling costs about one block's worth however deep the model is, where compiling the whole
     model traces every block again, and again for each cache size a stream passes through. The
     rest of the forward (patches, embeddings, RoPE factors) stays eager; parameter names do not
-    change. options go to torch.compile (mode, backend). Returns the model."""
+    change. options go to torch.compile (mode, backend). Returns the model.
+    A stream compiles the block 6 times (cache empty or not, refresh pass or not, then dynamic
+    shapes) and a bidirectional pass once more, close to dynamo's default limit of 8 per code,
+    past which the rest would run eagerly; the limit is raised so that cannot happen unseen."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for blk in model.blocks:
         blk.compile(**options)
     return model
@@ -989,7 +1000,7 @@ def drop_conditions(cond, audio, drop, mode):
 def guided_velocity(model, x, t, cond, audio, scale, mode="audio", **kw):
     """Classifier-free guidance: v = v_uncond + scale (v_cond - v_uncond), both in one batch."""
     B = len(x)
-    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
+    drop = torch.arange(2 * B, device=x.device) >= B                          # the second half drops
     c2, a2 = drop_conditions(cond.repeat(2, 1, 1, 1, 1), audio.repeat(2, 1, 1), drop, mode)
     v = model(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), c2, a2, **kw)
     v_cond, v_uncond = v.chunk(2)
@@ -1154,12 +1165,12 @@ def encode_clip(ae, frames, audio, context, batch=64):
 
 def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encoding the training clips"):
     """encode_clip of every clip, cached on disk. The cache file is named by a hash of the
-    autoencoder's weights, the audio context and every clip's frames and audio, so it is found
+    autoencoder's weights and config, the audio context and every clip's frames and audio, so it is found
     only for exactly this input (SynthTalk or a folder of real clips) and a retrained autoencoder
     never reads stale latents. The DiT stages all train on one pool: only the first encodes it."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
-    h = hashlib.sha1(str(context).encode())
+    h = hashlib.sha1(f"{context} {ae.cfg}".encode())      # the config holds the latent statistics
     for v in ae.state_dict().values():
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     for c in clips:
@@ -1266,18 +1277,22 @@ def pairwise_dist(v, a, eps=1e-8):
 def sync_embeddings(net, frames, audio, batch=256):
     """Embed every 5-frame window of a clip and its audio window, as syncnet_python does: windows
     start at frames 0 .. T - 6 (T - 5 windows; the last possible start is left out there too).
-    frames (T, 3, H, W) in [-1, 1], audio (T * 640,). Returns (v_emb, a_emb), each (T - 5, D)."""
+    frames (T, 3, H, W) in [-1, 1], audio (T * 640,). Returns (v_emb, a_emb), each (T - 5, D).
+    In fp32 whatever the caller's autocast (bf16 on a GPU): the metric is the same on every device."""
     n = net.cfg.frames
     dev = next(net.parameters()).device
     T = min(len(frames), len(audio) // SAMPLES_PER_FRAME)
-    mel = log_mel(torch.as_tensor(audio[:T * SAMPLES_PER_FRAME]).to(dev))       # (4T, N_MELS)
+    if T <= n:
+        raise ValueError(f"Sync-C needs more than {n} frames with their audio; this clip has {T}")
     v_emb, a_emb = [], []
-    for s in range(0, T - n, batch):
-        idx = torch.arange(s, min(T - n, s + batch))
-        win = idx[:, None] + torch.arange(n)                                      # (b, 5)
-        v_emb.append(net.embed_video(frames[win].to(dev)))
-        mwin = idx[:, None] * MELS_PER_FRAME + torch.arange(n * MELS_PER_FRAME)   # (b, 20)
-        a_emb.append(net.embed_audio(mel[mwin.to(dev)]))
+    with torch.autocast(dev.type, enabled=False):
+        mel = log_mel(torch.as_tensor(audio[:T * SAMPLES_PER_FRAME]).to(dev))   # (4T, N_MELS)
+        for s in range(0, T - n, batch):
+            idx = torch.arange(s, min(T - n, s + batch))
+            win = idx[:, None] + torch.arange(n)                                  # (b, 5)
+            v_emb.append(net.embed_video(frames[win].to(dev).float()))
+            mwin = idx[:, None] * MELS_PER_FRAME + torch.arange(n * MELS_PER_FRAME)   # (b, 20)
+            a_emb.append(net.embed_audio(mel[mwin.to(dev)]))
     return torch.cat(v_emb), torch.cat(a_emb)
 
 
@@ -1724,17 +1739,19 @@ def mouth_crop(x):
 
 
 def _synthtalk_clips(split, indices, seconds, size, workers, progress):
-    """synthtalk_clip of each index, in `workers` forked processes when there are enough clips to
-    share (generation is numpy only, so a fork is safe as torch's DataLoader workers are; where
-    fork does not exist, one process)."""
+    """synthtalk_clip of each index, in up to `workers` forked processes when there are two or more
+    clips (generation is numpy only, so a fork is safe as torch's DataLoader workers are; where
+    fork does not exist, one process). A 4 s clip at 512 px takes ~14 s on one core."""
     import multiprocessing
     from tqdm import tqdm
     bar = dict(total=len(indices), desc=f"SynthTalk {split}", disable=not progress)
     jobs = [(split, i, seconds, size) for i in indices]
-    if workers <= 1 or len(jobs) < 4 * workers or "fork" not in multiprocessing.get_all_start_methods():
+    workers = min(workers, len(jobs))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [synthtalk_clip(*j) for j in tqdm(jobs, **bar)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_synthtalk_job, jobs, chunksize=4), **bar))
+        chunk = max(1, min(4, len(jobs) // (4 * workers)))        # a few clips a task once there are many
+        return list(tqdm(pool.imap(_synthtalk_job, jobs, chunksize=chunk), **bar))
 
 
 def _synthtalk_job(job):
@@ -1989,13 +2006,14 @@ def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     """mean_i(w_i L_i) with w = reward_weights(R, beta, scale), divided by mean_i(w_i).
 
     Why the division: the weights' relative sizes exp(beta (R_i - R_j) / scale), which decide how
-    the batch is weighted, are kept exactly; only the common factor exp(beta mean R / scale) goes.
-    That factor is ~1e26 at our Sync-C of ~30 (1e7 at the paper's ~8): the raw loss overflows
-    float32 grad norms (clip_grad_norm would see inf and zero the step), and even where it is
-    finite, grad clipping at 10 plus Adam throw the absolute scale away anyway. Computed as a
-    softmax in float64, so it is finite for any R. beta = 0 gives the plain mean. L (B,), R (B,)."""
+    the batch is weighted, are kept exactly; only their common scale, the batch's mean weight
+    mean_j exp(beta R_j / scale), goes. It is >= 1e26 at our Sync-C of ~30 (1e7 at the paper's
+    ~8): the raw loss overflows float32 grad norms (clip_grad_norm would see inf and zero the
+    step), and even where it is finite, grad clipping at 10 plus Adam throw the absolute scale
+    away anyway. Computed as a softmax in float64, so it is finite for any R. beta = 0 gives the
+    plain mean. L (B,), R (B,)."""
     w = _reward_share(R, beta, scale) * len(R)                           # w_i / mean_j w_j
-    return (w.to(losses.dtype) * losses).mean()
+    return (w.to(losses) * losses).mean()
 
 
 def effective_batch(R, beta=2.0, scale=1.0):

@@ -49,9 +49,7 @@ import tempfile
 import time
 from collections import deque
 
-import imageio_ffmpeg
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -59,7 +57,6 @@ from tqdm import tqdm
 import lipforcing as L
 
 SPF = L.SAMPLES_PER_FRAME
-FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
 CONTAINER_MAGIC = {"a wav": (0, b"RIFF"), "an mp3": (0, b"ID3"), "a flac": (0, b"fLaC"),   # (offset, bytes)
@@ -436,8 +433,9 @@ class Mp4Writer:
     def __init__(self, path, H, W):
         self.path, self.dir = path, tempfile.TemporaryDirectory()
         self.video, self.log = os.path.join(self.dir.name, "video.mp4"), open(os.path.join(self.dir.name, "log"), "w+b")
-        self.wav = sf.SoundFile(os.path.join(self.dir.name, "audio.wav"), "w", L.SAMPLE_RATE, 1, "PCM_16")
-        cmd = [FFMPEG, "-y", "-hide_banner", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+        import soundfile
+        self.wav = soundfile.SoundFile(os.path.join(self.dir.name, "audio.wav"), "w", L.SAMPLE_RATE, 1, "PCM_16")
+        cmd = [L.ffmpeg_exe(), "-y", "-hide_banner", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{W + W % 2}x{H + H % 2}", "-r", str(L.FPS), "-i", "-",
                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "veryfast", self.video]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
@@ -461,7 +459,7 @@ class Mp4Writer:
         if self.proc.wait() != 0:
             self.failed(self.log)
         with L.atomic_path(self.path) as tmp, tempfile.TemporaryFile() as log:
-            cmd = [FFMPEG, "-y", "-hide_banner", "-nostdin", "-v", "error", "-i", self.video, "-i", self.wav.name,
+            cmd = [L.ffmpeg_exe(), "-y", "-hide_banner", "-nostdin", "-v", "error", "-i", self.video, "-i", self.wav.name,
                    "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "128k",
                    "-movflags", "+faststart", L.ffmpeg_path(tmp)]
             if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=log).returncode != 0:

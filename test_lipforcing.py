@@ -290,6 +290,24 @@ def test_sync_embeddings_window_count():
     assert v.shape == a.shape == (25, net.cfg.embed)
 
 
+def test_sync_metric_is_fp32_under_a_callers_autocast_and_refuses_a_clip_too_short():
+    """The stream and the DiT stages run under bf16 autocast on a GPU; Sync-C computed inside it
+    must still be the fp32 metric (CPU autocast stands in for CUDA's here). A clip of 5 frames has
+    no window to score: a one-line ValueError, not an error deep in torch.cat."""
+    torch.manual_seed(0)
+    net = L.SyncNet(L.SyncNetConfig()).eval()
+    frames = torch.rand(12, 3, 64, 64) * 2 - 1
+    audio = np.random.default_rng(0).standard_normal(12 * SAMPLES_PER_FRAME).astype(np.float32) * 0.1
+    plain = L.sync_embeddings(net, frames, audio)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net.embed_audio(torch.zeros(1, 20, L.N_MELS)).dtype == torch.bfloat16   # autocast is on
+        inside = L.sync_embeddings(net, frames, audio)
+    for p, q in zip(plain, inside):
+        assert q.dtype == torch.float32 and torch.equal(p, q)
+    with pytest.raises(ValueError, match="more than 5 frames"):
+        L.sync_embeddings(net, frames[:5], audio)
+
+
 def test_sync_embeddings_pair_each_video_window_with_its_own_audio(monkeypatch):
     """Window s pairs video frames s .. s+4 with mel rows 4s .. 4s+19 (the same 5 frames' audio),
     read through a stub net whose embeddings are the first frame's and the first mel row's index."""
@@ -607,7 +625,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     out.write_bytes(b"old")
-    monkeypatch.setattr(L.sf, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(sf, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         write_audio(tmp_path / "out.wav", tone(0.1, SAMPLE_RATE))
     monkeypatch.undo()
@@ -1728,6 +1746,23 @@ def test_benchmark_smoke(tmp_path, capsys, ckpt):
     assert t["input_wait_ms"] > s["input_wait_ms"] and s["chunk_p95_ms"] >= s["chunk_p50_ms"] > 0
 
 
+def test_the_benchmark_and_training_need_no_media_libraries(tmp_path):
+    """The GPU machines this is benchmarked on may lack soundfile and imageio-ffmpeg: lipforcing,
+    sample and train import them only where media is read or written, so `--benchmark` (here at
+    random init, one block) runs in a process where importing either fails."""
+    code = f"""
+import sys
+sys.modules["soundfile"] = sys.modules["imageio_ffmpeg"] = None      # import fails, as if not installed
+import lipforcing, train, sample
+sample.main(["--benchmark", "--shape", "tiny", "--depth", "1", "--seconds", "1.4", "--results", {str(tmp_path)!r}])
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "benchmark.json").read_text())
+    assert res["setup"]["dit"]["depth"] == 1 and not res["setup"]["compile"] and "depth 1" in res["setup"]["weights"]
+    assert res["student"]["warm_up_s"] > 0 and "| warm-up, untimed (s) |" in p.stdout
+
+
 def test_long_stream_smoke(tmp_path, capsys, ckpt):
     """--long-stream at a toy length writes results/long_stream.json with the stream's state size,
     memory and Sync-C of the first and last stretch."""
@@ -2542,6 +2577,9 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     model, rest = train.main(base + ["--resume", "--out", str(tmp_path / "b.safetensors")])
     assert (tmp_path / "b.state.safetensors").is_file()
     assert len(first) == 2 and first + rest == whole
+    unsaved = train.main(base + ["--state", "none", "--out", str(tmp_path / "c.safetensors")])[1]
+    assert unsaved == whole and (tmp_path / "c.safetensors").is_file() and not list(tmp_path.glob("*none*"))
+    assert not (tmp_path / "c.state.safetensors").exists()
     a, b = whole_model.state_dict(), model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -2556,6 +2594,8 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["teacher", "--fsdp", "--resume"], "--resume does nothing under --fsdp"),
     (["df", "--fsdp", "--state", "d.state.safetensors"], "--state does nothing under --fsdp"),
     (["dmd", "--fsdp", "--stop-after", "5"], "--stop-after does nothing under --fsdp"),
+    (["teacher", "--state", "none", "--resume"], "--resume needs a training-state file; --state none writes none"),
+    (["df", "--state", "none", "--stop-after", "5"], "--stop-after needs a training-state file"),
     (["vae", "--compile"], "--compile does nothing in vae"),
     (["syncnet", "--compile"], "--compile does nothing in syncnet"),
     (["df", "--compile"], "--compile does nothing in df"),

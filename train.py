@@ -114,7 +114,8 @@ def get_args(argv=None):
                                                       "optimiser state over the processes (teacher, df, dmd; "
                                                       "no --resume, --state or --stop-after)")
     p.add_argument("--resume", action="store_true", help="continue from the training-state file (training stages)")
-    p.add_argument("--state", default=None, help="training-state file (default: the output's name with .state.safetensors)")
+    p.add_argument("--state", default=None, help="training-state file (default: the output's name with .state.safetensors); "
+                                                 "none: write no state (a timing run of a large shape: at wan1.3b it is 26 GB)")
     p.add_argument("--stop-after", type=L.positive_int, default=None, help="stop after this many steps (state saved)")
     p.add_argument("--log-every", type=L.positive_int, default=None,
                    help=f"steps between log lines (default {LOG_EVERY}; dmd logs every {DMD_LOG_EVERY})")
@@ -446,11 +447,11 @@ def fresh_state(args, out, derived=lambda state: []):
     .state.safetensors (teacher.safetensors -> teacher.state.safetensors), so runs with different
     --out never share one. Unless --resume, it and the files derived(state) names beside it are
     deleted, so the run starts from scratch. None under --fsdp: training-state files hold full,
-    unsharded tensors (main refuses --resume, --state and --stop-after there).
+    unsharded tensors (main refuses --resume, --state and --stop-after there); None for --state none.
     Every rank deletes them (on nodes that share no filesystem each has its own stale copy; where
     they share one, a file another rank removed first is no error), and the barrier keeps a rank
     from finding a stale file in fit before it is gone."""
-    if DIST.fsdp:
+    if DIST.fsdp or args.state == "none":
         return None
     state = args.state or os.path.splitext(out)[0] + ".state.safetensors"
     if args.resume and not os.path.isfile(state) and master():
@@ -1628,6 +1629,8 @@ def check_options(args):
         if getattr(args, name) not in (None, False) and args.stage not in stages:
             note = f" ({OPTION_NOTES[name]})" if name in OPTION_NOTES else ""
             fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it{note}")
+    if args.state == "none" and (args.resume or args.stop_after):
+        fail(f"{'--resume' if args.resume else '--stop-after'} needs a training-state file; --state none writes none")
     for name in ("resume", "state", "stop_after"):
         if args.fsdp and getattr(args, name) not in (None, False):
             fail(f"{option(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
