@@ -912,6 +912,9 @@ class DiT(nn.Module):
         tok = torch.cat([x, cond], 2).view(B, Fr, -1, h, p, w, p)
         tok = tok.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, h * w, -1)              # (B, F, N, Cpp)
         tok = self.patch_in(tok)                                                      # (B, F, N, D)
+        # the residual stream stays in (at least) fp32 under bf16 autocast, as Wan's does: only the
+        # blocks' matrix products run in bf16, and 30 blocks add into it without bf16 rounding
+        tok = tok.to(torch.promote_types(tok.dtype, torch.float32))
         c = self.t_embed(timestep_embedding(t, 256).to(tok.dtype))                    # (B, F, D)
         a = self.audio_embed(audio)                                                   # (B, F, D)
         cb = c + a if self.cfg.audio_adaln else c                                     # the blocks' modulation input
@@ -930,8 +933,9 @@ class DiT(nn.Module):
         if cache is not None and update_cache:
             cache.frames += Fr
             cache.update = False
-        shift, scale = self.ada_out(c)[:, :, None, :].chunk(2, -1)
-        out = self.patch_out(modulate(self.norm_out(tok), shift, scale))              # (B, F, N, Cpp)
+        with torch.autocast(tok.device.type, enabled=False):     # the output layer in fp32, as Wan's head:
+            shift, scale = self.ada_out(c.to(tok.dtype))[:, :, None, :].chunk(2, -1)   # CFG amplifies its rounding
+            out = self.patch_out(modulate(self.norm_out(tok), shift, scale))          # (B, F, N, Cpp)
         out = out.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, Fr, C, H, W)
 

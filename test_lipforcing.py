@@ -680,6 +680,27 @@ def dit_inputs(B=2, Fr=3, hw=4, seed=0):
             torch.randn(B, Fr, cfg.cond_channels, hw, hw, generator=g), torch.randn(B, Fr, A, generator=g))
 
 
+def test_under_bf16_autocast_the_residual_stream_and_the_output_stay_fp32():
+    """On a GPU the DiT runs under bf16 autocast: its blocks' matrix products go to bf16, but the
+    residual stream the blocks add into and the output layer stay fp32, as Wan's do (CFG scales the
+    rounding of the output by 4.5). CPU autocast stands in for CUDA's."""
+    torch.manual_seed(0)
+    model = tiny_dit()
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    x, t, cond, audio = dit_inputs()
+    dtypes = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    ref = model(x, t, cond, audio)
+    dtypes.clear()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(x, t, cond, audio)
+        assert model.blocks[0].attn.qkv(x.new_zeros(1, 64)).dtype == torch.bfloat16      # autocast is on
+    assert dtypes == [torch.float32] * len(model.blocks) and out.dtype == torch.float32
+    assert 0 < (out - ref).norm() / ref.norm() < 0.02
+
+
 @pytest.mark.parametrize("audio_adaln", [False, True])
 def test_fresh_dit_outputs_zero_and_blocks_are_identity(audio_adaln):
     """adaLN-Zero: a fresh model predicts exactly 0, and every block returns its input unchanged
