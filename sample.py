@@ -238,11 +238,25 @@ def load_causal(path, device):
     return model
 
 
+WARM_UP_CHUNKS = 5     # a stream's cache is empty, then filling, then rolling from the third chunk on
+
+
 def load_student(args):
+    """(student, autoencoder, student path). With --compile the student's blocks are compiled and
+    run once through a throwaway stream of blank input that passes every cache state, so compiling
+    is over before the first real frame (a live stream's TTFF, the FPS printed), not inside it."""
     path = student_path(args)
     model = load_causal(path, args.device)
     log(args, f"student {path}: {model.cfg}")
-    return L.compile_blocks(model) if args.compile else model, path
+    ae = load_ae(args)
+    if args.compile:
+        t0 = time.perf_counter()
+        L.compile_blocks(model)
+        n = ae.cfg.time_down * model.cfg.chunk * WARM_UP_CHUNKS - (ae.cfg.time_down - 1)   # 57 frames
+        with L.autocast(args.device):
+            L.lipsync(model, ae, np.zeros((n, args.size, args.size, 3), np.uint8), np.zeros(n * SPF, np.float32))
+        log(args, f"--compile: the student's blocks compiled and warmed up in {time.perf_counter() - t0:.1f} s")
+    return model, ae, path
 
 
 def load_ae(args):
@@ -337,8 +351,7 @@ def not_measured(net, n):
 
 def demo(args):
     """A held-out SynthTalk test speaker dubbed with another test speaker's voice, side by side."""
-    student, path = load_student(args)
-    ae = load_ae(args)
+    student, ae, path = load_student(args)
     net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
     stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
@@ -365,8 +378,7 @@ def files(args):
     """--video + --audio -> --out, offline."""
     source, fps = L.read_video(args.video)
     audio = L.read_audio(args.audio)
-    student, _ = load_student(args)
-    ae = load_ae(args)
+    student, ae, _ = load_student(args)
     T, n = len(source), -(-len(audio) // SPF)
     print(f"{args.video}: {T} frames {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
           f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
@@ -490,8 +502,7 @@ def live(args):
     waited in the pipe while the models loaded counts from when it is read). The output ends when
     the audio does (EOF, or a growing file that stopped growing); Ctrl-C aborts and leaves no mp4."""
     source, _ = L.read_video(args.video)
-    student, _ = load_student(args)
-    ae = load_ae(args)
+    student, ae, _ = load_student(args)
     raw = args.out == "-"
     H, W = source.shape[1:3]
     dest = f"raw rgb24 {W}x{H} {L.FPS} fps frames on stdout" if raw else args.out
@@ -722,8 +733,7 @@ def print_benchmark(res):
 def long_stream(args):
     """Stream one long SynthTalk test clip (dubbed) through the student. Only the first and the last
     30 s of output are kept (for Sync-C); the input clip itself is generated whole."""
-    student, path = load_student(args)
-    ae = load_ae(args)
+    student, ae, path = load_student(args)
     net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
     clip = L.synthtalk_clip("test", 0, seconds=args.long_stream, size=args.size)
     keep, mark = 30 * L.FPS, 20 * L.FPS                   # frames of Sync-C at each end; memory read at 20 s

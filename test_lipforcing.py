@@ -2958,6 +2958,31 @@ def test_files_writes_each_chunk_as_it_is_made(tmp_path, capsys, ckpt, monkeypat
     assert len(read_video(tmp_path / "o.mp4")[0]) == math.ceil(n / SAMPLES_PER_FRAME)
 
 
+def test_compile_warms_up_before_the_first_real_frame_and_dubs_the_same(tmp_path, capsys, ckpt, monkeypatch):
+    """--compile compiles the student's blocks and runs them through a throwaway stream of blank
+    input before the clip's first frame, so no compilation falls inside the run; the dubbed clip
+    is the one the eager student makes (dynamo's eager backend here: compiling is a matter of
+    graphs, inductor would take a minute on 2 cores)."""
+    compile_blocks, events = L.compile_blocks, []
+    monkeypatch.setattr(L, "compile_blocks", lambda m, **o: (events.append("compiled"), compile_blocks(m, backend="eager"))[1])
+    dub, graphs = sample.dub, lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    monkeypatch.setattr(sample, "dub", lambda *a: (events.append(("dub", graphs())), dub(*a))[1])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    face_video(tmp_path / "v.mp4", 5)
+    speech(tmp_path / "a.wav", 30)
+    outs = {}
+    for flags in ([], ["--compile"]):
+        code, out, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out",
+                              tmp_path / f"o{len(flags)}.mp4", *ckpt, *flags], capsys)
+        assert code == 0, err
+        outs[len(flags)] = read_video(tmp_path / f"o{len(flags)}.mp4")[0]
+    after = graphs()
+    torch._dynamo.reset()
+    assert "compiled and warmed up in" in out and np.array_equal(outs[0], outs[1])
+    assert events == [("dub", 0), "compiled", ("dub", after)] and after > 0      # none compiled during the clip
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--seconds", "0.01"], ("--seconds 0.01", "shorter than one frame", "0.04 or more")),
     (["--benchmark", "--seconds", "0.01"], ("--seconds 0.01", "0.04 or more")),
