@@ -1150,7 +1150,9 @@ class EncodedClip:
 
 @torch.no_grad()
 def encode_clip(ae, frames, audio, context, batch=64):
-    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip (the first 1 + 4 ((T - 1) // 4) frames)."""
+    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip (the first 1 + 4 ((T - 1) // 4) frames).
+    At most `batch` single frames or 4-frame groups go through the encoder at once, so a long clip
+    at a large size needs no more memory than a 10 s one."""
     dev = next(ae.parameters()).device
     x = frames_to_tensor(frames)                                                   # (T, 3, H, W)
     masked = x * (1 - lower_face_mask(*x.shape[-2:]))
@@ -1160,7 +1162,8 @@ def encode_clip(ae, frames, audio, context, batch=64):
     def enc(v):
         grid = v[:1 + tf * G:tf, None]                                             # (G + 1, 1, 3, H, W)
         single = torch.cat([ae.encode(grid[i:i + batch].to(dev))[:, 0] for i in range(0, len(grid), batch)])
-        groups = ae.encode_groups(v[None, 1:1 + tf * G].to(dev))[0]                 # (G, 16, h, w)
+        groups = torch.cat([ae.encode_groups(v[None, 1 + tf * i:1 + tf * min(G, i + batch)].to(dev))[0]
+                            for i in range(0, max(G, 1), batch)])                   # (G, 16, h, w)
         return single.cpu(), groups.cpu()
 
     (s, g), (ms, mg) = enc(x), enc(masked)

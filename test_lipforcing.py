@@ -2057,6 +2057,23 @@ def test_encoded_pool_is_cached_for_exactly_its_inputs(tmp_path):
     L.encode_pool(ae, clips, c + 1, tmp_path, progress=False)
     L.encode_pool(ae, clips[:1] + [L.synthtalk_clip("train", 5, 1.4, size=32)], c, tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 4
+    # the same weights with other latent statistics (buffers outside the state dict) are another encoder too
+    stats = L.VideoAE(dataclasses.replace(ae.cfg, latent_mean=(0.5,) * 16, latent_std=(2.0,) * 16)).eval()
+    stats.load_state_dict(ae.state_dict())
+    shifted = L.encode_pool(stats, clips, c, tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 5 and not torch.equal(shifted[0].groups, first[0].groups)
+
+
+def test_encode_clip_in_batches_equals_one_pass():
+    """encode_clip sends at most `batch` frames or 4-frame groups through the encoder at a time
+    (bounded memory for long clips); the latents are those of one pass over the clip."""
+    torch.manual_seed(0)
+    ae = L.VideoAE(L.AEConfig(width=8)).eval()
+    clip = L.synthtalk_clip("train", 0, 2.0, size=32)                    # 50 frames: 13 singles, 12 groups
+    whole, parts = (L.encode_clip(ae, clip.frames, clip.audio, 2, batch=b) for b in (64, 5))
+    for name in ("single", "groups", "m_single", "m_groups"):
+        assert getattr(whole, name).shape == getattr(parts, name).shape
+        assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-5), name
 
 
 def test_teacher_batch_returns_the_windows_audio():
