@@ -1770,15 +1770,21 @@ def test_benchmark_smoke(tmp_path, capsys, ckpt):
 def test_the_benchmark_and_training_need_no_media_libraries(tmp_path):
     """The GPU machines this is benchmarked on may lack soundfile and imageio-ffmpeg: lipforcing,
     sample and train import them only where media is read or written, so `--benchmark` (here at
-    random init, one block) runs in a process where importing either fails."""
+    random init, one block) and the teacher's training on SynthTalk (`--state none`, as README's
+    GPU command) run in a process where importing either fails."""
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     code = f"""
 import sys
 sys.modules["soundfile"] = sys.modules["imageio_ffmpeg"] = None      # import fails, as if not installed
 import lipforcing, train, sample
 sample.main(["--benchmark", "--shape", "tiny", "--depth", "1", "--seconds", "1.4", "--results", {str(tmp_path)!r}])
+train.main(["teacher", "--ckpt-dir", {str(tmp_path)!r}, "--depth", "1", "--clips", "2", "--seconds", "1.4", "--steps", "2",
+            "--batch", "2", "--latent-frames", "3", "--state", "none", "--out", {str(tmp_path / "t.safetensors")!r}])
 """
-    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    env = {**os.environ, "LIPFORCING_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "t.safetensors").is_file() and not list(tmp_path.glob("t.state*"))
     res = json.loads((tmp_path / "benchmark.json").read_text())
     assert res["setup"]["dit"]["depth"] == 1 and not res["setup"]["compile"] and "depth 1" in res["setup"]["weights"]
     assert res["student"]["warm_up_s"] > 0 and "| warm-up, untimed (s) |" in p.stdout
