@@ -919,6 +919,8 @@ class DiT(nn.Module):
         a = self.audio_embed(audio)                                                   # (B, F, D)
         cb = c + a if self.cfg.audio_adaln else c                                     # the blocks' modulation input
         past = cache.cached_frames if cache is not None else 0
+        if self.freqs[0].device != x.device:        # moved once, as Wan moves its self.freqs: not copied
+            self.freqs = tuple(f.to(x.device) for f in self.freqs)    # from the host (a sync) every pass
         angles = rope_angles(self.freqs, torch.arange(past + Fr, device=x.device), h, w)   # ((P+F) N, Dh/2)
         rope = rope_factors(angles, torch.promote_types(tok.dtype, torch.float32))         # (2, (P+F) N, Dh)
         if cache is not None:
