@@ -703,6 +703,13 @@ DIT_PRESETS = {
     "wan14b": dict(dim=5120, depth=40, heads=40, ffn=13824),
 }
 DIT_PATCHES = (1, 2)      # spatial patches a --size that is a multiple of FRAME_MULTIPLE allows (2 is Wan's, the default)
+
+
+def preset_config(name, depth=None, patch=None, **kw):
+    """DiTConfig of the DIT_PRESETS shape `name`, its depth and patch overridden where given
+    (--depth, --patch), other fields from kw."""
+    preset = DIT_PRESETS[name]
+    return DiTConfig(**{**preset, "depth": depth or preset["depth"]}, patch=patch or DiTConfig.patch, **kw)
 FRAME_MULTIPLE = AEConfig.space_down * max(DIT_PATCHES)   # 16: frame sizes the autoencoder and every patch tile
 
 

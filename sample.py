@@ -241,6 +241,11 @@ def load_causal(path, device):
 WARM_UP_CHUNKS = 5     # a stream's cache is empty, then filling, then rolling from the third chunk on
 
 
+def warm_up_frames(ae, cfg):
+    """Source frames of a stream's first WARM_UP_CHUNKS chunks (9, then 12 each: 57)."""
+    return ae.cfg.time_down * cfg.chunk * WARM_UP_CHUNKS - (ae.cfg.time_down - 1)
+
+
 def load_student(args):
     """(student, autoencoder, student path). With --compile the student's blocks are compiled and
     run once through a throwaway stream of blank input that passes every cache state, so compiling
@@ -252,7 +257,7 @@ def load_student(args):
     if args.compile:
         t0 = time.perf_counter()
         L.compile_blocks(model)
-        n = ae.cfg.time_down * model.cfg.chunk * WARM_UP_CHUNKS - (ae.cfg.time_down - 1)   # 57 frames
+        n = warm_up_frames(ae, model.cfg)
         with L.autocast(args.device):
             L.lipsync(model, ae, np.zeros((n, args.size, args.size, 3), np.uint8), np.zeros(n * SPF, np.float32))
         log(args, f"--compile: the student's blocks compiled and warmed up in {time.perf_counter() - t0:.1f} s")
@@ -673,10 +678,9 @@ def benchmark(args):
         student = load_causal(path, "cpu")
         weights += f", student {path}"
     else:
-        preset = L.DIT_PRESETS[args.shape or "tiny"]
-        patch, depth = args.patch or L.DiTConfig.patch, args.depth or preset["depth"]
-        student = L.DiT(L.DiTConfig(**{**preset, "depth": depth}, causal=True, patch=patch)).eval()
-        weights += f", student random init (preset {args.shape or 'tiny'}, patch {patch}, depth {depth})"
+        student = L.DiT(L.preset_config(args.shape or "tiny", args.depth, args.patch, causal=True)).eval()
+        weights += (f", student random init (preset {args.shape or 'tiny'}, patch {student.cfg.patch}, "
+                    f"depth {student.cfg.depth})")
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
         teacher = load(args.teacher, L.DiTConfig, L.DiT, "cpu", "train it with `python train.py teacher`")
@@ -685,7 +689,7 @@ def benchmark(args):
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()
         weights += ", teacher random init (the student's config, bidirectional)"
     frames, audio = clip.frames, clip.dub_audio
-    warm = 1 + L.TEACHER_HOP + 2 * ae.cfg.time_down * cfg.chunk    # a teacher window, or two student chunks
+    warm = max(1 + L.TEACHER_HOP, warm_up_frames(ae, cfg))     # a teacher window, and every cache state of a stream
 
     def run(fn, model, kw, warm_kw):
         model.to(dev)

@@ -837,9 +837,8 @@ def train_teacher(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    preset = L.DIT_PRESETS[args.preset]
-    cfg = L.DiTConfig(**{**preset, "depth": args.depth or preset["depth"]}, patch=args.patch or L.DiTConfig.patch,
-                      drop_mode=args.drop_mode, cfg_drop=args.cfg_drop, audio_adaln=args.audio_adaln, seed=seed)
+    cfg = L.preset_config(args.preset, args.depth, args.patch, drop_mode=args.drop_mode, cfg_drop=args.cfg_drop,
+                          audio_adaln=args.audio_adaln, seed=seed)
     n_latent, batch = args.latent_frames or 9, args.batch or 16
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
     model = L.DiT(cfg)
