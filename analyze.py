@@ -1,6 +1,6 @@
 """
 The teacher-trajectory analysis that the two-step schedule and the Sync-Window are derived from
-(METHOD.md, "The three analysis-derived components"), rerun on any teacher.
+(the paper's three analysis-derived components), rerun on any teacher.
 
   python analyze.py                                  # checkpoints/teacher.safetensors (+ teacher_all if present)
   python analyze.py --teacher A.safetensors --teacher B.safetensors --vae V.safetensors
@@ -52,7 +52,7 @@ LABELS = {"sync_c": "Sync-C (higher = better)", "sync_d": "Sync-D (lower = bette
 WINDOW_FRAC = 0.5    # CFG window: steps where CFG's Sync-C advantage is >= this fraction of its max
 GAP_FLOOR = 0.5      # landing step: only where the CFG sync gap is >= this fraction of its max
                      # (where the gap is small, the share of it that a schedule recovers is noise)
-PAPER_WINDOW, PAPER_LANDING = (20, 40), 30   # the paper's choices, steps of the 50-step ODE (METHOD.md)
+PAPER_WINDOW, PAPER_LANDING = (20, 40), 30   # the paper's choices, steps of the 50-step ODE
 TWO_STEP = "two-step (t = " + ", ".join(f"{t:.3f}" for t in L.STUDENT_STEPS) + ")"
 
 

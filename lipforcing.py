@@ -263,6 +263,18 @@ def _check_whole(path, stream):
     return p.stdout.decode(errors="replace")
 
 
+def _check_decodes(path, stream):
+    """MediaError if decoding the first `stream` ("v" or "a") of `path` hits an error. Garbled bytes
+    inside an intact container pass the demuxer (_check_whole), and the decoder hides the damage
+    and exits 0: the run would go on with broken frames. -xerror stops ffmpeg at the first error."""
+    p = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", ffmpeg_path(path),
+                        "-map", f"0:{stream}:0", "-f", "null", "-"], capture_output=True)
+    if p.returncode != 0:
+        err = p.stderr.decode(errors="replace").strip().splitlines()
+        what = re.sub(r"^(\[[^]]*\]\s*)+", "", err[0]) if err else f"ffmpeg exit {p.returncode}"
+        raise _cut_short(path, f"it does not decode: {what}")
+
+
 def _stream_end(listing):
     """The time, in seconds, at which the last packet of a framecrc listing stops being shown (the
     latest pts plus its duration, or the typical duration where a packet states none), or None
@@ -379,12 +391,15 @@ def read_audio(path, sr=SAMPLE_RATE):
             x = resample_audio(x.mean(axis=1), sr_in, sr)
         except RuntimeError:
             x = None  # e.g. a codec this libsndfile lacks: let ffmpeg have a go (and word the error)
-    if x is None:
+    by_ffmpeg = x is None
+    if by_ffmpeg:
         x = _ffmpeg_audio(path, sr)
     if len(x) == 0:
         raise MediaError(f"{path} contains no audio samples: pass a non-empty audio file")
     if declared is not None and declared - len(x) / sr > 1 / FPS:  # a missing part under a frame is harmless
         raise _cut_short(path, f"its header says {declared:.2f} s, it holds {len(x) / sr:.2f} s")
+    if by_ffmpeg:
+        _check_decodes(path, "a")
     if not np.isfinite(x).all():
         raise MediaError(f"{path} holds NaN or infinite samples: re-export it (e.g. as a 16-bit PCM wav)")
     # Float files and the resampler can overshoot slightly; the model expects [-1, 1].
@@ -510,6 +525,7 @@ def read_video(path, fps=FPS):
     if not _VIDEO_RE.search(info):
         raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
     end = _stream_end(_check_whole(path, "v"))
+    _check_decodes(path, "v")
     rate = Fraction(fps).limit_denominator(1001)
     import imageio_ffmpeg
     try:
@@ -572,7 +588,6 @@ class MemBlock(nn.Module):
         self.conv1, self.conv2 = nn.Conv2d(2 * c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x, past):                      # x, past: (B, F, C, h, w)
-        B, Fr = x.shape[:2]
         h = torch.cat([x, past], 2).flatten(0, 1)    # (B*F, 2C, h, w)
         h = self.conv2(F.relu(self.conv1(F.relu(h))))
         return x + h.reshape_as(x)
@@ -666,7 +681,7 @@ def psnr(a, b):
 # 3D RoPE over (t, h, w) with RMS-normalised queries and keys (per head here; Wan normalises over
 # the full width, so Wan weights would not load as they are); conditions concatenated on channels
 # (noisy latent | reference latent repeated over time | lower-face mask | masked source latent;
-# METHOD.md's fifth input, a reference-sequence latent, is left out: README, What is left out);
+# the paper's fifth input, a reference-sequence latent, is left out: README, What is left out);
 # audio packed per latent frame and *added* to that frame's tokens in a set of blocks
 # (OmniAvatar-style), not cross-attended.
 
@@ -910,15 +925,18 @@ class DiT(nn.Module):
 
         x (B, F, 16, h, w) noisy latent; t (B, F) per-frame timestep in [0, 1]; cond (B, F, 33, h, w)
         reference latent | mask | masked source latent; audio (B, F, A) packed audio features (zeros
-        = dropped); mask: attention mask over the F N tokens (None = bidirectional, or
-        block_causal_mask for the student). cache: a KVCache to attend (streaming); update_cache
-        writes this pass's keys and values into it (the KV refresh)."""
+        = dropped); mask: attention mask over the F N tokens, None for the config's own: none
+        (bidirectional) for the teacher, block_causal_mask for a student (cfg.causal) run without
+        a cache. cache: a KVCache to attend (streaming); update_cache writes this pass's keys and
+        values into it (the KV refresh)."""
         B, Fr, C, H, W = x.shape
         p = self.cfg.patch
         h, w = H // p, W // p
         tok = torch.cat([x, cond], 2).view(B, Fr, -1, h, p, w, p)
         tok = tok.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, h * w, -1)              # (B, F, N, Cpp)
         tok = self.patch_in(tok)                                                      # (B, F, N, D)
+        if mask is None and cache is None and self.cfg.causal:
+            mask = block_causal_mask(Fr, h * w, self.cfg.chunk, x.device)              # (F N, F N)
         # the residual stream stays in (at least) fp32 under bf16 autocast, as Wan's does: only the
         # blocks' matrix products run in bf16, and 30 blocks add into it without bf16 rounding
         tok = tok.to(torch.promote_types(tok.dtype, torch.float32))
@@ -1846,9 +1864,12 @@ class LipSyncStream:
     lookahead. Per chunk: encode the masked source frames, the student's two denoising passes and
     the KV refresh, the autoencoder's streaming decoder, then the lower face is composited into
     the source frames. Everything kept is bounded: the KV cache (sink + window), the decoder's
-    one-latent memory, and less than two chunks of input.
+    one-latent memory, and the input not yet used: less than two chunks of it when frames and audio
+    arrive in real time (a whole track pushed at once waits in full until its frames come).
 
-    reference: the identity frame (uint8 (H, W, 3)); by default the first source frame.
+    reference: the identity frame (uint8 (H, W, 3)); by default the first source frame, which (as
+    the only frame a live stream has at its start) lies in the first chunk, where training always
+    takes the reference from outside the window: pass a frame from elsewhere where there is one.
     steps: the denoising schedule per chunk (STUDENT_STEPS; (0.999,) for one step)."""
     def __init__(self, student, ae, reference=None, seed=0, composite=True, steps=STUDENT_STEPS):
         cfg = student.cfg
@@ -1981,7 +2002,7 @@ def dmd_timesteps(batch, device=None):
 
 
 def sync_window_cfg(t, scale=CFG_SCALE, window=SYNC_WINDOW):
-    """Sync-Window CFG (METHOD, component 3): the teacher's guidance scale per sample for re-noise
+    """Sync-Window CFG (the paper's component 3): the teacher's guidance scale per sample for re-noise
     times t (B,): `scale` where t lies in the window (bounds included), 1 (no CFG) elsewhere.
     window = (0, 1) is a fixed scale everywhere; scale = 1 is no CFG at all."""
     lo, hi = window
@@ -2007,8 +2028,8 @@ def dmd_loss(x, real_x0, fake_x0):
 
 
 def reward_weights(R, beta=2.0, scale=1.0):
-    """The SyncNet reward's per-sample weight w = exp(beta R / scale) (METHOD, component 4; the
-    paper's w = exp(beta R) is scale = 1), in float64 and without gradient through R. Exact, but
+    """The SyncNet reward's per-sample weight w = exp(beta R / scale) (the paper's component 4;
+    its w = exp(beta R) is scale = 1), in float64 and without gradient through R. Exact, but
     with our SyncNets' Sync-C of 20-30 it is ~1e26: use reward_weighted_mean to apply it."""
     return torch.exp(beta * R.detach().double() / scale)
 
@@ -2019,15 +2040,15 @@ def _reward_share(R, beta, scale):
 
 
 def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
-    """mean_i(w_i L_i) with w = reward_weights(R, beta, scale), divided by mean_i(w_i).
-
-    Why the division: the weights' relative sizes exp(beta (R_i - R_j) / scale), which decide how
-    the batch is weighted, are kept exactly; only their common scale, the batch's mean weight
-    mean_j exp(beta R_j / scale), goes. It is >= 1e26 at our Sync-C of ~30 (1e7 at the paper's
-    ~8): the raw loss overflows float32 grad norms (clip_grad_norm would see inf and zero the
-    step), and even where it is finite, grad clipping at 10 plus Adam throw the absolute scale
-    away anyway. Computed as a softmax in float64, so it is finite for any R. beta = 0 gives the
-    plain mean. L (B,), R (B,)."""
+    """mean_i(w_i L_i) / mean_i(w_i) with w = reward_weights(R, beta, scale): a self-normalised
+    weighting. Within the batch the samples keep the paper's relative weights
+    exp(beta (R_i - R_j) / scale) exactly. The division takes out the batch's mean weight
+    mean_j exp(beta R_j / scale), which the paper's loss keeps: >= 1e26 at our Sync-C of ~30 (1e7 at
+    the paper's ~8), and apart by orders of magnitude from one batch to the next, more than the
+    float32 gradients hold (clip_grad_norm would see inf and zero the step). So here a batch of
+    higher rewards does not take a larger step than another, as it would in the paper's loss; in
+    each batch the better samples count more, as there. Computed as a float64 softmax, finite for
+    any R. beta = 0 gives the plain mean. L (B,), R (B,)."""
     w = _reward_share(R, beta, scale) * len(R)                           # w_i / mean_j w_j
     return (w.to(losses) * losses).mean()
 

@@ -37,6 +37,7 @@ TTFF (time to first frame), as the benchmark reports it:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -120,15 +121,24 @@ def get_args(argv=None):
 
 def check_folder(folder, what, path):
     """The folder an output goes into (created if missing) must not lie under a file, and we must
-    be able to write there: the nearest existing path on its way up is a folder we may create files
-    in. Checked first, so a read-only folder costs no run (nor a whole live session)."""
-    parent = os.path.abspath(folder)
+    be able to make it and write in it: checked first, by making it and a file in it and removing
+    both again, so a folder that cannot take the output costs no run (nor a whole live session)."""
+    folder = os.path.abspath(folder)
+    missing, parent = [], folder
     while not os.path.exists(parent):
+        missing.append(parent)                                  # deepest first
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         fail(f"{what} {path}: {parent} is a file, not a folder; pick another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"{what} {path}: cannot write in {parent}; pick a folder you can write to")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"{what} {path}: cannot write in {folder} ({e.strerror}); pick a folder you can write to")
+    finally:
+        for m in missing:                                       # the output's writer makes them again
+            with contextlib.suppress(OSError):
+                os.rmdir(m)
 
 
 def n_frames(seconds):
@@ -254,6 +264,7 @@ def load_student(args):
     model = load_causal(path, args.device)
     log(args, f"student {path}: {model.cfg}")
     ae = load_ae(args)
+    check_latents(ae, model, path, args.vae)
     if args.compile:
         t0 = time.perf_counter()
         L.compile_blocks(model)
@@ -266,6 +277,13 @@ def load_student(args):
 
 def load_ae(args):
     return load(args.vae, L.AEConfig, L.VideoAE, args.device, "train it with `python train.py vae`")
+
+
+def check_latents(ae, model, path, vae):
+    """A DiT must read the autoencoder's latents: refused in one line where their channels differ."""
+    if model.cfg.latent_channels != ae.cfg.latent_channels:
+        fail(f"{path} reads {model.cfg.latent_channels}-channel latents, the autoencoder {vae} makes "
+             f"{ae.cfg.latent_channels}: pass the --vae it was trained on")
 
 
 def student_wait(ae, cfg):
@@ -676,14 +694,19 @@ def benchmark(args):
     path = None if args.shape else student_path(args, required=False)
     if path:
         student = load_causal(path, "cpu")
+        check_latents(ae, student, path, args.vae)
         weights += f", student {path}"
     else:
-        student = L.DiT(L.preset_config(args.shape or "tiny", args.depth, args.patch, causal=True)).eval()
+        student = L.DiT(L.preset_config(args.shape or "tiny", args.depth, args.patch, causal=True,
+                                        latent_channels=ae.cfg.latent_channels)).eval()
         weights += (f", student random init (preset {args.shape or 'tiny'}, patch {student.cfg.patch}, "
                     f"depth {student.cfg.depth})")
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
         teacher = load(args.teacher, L.DiTConfig, L.DiT, "cpu", "train it with `python train.py teacher`")
+        if teacher.cfg.causal:
+            fail(f"--teacher {args.teacher} is a causal student, not the bidirectional teacher: pass the teacher's checkpoint")
+        check_latents(ae, teacher, args.teacher, args.vae)
         weights += f", teacher {args.teacher}"
     else:
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from types import SimpleNamespace
 
 import imageio_ffmpeg
@@ -387,6 +388,22 @@ def test_dit_stages_leave_out_clips_too_short_for_a_window_and_its_reference(mon
     assert train.random_ref(rng, 37, 0, 33) == 36 and train.random_ref(rng, 37, 4, 33) == 0   # one reference each
 
 
+def test_the_teachers_evaluation_windows_take_their_reference_outside_them():
+    """Evaluation and the analysis generate a clip in 33-frame windows, each given the reference
+    frame half a clip away. In a clip shorter than two windows (the analysis's 2.6 s, 65 frames)
+    that frame falls inside the window, a ground-truth frame training never shows; window_ref
+    then takes the nearest grid frame outside. Where half a clip away is outside (the 10 s test
+    clips) it is kept, so those evaluations are unchanged."""
+    for T in range(37, 260):
+        for s in train.segment_starts(T):
+            r = train.window_ref(s, T)
+            half = 4 * (((s + T // 2) % T) // 4)
+            assert r % 4 == 0 and 0 <= r < T and not s <= r < s + 33, (T, s, r)
+            assert r == half or s <= half < s + 33, (T, s, r, half)
+    assert [train.window_ref(s, 65) for s in train.segment_starts(65)] == [36, 28]
+    assert [train.window_ref(s, 250) for s in train.segment_starts(250)] == [124, 156, 188, 220, 0, 32, 64]
+
+
 # -----------------------------------------------------------------------------
 # media I/O
 
@@ -435,6 +452,29 @@ def cut_short(path, fmt="mp4"):
     data = whole.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     return whole
+
+
+def test_garbled_media_in_an_intact_container_is_refused(tmp_path):
+    """Bytes garbled inside a file whose container is whole pass the demuxer's checks, and ffmpeg's
+    decoders hide the damage and exit 0: the run would go on with broken frames or audio gaps.
+    read_video and read_audio decode the stream once with -xerror and refuse it in one line."""
+    video, audio = tmp_path / "v.mp4", tmp_path / "a.m4a"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25:duration=2", "-c:v", "libx264", "-g", "1",
+           "-pix_fmt", "yuv420p", "-movflags", "+faststart", video)          # every frame an I-frame
+    ffmpeg("-f", "lavfi", "-i", "sine=f=440:d=2", "-c:a", "aac", "-movflags", "+faststart", audio)
+    assert len(read_video(video)[0]) == 50 and len(read_audio(audio)) == 2 * SAMPLE_RATE
+    rng = np.random.default_rng(0)
+    for fn, path in ((read_video, video), (read_audio, audio)):
+        for at in (0.5, 0.7):                                     # inside the media data, past the index
+            data = bytearray(path.read_bytes())
+            pos = int(len(data) * at)
+            data[pos:pos + 32] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+            bad = tmp_path / f"garbled{at}{path.suffix}"
+            bad.write_bytes(bytes(data))
+            with pytest.raises(MediaError) as e:
+                fn(bad)
+            msg = str(e.value)
+            assert str(bad) in msg and "does not decode" in msg and "re-encode" in msg and "\n" not in msg, msg
 
 
 def test_mp4_round_trip(tmp_path):
@@ -876,7 +916,7 @@ def test_qk_norm_runs_in_fp32_under_bf16_autocast():
 
 
 def test_ode_schedule_landmarks():
-    """The teacher's shifted 50-step ODE: t_20 = 0.882, t_30 = 0.769, t_40 = 0.556 (METHOD.md); the
+    """The teacher's shifted 50-step ODE: t_20 = 0.882, t_30 = 0.769, t_40 = 0.556 (the paper's); the
     student's two steps sit at t = 0.999 and at the teacher's step 30."""
     assert round(L.ode_t(20), 3) == 0.882 and round(L.ode_t(30), 3) == 0.769 and round(L.ode_t(40), 3) == 0.556
     assert L.ode_t(0) == 1.0 and L.ode_t(50) == 0.0
@@ -1099,6 +1139,21 @@ def test_streaming_with_cache_equals_block_causal_forward(patch, audio_adaln):
     assert_close(torch.cat(parts, 1), full, 1e-5, "streamed vs block-causal")
     bidirectional = model(x, t, cond, audio)
     assert (bidirectional - full)[:, :-chunk].abs().max() > 1e-3    # the mask really changes the result
+
+
+def test_a_student_run_without_a_cache_attends_block_causally():
+    """cfg.causal is what makes a DiT a student: run without a cache or a mask (a whole window at
+    once, as analyze.py runs a checkpoint), it takes block_causal_mask itself, so a chunk never
+    sees the chunks after it; the teacher's config (causal=False) stays bidirectional."""
+    x, t, cond, audio = stream_inputs(9)
+    student = bitey_dit(causal=True)
+    own = student(x, t, cond, audio)
+    assert_close(own, student(x, t, cond, audio, mask=L.block_causal_mask(9, 4, 3)), 1e-12, "own mask vs explicit")
+    later = x.clone()
+    later[:, 3:] += 1.0                                            # change every chunk after the first
+    assert_close(student(later, t, cond, audio)[:, :3], own[:, :3], 1e-12, "first chunk, later chunks changed")
+    teacher = bitey_dit(causal=False)
+    assert (teacher(later, t, cond, audio) - teacher(x, t, cond, audio))[:, :3].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("window, sink", train.DF_CACHES)
@@ -1569,6 +1624,23 @@ def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
                         *ckpt, "--ckpt", tmp_path / "t.safetensors"], capsys)
     assert_one_line_error(code, err, "bidirectional")
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_models_that_do_not_fit_together_are_refused(tmp_path, capsys, ckpt):
+    """A student that reads other latents than the autoencoder makes, and a causal student passed
+    to the benchmark as --teacher, are errors in one line, not a traceback from inside the DiT nor
+    a benchmark of the wrong model."""
+    other = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, causal=True, latent_channels=8))
+    L.save_checkpoint(tmp_path / "s8.safetensors", other, other.cfg)
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 3)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt, "--ckpt", tmp_path / "s8.safetensors"], capsys)
+    assert_one_line_error(code, err, "s8.safetensors reads 8-channel latents", "makes 16", "--vae")
+    student = ckpt[ckpt.index("--ckpt") + 1]
+    code, _, err = run(["--benchmark", "--seconds", "1.4", *ckpt, "--teacher", student, "--results", tmp_path], capsys)
+    assert_one_line_error(code, err, "--teacher", "is a causal student")
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "benchmark.json").exists()
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
@@ -2282,6 +2354,7 @@ def test_dmd_scores_the_teacher_as_real_and_the_critic_as_fake_guided_as_asked(t
         assert frozen_t and not frozen_c and (scale_c == 1).all()
         assert len(scored) == 1 and torch.equal(scored[0][0], real.float()) and torch.equal(scored[0][1], fake.float())
         inside = (t >= lo) & (t <= hi)
+        assert inside.any() and not inside.all(), t     # the draw tells window apart from fixed and none
         expected = {"none": torch.ones_like(t), "fixed": torch.full_like(t, L.CFG_SCALE),
                     "window": torch.where(inside, L.CFG_SCALE, 1.0)}[mode]
         assert torch.equal(scale_t.to(t.dtype).expand_as(t), expected), (mode, t, scale_t)
@@ -3040,19 +3113,36 @@ def test_shortest_runs_work_and_a_long_stream_too_short_for_sync_c_says_so(tmp_p
     (["--long-stream", "1", "--syncnet", "{tmp}/missing.safetensors", "--results", "{locked}"], "--results"),
 ])
 def test_an_output_folder_we_cannot_write_in_fails_first(tmp_path, capsys, monkeypatch, argv, what):
-    """An output whose folder (or the nearest existing one above it) we may not write in fails
-    before any input is read or model loaded (the missing video and SyncNet are never reached):
-    one line, exit 2, naming the folder. Tests run as root, whom no folder refuses, so the folder is
-    made read-only and os.access reports it so."""
+    """An output whose folder we may not write in fails before any input is read or model loaded
+    (the missing video and SyncNet are never reached): one line, exit 2, naming the folder, and
+    nothing left in it, not even the folders made to try it. The folder is made read-only; as root,
+    whom no folder refuses, writing a file in it is made to fail as it does for a user."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     speech(tmp_path / "a.wav", 3)
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.path.abspath(p) != str(locked) and access(p, mode, **kw))
-    code, _, err = run([a.format(tmp=tmp_path, locked=locked) for a in argv], capsys)
-    assert_one_line_error(code, err, what, f"cannot write in {locked}", "pick a folder you can write to")
+    temp_file = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **kw):
+        if str(locked) in os.path.abspath(dir):
+            raise PermissionError(13, "Permission denied")
+        return temp_file(*a, dir=dir, **kw)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    argv = [a.format(tmp=tmp_path, locked=locked) for a in argv]
+    code, _, err = run(argv, capsys)
+    folder = os.path.dirname(argv[argv.index("--out") + 1]) if what == "--out" else str(locked)
+    assert_one_line_error(code, err, what, f"cannot write in {folder} (Permission denied)", "pick a folder you can write to")
     assert os.listdir(locked) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_fails_first(tmp_path, capsys):
+    """A folder no one can make (under /proc, for root too) fails as a read-only one does, before
+    the missing video is read: the check makes the folders, not just asks whether it may."""
+    speech(tmp_path / "a.wav", 3)
+    out = "/proc/lipforcing-test/new/o.mp4"
+    code, _, err = run(["--video", tmp_path / "missing.mp4", "--audio", tmp_path / "a.wav", "--out", out], capsys)
+    assert_one_line_error(code, err, "--out", "cannot write in /proc/lipforcing-test/new", "pick a folder you can write to")
 
 
 def test_hangup_leaves_no_output_and_no_temp_folder(tmp_path, ckpt):

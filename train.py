@@ -436,7 +436,7 @@ def optimizer_step(model, opt, loss, clip):
 @torch.no_grad()
 def ema_update(ema, model, step, decay):
     """ema <- lerp toward model. Warmed up: early on an average over the steps so far, so a short
-    run's EMA is not mostly the (zero-output) initial model; then it settles at `decay`."""
+    run's EMA is not mostly the initial model (zero-output for the teacher); then it settles at `decay`."""
     d = min(decay, (1 + step) / (10 + step))
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1 - d)
@@ -925,7 +925,7 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
     cache at t = 0 (the KV refresh, without gradient), so later chunks attend a clean past with
     dynamic RoPE and rolling.
 
-    METHOD.md's stage 1 is one block-causal pass with per-chunk noise levels, in which later chunks
+    The paper's stage 1 is one block-causal pass with per-chunk noise levels, in which later chunks
     attend the earlier chunks at their own noise levels. Here they attend the clean ground truth,
     as the streaming cache holds clean keys (the KV refresh), and the cache's rolling and sink are
     trained as they run."""
@@ -943,7 +943,7 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
     return torch.stack(losses, 1)                                   # (B, chunks)
 
 
-DF_STEPS = 500      # METHOD.md: 5000 at lr 1e-5; here 500 at 1e-4. 1000 synced 0.02-0.04 better after DMD (README)
+DF_STEPS = 500      # the paper: 5000 at lr 1e-5; here 500 at 1e-4. 1000 synced 0.02-0.04 better after DMD (README)
 
 
 def train_df(args):
@@ -990,7 +990,7 @@ def train_df(args):
 # -----------------------------------------------------------------------------
 # stage: dmd, Self-Forcing DMD with the Sync-Window CFG teacher and the SyncNet reward
 
-GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (METHOD's table)
+GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (the paper's table)
 DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
 DMD_EMA = 0.99              # the student's EMA decay (Self Forcing's); our runs are short
 DMD_STEPS, DMD_BATCH = 50, 8    # 2.5-3.9 s per step on 2 CPU cores; sync peaks by step 25-75 and falls after (README, "Why 50 steps")
@@ -1148,12 +1148,21 @@ def segment_starts(T):
     return list(range(0, T - (L.TEACHER_HOP + 1) + 1, L.TEACHER_HOP))
 
 
-def teacher_windows(enc, T, context):
-    """The teacher's inputs for a T-frame clip: its 33-frame windows (32-frame hop), each with the
-    reference frame half a clip away. Returns x0, cond, audio, each (S, F, ...)."""
+def window_ref(s, T, n_frames=L.TEACHER_HOP + 1):
+    """The reference frame of the n_frames window at frame s of a T-frame clip: half a clip away on
+    the latent grid; where that falls inside the window (a clip shorter than two windows), the grid
+    frame nearest to it outside, as training always draws it outside (random_ref); a clip that is
+    one window long has no frame outside it, and keeps the one inside."""
     tf = L.FRAMES_PER_LATENT
-    ref = lambda s: tf * (((s + T // 2) % T) // tf)                # half a clip away, on the latent grid
-    items = [L.latent_window(enc, s, L.TEACHER_LATENT, ref(s), context) for s in segment_starts(T)]
+    r = tf * (((s + T // 2) % T) // tf)
+    outside = [q for q in range(0, T, tf) if not s <= q < s + n_frames]
+    return r if r in outside else min(outside, key=lambda q: abs(q - r), default=r)
+
+
+def teacher_windows(enc, T, context):
+    """The teacher's inputs for a T-frame clip: its 33-frame windows (32-frame hop), each with its
+    reference frame outside it (window_ref). Returns x0, cond, audio, each (S, F, ...)."""
+    items = [L.latent_window(enc, s, L.TEACHER_LATENT, window_ref(s, T), context) for s in segment_starts(T)]
     return [torch.stack(x) for x in zip(*items)]
 
 
