@@ -1237,6 +1237,11 @@ def latent_window(enc, start, n_latent, ref, context):
 
 # -----------------------------------------------------------------------------
 # 8. SyncNet ("Out of time", Chung & Zisserman 2016), the sync metrics, and MouthNet
+#
+# The metric's algorithm is syncnet_python's (sync_scores); the network reads what the DiT reads,
+# the 40-band log-mel of section 2 (centred 25 ms windows, 4 per video frame), where the published
+# SyncNet reads 13 MFCCs of uncentred windows. Its Sync-C is on its own scale: compare it to the
+# ground truth's (x GT), not to published numbers.
 
 
 def lower_face(x, size=(32, 64)):
