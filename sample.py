@@ -179,6 +179,8 @@ def check_args(args):
         device = torch.device(args.device)
     except RuntimeError:
         fail(f"--device {args.device}: not a device; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: sample.py runs on cpu or cuda; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if (args.benchmark or args.long_stream) and (args.video is not None or args.audio is not None):

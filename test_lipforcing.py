@@ -1537,6 +1537,8 @@ def test_bad_media_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, ckpt
     (["--stream", "--out", "-", "--benchmark"], ("pick one",)),
     (["--patch", "1"], ("--patch", "--benchmark --shape")),
     (["--depth", "30"], ("--depth", "--benchmark --shape")),
+    (["--device", "bogus"], ("--device bogus", "not a device")),
+    (["--device", "meta"], ("--device meta", "cpu or cuda")),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     """Bad options fail before any work with one line and exit code 2 (argparse's usage block too)."""
