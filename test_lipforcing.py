@@ -3126,7 +3126,7 @@ def test_an_output_folder_we_cannot_write_in_fails_first(tmp_path, capsys, monke
     temp_file = tempfile.TemporaryFile
 
     def refuse(*a, dir=None, **kw):
-        if str(locked) in os.path.abspath(dir):
+        if dir is not None and str(locked) in os.path.abspath(dir):
             raise PermissionError(13, "Permission denied")
         return temp_file(*a, dir=dir, **kw)
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
