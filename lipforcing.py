@@ -249,17 +249,27 @@ def _cut_short(path, what):
 NO_PTS = -2 ** 63        # ffmpeg's AV_NOPTS_VALUE: a packet without a timestamp
 
 
+def _ffmpeg_on_stream(path, stream, *output, first=()):
+    """Run ffmpeg, errors only, on the first `stream` ("v" or "a") of `path` into `output` (its
+    output options and target), `first` before the input. Returns (the process, its stderr text)."""
+    p = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", *first, "-i", ffmpeg_path(path),
+                        "-map", f"0:{stream}:0", *output], capture_output=True)
+    return p, p.stderr.decode(errors="replace")
+
+
+def _without_source(line):
+    """An ffmpeg message without the "[demuxer @ 0x..]" / "[dec:aac @ 0x..]" tags in front of it."""
+    return re.sub(r"^(\[[^]]*\]\s*)+", "", line)
+
+
 def _check_whole(path, stream):
     """MediaError if ffmpeg's demuxer finds the first `stream` ("v" or "a") of `path` damaged or cut
     short. ffmpeg decodes the first part of a partial download and exits 0, which would pass a short
     clip on silently; copying the packets, without decoding, to framecrc's listing (one line per
     packet: stream, dts, pts, duration, size, crc) is where it says so. Returns that listing."""
-    p = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-i", ffmpeg_path(path), "-map", f"0:{stream}:0",
-                        "-c", "copy", "-f", "framecrc", "-"], capture_output=True)
-    err = p.stderr.decode(errors="replace")
+    p, err = _ffmpeg_on_stream(path, stream, "-c", "copy", "-f", "framecrc", "-")
     if err.strip() or p.returncode != 0:
-        what = re.sub(r"^\[[^]]*\]\s*", "", _last_line(err))           # drop ffmpeg's "[demuxer @ 0x..]"
-        raise _cut_short(path, what)
+        raise _cut_short(path, _without_source(_last_line(err)))
     return p.stdout.decode(errors="replace")
 
 
@@ -267,11 +277,10 @@ def _check_decodes(path, stream):
     """MediaError if decoding the first `stream` ("v" or "a") of `path` hits an error. Garbled bytes
     inside an intact container pass the demuxer (_check_whole), and the decoder hides the damage
     and exits 0: the run would go on with broken frames. -xerror stops ffmpeg at the first error."""
-    p = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", ffmpeg_path(path),
-                        "-map", f"0:{stream}:0", "-f", "null", "-"], capture_output=True)
+    p, err = _ffmpeg_on_stream(path, stream, "-f", "null", "-", first=["-xerror"])
     if p.returncode != 0:
-        err = p.stderr.decode(errors="replace").strip().splitlines()
-        what = re.sub(r"^(\[[^]]*\]\s*)+", "", err[0]) if err else f"ffmpeg exit {p.returncode}"
+        lines = err.strip().splitlines()
+        what = _without_source(lines[0]) if lines else f"ffmpeg exit {p.returncode}"
         raise _cut_short(path, f"it does not decode: {what}")
 
 

@@ -242,11 +242,21 @@ def student_path(args, required=True):
     return found[0] if found else None
 
 
-def load_causal(path, device):
-    """A student checkpoint, refused in one line if it holds a bidirectional teacher."""
-    model = load(path, L.DiTConfig, L.DiT, device, "train a student with `python train.py df`")
-    if not model.cfg.causal:
-        fail(f"{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors")
+DIT_KINDS = {   # causal: (how to make one, what a checkpoint of the other kind is told)
+    True: ("train a student with `python train.py df`",
+           "{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors"),
+    False: ("train it with `python train.py teacher`",
+            "--teacher {path} is a causal student, not the bidirectional teacher: pass the teacher's checkpoint"),
+}
+
+
+def load_dit(path, device, causal=True):
+    """A student checkpoint (causal) or a teacher's (causal=False), refused in one line if it holds
+    the other kind."""
+    how, other_kind = DIT_KINDS[causal]
+    model = load(path, L.DiTConfig, L.DiT, device, how)
+    if model.cfg.causal != causal:
+        fail(other_kind.format(path=path))
     return model
 
 
@@ -263,7 +273,7 @@ def load_student(args):
     run once through a throwaway stream of blank input that passes every cache state, so compiling
     is over before the first real frame (a live stream's TTFF, the FPS printed), not inside it."""
     path = student_path(args)
-    model = load_causal(path, args.device)
+    model = load_dit(path, args.device)
     log(args, f"student {path}: {model.cfg}")
     ae = load_ae(args)
     check_latents(ae, model, path, args.vae)
@@ -695,7 +705,7 @@ def benchmark(args):
         ae, weights = L.VideoAE(L.AEConfig()).to(dev).eval(), "autoencoder random init"
     path = None if args.shape else student_path(args, required=False)
     if path:
-        student = load_causal(path, "cpu")
+        student = load_dit(path, "cpu")
         check_latents(ae, student, path, args.vae)
         weights += f", student {path}"
     else:
@@ -705,9 +715,7 @@ def benchmark(args):
                     f"depth {student.cfg.depth})")
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
-        teacher = load(args.teacher, L.DiTConfig, L.DiT, "cpu", "train it with `python train.py teacher`")
-        if teacher.cfg.causal:
-            fail(f"--teacher {args.teacher} is a causal student, not the bidirectional teacher: pass the teacher's checkpoint")
+        teacher = load_dit(args.teacher, "cpu", causal=False)
         check_latents(ae, teacher, args.teacher, args.vae)
         weights += f", teacher {args.teacher}"
     else:
