@@ -1744,13 +1744,26 @@ def synth_motion(rng, n_frames):
 class Clip:
     """One talking-face clip: frames (T, H, W, 3) uint8 at 25 fps, audio (T * 640,) float32 at
     16 kHz, and for SynthTalk the ground-truth mouth (T, 3). Test clips also carry a second,
-    different driving audio with its own true mouth trajectory (for cross-dubbing)."""
+    different driving audio with its own true mouth trajectory (for cross-dubbing), and, where
+    asked for (synthtalk_render), the dub's true video: the same face moving the same way with the
+    dub's mouth."""
     frames: np.ndarray
     audio: np.ndarray
     mouth: np.ndarray = None
     dub_audio: np.ndarray = None
     dub_mouth: np.ndarray = None
     name: str = ""
+    dub_frames: np.ndarray = None
+
+
+def synthtalk_render(split, index, mouth, size=64):
+    """The frames (T, size, size, 3) of clip `index` of a split with the mouth trajectory (T, 3)
+    given: its speaker, head motion and blinks, drawn from the clip's own seeds. With the clip's
+    own mouth they are its frames; with a test clip's dub_mouth, the true video of its dub, which
+    a real corpus never has: the dubbed face is scored against it as a reconstruction is."""
+    sid = SPLITS[split]
+    pose, blink = synth_motion(seeded_rng(sid, index, 2), len(mouth))
+    return render_face(synth_identity(seeded_rng(sid, index, 0)), mouth, pose, blink, size)
 
 
 def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=64):
@@ -1760,9 +1773,7 @@ def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=64):
     ident = synth_identity(seeded_rng(sid, index, 0))
     n = int(round(seconds * FPS))
     audio, mouth = synth_speech(seeded_rng(sid, index, 1), ident, n)
-    pose, blink = synth_motion(seeded_rng(sid, index, 2), n)
-    frames = render_face(ident, mouth, pose, blink, size)
-    clip = Clip(frames, audio, mouth, name=f"synthtalk-{split}-{index:05d}")
+    clip = Clip(synthtalk_render(split, index, mouth, size), audio, mouth, name=f"synthtalk-{split}-{index:05d}")
     if split == "test":
         other = synth_identity(seeded_rng(sid, (index + 1) % TEST_CLIPS, 0))
         clip.dub_audio, clip.dub_mouth = synth_speech(seeded_rng(sid, index, 3), other, n)

@@ -94,6 +94,49 @@ def test_test_split_has_a_different_dub_track():
     assert np.abs(c.dub_mouth - c.mouth).mean() > 0.05
 
 
+def test_the_dub_truth_is_the_same_face_moving_the_same_way_with_the_dub_mouth():
+    """synthtalk_render with a clip's own mouth gives its frames; with the dub's mouth, frames that
+    match them above the face's centre (the mask's half; head motion moves that line by a row or
+    two) and differ below, where the mouth and jaw are."""
+    c = L.synthtalk_clip("test", 3, 1.0, 32)
+    assert np.array_equal(L.synthtalk_render("test", 3, c.mouth, 32), c.frames)
+    dub = L.synthtalk_render("test", 3, c.dub_mouth, 32)
+    assert dub.shape == c.frames.shape
+    assert np.array_equal(dub[:, :14], c.frames[:, :14])
+    assert np.abs(dub[:, 16:].astype(int) - c.frames[:, 16:]).mean() > 0.2
+
+
+def test_eval_rows_score_a_dub_against_the_dubs_true_video(monkeypatch, capsys):
+    """The evaluations' dub rows are scored against the dub's true video (test_pool's dub_truth):
+    a student whose dub is that video scores the PSNR cap and mouth SSIM 1 there, and the "ground
+    truth, dub" row is added. The table shows no fidelity for dub rows of results written before."""
+    args = train.get_args(["eval-student", "--test-clips", "2", "--size", "32"])
+    monkeypatch.setattr(L, "synthtalk_pool", lambda split, n, seconds, size, workers=None:
+                        [L.synthtalk_clip(split, i, 1.0, size) for i in range(n)])
+    clips = train.test_pool(args, dub_truth=True)
+    assert all(c.dub_frames is not None for c in clips) and train.test_pool(args)[0].dub_frames is None
+    perfect = lambda model, ae, frames, audio, seed: next(c.frames if audio is c.audio else c.dub_frames
+                                                          for c in clips if audio is c.audio or audio is c.dub_audio)
+    monkeypatch.setattr(L, "lipsync", perfect)
+    nets = L.SyncNet(L.SyncNetConfig(width=4)).eval(), L.MouthNet(L.MouthNetConfig())
+    rows = {}
+    for c in clips:
+        train.reference_rows(rows, L.VideoAE(L.AEConfig(width=8)), c, len(c.frames), *nets, "cpu")
+    train.student_rows(rows, "s", None, None, clips, *nets)
+    res = train.mean_rows(rows, len(clips))
+    cap = res["ground truth"]["psnr"]
+    for row in ("ground truth, dub", "s, dub", "s, recon"):
+        assert res[row]["psnr"] == res[row]["mouth_psnr"] == cap and res[row]["mouth_ssim"] == 1.0, row
+    assert res["s, dub"]["sync_c"] == res["ground truth, dub"]["sync_c"]
+    train.print_table(res, "now", 2)
+    old = {k: v for k, v in res.items() if k != "ground truth, dub"}
+    train.print_table(old, "before", 2)
+    now, before = capsys.readouterr().out.split("before")
+    assert "| s, dub |" in now and "- | - | -" not in now
+    assert [line for line in before.splitlines() if "- | - | -" in line] == [
+        line for line in before.splitlines() if line.startswith("| s, dub |")]
+
+
 def test_pool_grows_from_a_cached_prefix_in_worker_processes(tmp_path):
     """A pool is clips 0..n-1 whichever way it is made: generated in 2 worker processes, extended
     from a smaller cached pool, or cut from a larger one, each clip equals synthtalk_clip's."""

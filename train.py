@@ -168,8 +168,12 @@ def train_pool(args, n_default, seconds_default):
                             workers=pool_workers(args))
 
 
-def test_pool(args):
-    return L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size, workers=pool_workers(args))
+def test_pool(args, dub_truth=False):
+    """The SynthTalk test split; with dub_truth, each clip also holds its dub's true video (dub_frames)."""
+    clips = L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size, workers=pool_workers(args))
+    for i, c in enumerate(clips if dub_truth else []):
+        c.dub_frames = L.synthtalk_render("test", i, c.dub_mouth, args.size)
+    return clips
 
 
 def pool_workers(args):
@@ -1183,33 +1187,47 @@ def teacher_generate(model, ae, enc, T, cfg_scale, seed, device, cfg_schedule=No
     return stitch(L.tensor_to_frames(ae.decode(z.float())[0]))                         # from (S, 33, H, W, 3)
 
 
+FIDELITY = ("psnr", "mouth_psnr", "mouth_ssim")   # the metrics clip_metrics takes against a true video
+
+
+def tasks(c):
+    """(task, driving audio, its true mouth, the true video) of each task clip c offers: "recon"
+    (its own audio, its own frames) and, for a test clip, "dub" (the second speaker's audio; the
+    true video is dub_frames, or None without it)."""
+    return [("recon", c.audio, c.mouth, c.frames)] + ([("dub", c.dub_audio, c.dub_mouth, c.dub_frames)]
+                                                      if c.dub_audio is not None else [])
+
+
 def clip_metrics(frames, audio, mouth, gt, sync_net, mouth_net):
-    """Sync-C / Sync-D, MouthErr against the driving audio's mouth, and fidelity to ground truth."""
+    """Sync-C / Sync-D, MouthErr against the driving audio's mouth, and fidelity to the true video
+    gt (None: no true video, no fidelity)."""
     T = len(frames)
     s = L.evaluate_sync(sync_net, [frames], [audio[:T * L.SAMPLES_PER_FRAME]])
-    return {"sync_c": s["sync_c"], "sync_d": s["sync_d"], "mouth_err": L.mouth_error(mouth_net, frames, mouth[:T]),
-            "psnr": L.psnr(frames, gt[:T]), "mouth_psnr": L.psnr(L.mouth_crop(frames), L.mouth_crop(gt[:T])),
-            "mouth_ssim": L.ssim(L.mouth_crop(frames), L.mouth_crop(gt[:T]))}
+    m = {"sync_c": s["sync_c"], "sync_d": s["sync_d"], "mouth_err": L.mouth_error(mouth_net, frames, mouth[:T])}
+    if gt is not None:
+        m.update(psnr=L.psnr(frames, gt[:T]), mouth_psnr=L.psnr(L.mouth_crop(frames), L.mouth_crop(gt[:T])),
+                 mouth_ssim=L.ssim(L.mouth_crop(frames), L.mouth_crop(gt[:T])))
+    return m
 
 
 def eval_teacher(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     model = L.load_checkpoint(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), L.DiTConfig, L.DiT,
                               args.device)[0]
-    test = test_pool(args)
+    test = test_pool(args, dub_truth=True)
     rows = {}
     for ci, c in enumerate(tqdm(test, desc="teacher on the test split")):
         T = 1 + segment_starts(len(c.frames))[-1] + L.TEACHER_HOP
         gt = c.frames[:T]
         add = reference_rows(rows, ae, c, T, sync_eval, mouth_net, args.device)
         enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context)
-        for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
+        for task, audio, mouth, truth in tasks(c):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
             enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context))
             for name, scale in ((f"CFG {L.CFG_SCALE:g}", L.CFG_SCALE), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
-                add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, gt, sync_eval, mouth_net))
+                add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, truth, sync_eval, mouth_net))
     res = mean_rows(rows, len(test))
     print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet", len(test))
     L.save_json(os.path.join(args.results, "teacher.json"), res)
@@ -1324,10 +1342,14 @@ def eval_audio_probe(args):
 
 
 def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
-    """Add the ground-truth and autoencoder rows for the first T frames of clip c; returns add(name, metrics)."""
+    """Add the ground-truth and autoencoder rows for the first T frames of clip c, and the dub's
+    ground truth where c holds it; returns add(name, metrics)."""
     add = lambda name, m: rows.setdefault(name, []).append(m)
     gt = c.frames[:T]
     add("ground truth", clip_metrics(gt, c.audio, c.mouth, gt, sync_net, mouth_net))
+    if c.dub_frames is not None:
+        add("ground truth, dub", clip_metrics(c.dub_frames[:T], c.dub_audio, c.dub_mouth, c.dub_frames,
+                                              sync_net, mouth_net))
     add("autoencoder reconstruction", clip_metrics(reconstruct(ae, L.Clip(gt, c.audio), device),
                                                    c.audio, c.mouth, gt, sync_net, mouth_net))
     return add
@@ -1348,11 +1370,9 @@ def student_rows(rows, name, model, ae, clips, sync_net, mouth_net):
     """Stream the student over each whole clip, with its own audio (recon) and, where the clip has
     one, the second speaker's (dub), and add the metrics to rows["<name>, recon" / ", dub"]."""
     for ci, c in enumerate(tqdm(clips, desc=name)):
-        for task, audio, mouth in (("recon", c.audio, c.mouth), ("dub", c.dub_audio, c.dub_mouth)):
-            if audio is None:
-                continue
+        for task, audio, mouth, truth in tasks(c):
             out = L.lipsync(model, ae, c.frames, audio, seed=ci)
-            rows.setdefault(f"{name}, {task}", []).append(clip_metrics(out, audio, mouth, c.frames, sync_net, mouth_net))
+            rows.setdefault(f"{name}, {task}", []).append(clip_metrics(out, audio, mouth, truth, sync_net, mouth_net))
 
 
 def eval_student(args):
@@ -1360,7 +1380,7 @@ def eval_student(args):
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
     model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
     val = args.split == "val"
-    clips = val_clips(args, seconds=L.TEST_SECONDS) if val else test_pool(args)
+    clips = val_clips(args, seconds=L.TEST_SECONDS) if val else test_pool(args, dub_truth=True)
     rows = {}
     for c in clips:
         reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
@@ -1374,7 +1394,9 @@ def eval_student(args):
 
 
 def print_table(res, title, n_clips):
-    """The results table over n_clips clips; an "fps" entry in a row adds the FPS column."""
+    """The results table over n_clips clips; an "fps" entry in a row adds the FPS column. Sync-C / GT
+    is against the ground truth with its own audio in every row; fidelity is to the row's true video,
+    "-" where it has none (dub rows of results written before they were given the dub's)."""
     gt_c = res["ground truth"]["sync_c"]
     fps = any("fps" in m for m in res.values() if isinstance(m, dict))
     print(f"\n{title}, {n_clips} clips\n")
@@ -1382,7 +1404,8 @@ def print_table(res, title, n_clips):
     print("|---|---|---|---|---|---|---|---|" + "---|" * fps)
     for name, m in res.items():
         if isinstance(m, dict):
-            fid = (f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if "dub" not in name else "- | - | -")
+            scored = "psnr" in m and ("dub" not in name or "ground truth, dub" in res)   # see the docstring
+            fid = f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if scored else "- | - | -"
             speed = (f" {m['fps']:.1f} |" if m.get("fps") else " - |") * fps
             print(f"| {name} | {m['sync_c']:.2f} | {m['sync_c'] / gt_c:.2f} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | "
                   f"{fid} |{speed}")
@@ -1416,7 +1439,7 @@ def eval_ablation(args):
     test split (2 steps per chunk). FPS: end to end on this machine, from results/benchmark.json
     (sample.py --benchmark); every student has the same architecture and so the same speed."""
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
-    test = test_pool(args)
+    test = test_pool(args, dub_truth=True)
     refs, students, found = {}, {}, []
     for c in test:
         reference_rows(refs, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
@@ -1429,6 +1452,9 @@ def eval_ablation(args):
         student_rows(students, name, model, ae, test, sync_eval, mouth_net)
         found.append({"row": name, "checkpoint": path, **extra})
     teacher, bench = read_results(args, "teacher.json"), read_results(args, "benchmark.json")
+    if "ground truth, dub" not in teacher:   # written before the dub rows were scored against the dub's true video
+        teacher = {k: {m: v for m, v in row.items() if "dub" not in k or m not in FIDELITY} if isinstance(row, dict) else row
+                   for k, row in teacher.items()}
     fps = lambda who: bench.get(who, {}).get("fps")
     guided = f"CFG {L.CFG_SCALE:g}"                                  # the benchmark samples the teacher with CFG
     res = {**mean_rows(refs, len(test)),
