@@ -385,7 +385,8 @@ def not_measured(net, n):
 
 
 def demo(args):
-    """A held-out SynthTalk test speaker dubbed with another test speaker's voice, side by side."""
+    """A held-out SynthTalk test speaker dubbed with another test speaker's voice, side by side with
+    the source and with the dub's true video (SynthTalk draws the face with the dub track's mouth)."""
     student, ae, path = load_student(args)
     net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
@@ -397,10 +398,12 @@ def demo(args):
             out.append(frames)
     dt, out = time.perf_counter() - t0, np.concatenate(out)
     dest = args.out or "out/demo.mp4"
-    L.write_video(dest, np.concatenate([clip.frames, out], axis=2), clip.dub_audio)
-    print(f"wrote {dest}: source | dubbed, {len(out)} frames, the dub audio")
+    truth = L.synthtalk_render("test", 0, clip.dub_mouth, args.size)
+    L.write_video(dest, np.concatenate([clip.frames, out, truth], axis=2), clip.dub_audio)
+    print(f"wrote {dest}: source | dubbed | the dub's true video, {len(out)} frames, the dub audio")
     print(f"student {path}, {args.steps} steps, {args.device}: {len(out) / dt:.1f} FPS, "
           f"compute TTFF {1000 * ttff:.0f} ms, live TTFF {1000 * (ttff + student_wait(ae, student.cfg)):.0f} ms")
+    print(f"mouth PSNR against the dub's true video: {L.psnr(L.mouth_crop(out), L.mouth_crop(truth)):.2f} dB")
     dubbed = sync_c(net, out, clip.dub_audio)
     if dubbed is None:
         print(not_measured(net, len(out)))

@@ -1859,14 +1859,17 @@ def test_student_input_wait_is_what_the_stream_needs(ckpt):
 
 
 def test_demo_writes_side_by_side_and_reports(tmp_path, capsys, ckpt):
-    """The demo writes source | dubbed (twice the width) with the dub audio and prints FPS, TTFF
-    and both Sync-C numbers."""
+    """The demo writes source | dubbed | the dub's true video (three times the width) with the dub
+    audio and prints FPS, TTFF, the mouth PSNR against the true video and both Sync-C numbers."""
     syncnet = os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors")
     code, out, err = run([*ckpt, "--seconds", "1", "--syncnet", syncnet,
                           "--out", tmp_path / "demo.mp4"], capsys)
     assert code == 0, err
-    assert L.read_video(tmp_path / "demo.mp4")[0].shape == (25, 32, 64, 3)
-    assert "FPS" in out and "TTFF" in out and out.count("Sync-C") == 1 and "source vs its own audio" in out
+    video = L.read_video(tmp_path / "demo.mp4")[0]
+    assert video.shape == (25, 32, 96, 3)
+    truth = L.synthtalk_render("test", 0, L.synthtalk_clip("test", 0, 1.0, 32).dub_mouth, 32)
+    assert np.abs(video[:, :, 64:].astype(int) - truth).mean() < 8      # the third panel, through H.264
+    assert "FPS" in out and "TTFF" in out and "mouth PSNR against the dub's true video" in out and out.count("Sync-C") == 1 and "source vs its own audio" in out
 
 
 def test_benchmark_smoke(tmp_path, capsys, ckpt):
