@@ -1744,9 +1744,9 @@ def synth_motion(rng, n_frames):
 class Clip:
     """One talking-face clip: frames (T, H, W, 3) uint8 at 25 fps, audio (T * 640,) float32 at
     16 kHz, and for SynthTalk the ground-truth mouth (T, 3). Test clips also carry a second,
-    different driving audio with its own true mouth trajectory (for cross-dubbing), and, where
-    asked for (synthtalk_render), the dub's true video: the same face moving the same way with the
-    dub's mouth."""
+    different driving audio with its own true mouth trajectory (for cross-dubbing), and, where an
+    evaluation asks for it, dub_frames: the dub's true video, the same face moving the same way
+    with the dub's mouth (synthtalk_render; it is not cached with the pool)."""
     frames: np.ndarray
     audio: np.ndarray
     mouth: np.ndarray = None
