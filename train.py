@@ -1190,6 +1190,16 @@ def teacher_generate(model, ae, enc, T, cfg_scale, seed, device, cfg_schedule=No
 FIDELITY = ("psnr", "mouth_psnr", "mouth_ssim")   # the metrics clip_metrics takes against a true video
 
 
+def scored_fidelity(res):
+    """Results rows as they can be trusted: where res has no "ground truth, dub" row it was written
+    before the dub rows were scored against the dub's true video (they were compared with the
+    source frames then), and their fidelity metrics are dropped."""
+    if "ground truth, dub" in res:
+        return res
+    return {k: {m: v for m, v in row.items() if "dub" not in k or m not in FIDELITY} if isinstance(row, dict) else row
+            for k, row in res.items()}
+
+
 def tasks(c):
     """(task, driving audio, its true mouth, the true video) of each task clip c offers: "recon"
     (its own audio, its own frames) and, for a test clip, "dub" (the second speaker's audio; the
@@ -1396,7 +1406,8 @@ def eval_student(args):
 def print_table(res, title, n_clips):
     """The results table over n_clips clips; an "fps" entry in a row adds the FPS column. Sync-C / GT
     is against the ground truth with its own audio in every row; fidelity is to the row's true video,
-    "-" where it has none (dub rows of results written before they were given the dub's)."""
+    "-" where it has none (scored_fidelity: dub rows of results written before they were given the dub's)."""
+    res = scored_fidelity(res)
     gt_c = res["ground truth"]["sync_c"]
     fps = any("fps" in m for m in res.values() if isinstance(m, dict))
     print(f"\n{title}, {n_clips} clips\n")
@@ -1404,8 +1415,7 @@ def print_table(res, title, n_clips):
     print("|---|---|---|---|---|---|---|---|" + "---|" * fps)
     for name, m in res.items():
         if isinstance(m, dict):
-            scored = "psnr" in m and ("dub" not in name or "ground truth, dub" in res)   # see the docstring
-            fid = f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if scored else "- | - | -"
+            fid = f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if "psnr" in m else "- | - | -"
             speed = (f" {m['fps']:.1f} |" if m.get("fps") else " - |") * fps
             print(f"| {name} | {m['sync_c']:.2f} | {m['sync_c'] / gt_c:.2f} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | "
                   f"{fid} |{speed}")
@@ -1451,10 +1461,7 @@ def eval_ablation(args):
         model, _, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
         student_rows(students, name, model, ae, test, sync_eval, mouth_net)
         found.append({"row": name, "checkpoint": path, **extra})
-    teacher, bench = read_results(args, "teacher.json"), read_results(args, "benchmark.json")
-    if "ground truth, dub" not in teacher:   # written before the dub rows were scored against the dub's true video
-        teacher = {k: {m: v for m, v in row.items() if "dub" not in k or m not in FIDELITY} if isinstance(row, dict) else row
-                   for k, row in teacher.items()}
+    teacher, bench = scored_fidelity(read_results(args, "teacher.json")), read_results(args, "benchmark.json")
     fps = lambda who: bench.get(who, {}).get("fps")
     guided = f"CFG {L.CFG_SCALE:g}"                                  # the benchmark samples the teacher with CFG
     res = {**mean_rows(refs, len(test)),
