@@ -73,8 +73,9 @@ def test_identities_distinct_and_splits_disjoint():
 
 
 def test_mouth_follows_the_audio_only():
-    """The same speech drawn for two different speakers' faces and head motions gives the same
-    mouth trajectory; during silence the lips rest closed, and the mouth moves when speech does."""
+    """synth_speech makes the audio and the mouth from one articulatory trajectory, seeded by its
+    rng and voice alone (no face or head motion enters it): the same seed gives the same pair;
+    during silence the lips rest closed, and the mouth moves when speech does."""
     voice = L.synth_identity(L.seeded_rng(1, 0, 0))
     a1, m1 = L.synth_speech(L.seeded_rng(9, 9, 9), voice, 100)
     a2, m2 = L.synth_speech(L.seeded_rng(9, 9, 9), voice, 100)
@@ -180,12 +181,32 @@ def test_log_mel_is_frame_aligned_and_causal_in_prefix():
     assert_close(longer[:9 * L.MELS_PER_FRAME], full[:9 * L.MELS_PER_FRAME], 1e-4)
 
 
+def htk_edges(n_mels=L.N_MELS, fmin=40.0, fmax=7600.0):
+    """The n_mels + 2 band edges in Hz, evenly spaced on the HTK mel scale m = 2595 log10(1 + f / 700)."""
+    m_lo, m_hi = (2595 * math.log10(1 + f / 700) for f in (fmin, fmax))
+    return [700 * (10 ** ((m_lo + i * (m_hi - m_lo) / (n_mels + 1)) / 2595) - 1) for i in range(n_mels + 2)]
+
+
+def test_mel_filterbank_is_htk_triangles():
+    """Filter k, written bin by bin: 0 up to edge k, rising linearly to 1 at edge k + 1, falling to
+    0 at edge k + 2 (htk_edges, 40 Hz to 7.6 kHz), over the 257 bins of a 512-point FFT at 16 kHz."""
+    f = htk_edges()
+    ref = np.zeros((L.MEL_FFT // 2 + 1, L.N_MELS))
+    for k in range(L.N_MELS):
+        for b in range(L.MEL_FFT // 2 + 1):
+            hz = b * SAMPLE_RATE / L.MEL_FFT
+            if f[k] <= hz <= f[k + 1]:
+                ref[b, k] = (hz - f[k]) / (f[k + 1] - f[k])
+            elif f[k + 1] < hz <= f[k + 2]:
+                ref[b, k] = (f[k + 2] - hz) / (f[k + 2] - f[k + 1])
+    assert_close(L.mel_filterbank().double(), torch.from_numpy(ref), 1e-5)
+
+
 def test_log_mel_places_a_tone_in_the_right_band():
-    """A 1 kHz tone peaks in the mel band whose centre is nearest 1 kHz."""
+    """A 1 kHz tone peaks in the mel band whose centre (its triangle's apex) is nearest 1 kHz."""
     t = torch.arange(4 * SAMPLES_PER_FRAME) / SAMPLE_RATE
     mel = L.log_mel(torch.sin(2 * torch.pi * 1000 * t))
-    centres = (L.mel_filterbank().numpy() * np.linspace(0, SAMPLE_RATE / 2, L.MEL_FFT // 2 + 1)[:, None]).sum(0) \
-        / L.mel_filterbank().numpy().sum(0)
+    centres = np.array(htk_edges()[1:-1])
     assert int(mel[4:-4].mean(0).argmax()) == int(np.abs(centres - 1000).argmin())
 
 
@@ -1003,8 +1024,8 @@ def test_cfg_scale_one_is_the_conditional_prediction():
 
 
 def test_cfg_schedule_sets_the_scale_of_each_ode_step():
-    """sample_ode with cfg_schedule(j) -> scale: all 1 equals no CFG; a windowed schedule equals
-    the Euler loop written out with that scale per step."""
+    """sample_ode with cfg_schedule(j) -> scale: the schedule overrides cfg (all 1 with cfg 4.5 is
+    no CFG); a windowed schedule equals the Euler loop written out with that scale per step."""
     torch.manual_seed(0)
     model = tiny_dit()
     for p in model.parameters():
@@ -1012,7 +1033,7 @@ def test_cfg_schedule_sets_the_scale_of_each_ode_step():
     _, _, cond, audio = dit_inputs()
     noise = torch.randn(2, 3, 16, 4, 4)
     steps = 6
-    assert torch.equal(L.sample_ode(model, cond, audio, noise, steps, cfg_schedule=lambda j: 1.0),
+    assert torch.equal(L.sample_ode(model, cond, audio, noise, steps, cfg=4.5, cfg_schedule=lambda j: 1.0),
                        L.sample_ode(model, cond, audio, noise, steps, cfg=1.0))
     window = lambda j: 4.5 if 2 <= j <= 4 else 1.0
     x = noise
@@ -1945,7 +1966,8 @@ def tiny_batch(model, B=2, Fr=3, hw=4, seed=0):
 def test_analysed_predictions_are_the_samplers():
     """For either drop mode: the trajectory's last x0 prediction is L.sample_ode's final sample (same
     noise, scale, mode); the factorial landing at j1 = 1 with s0 = s1 = s is the s-run's x0
-    prediction at step 1 (one Euler step is the ODE's first step); the two-step operating point is
+    prediction at step 1 (one Euler step is the ODE's first step); the mixed cells (s0 != s1) equal
+    an Euler jump and landing with CFG written out by hand; the two-step operating point is
     x0 at t = 0.999, re-noised with the fresh noise to ode_t(30), x0 again."""
     steps = 6
     for mode in ("audio", "all"):
@@ -1958,6 +1980,17 @@ def test_analysed_predictions_are_the_samplers():
             landed = {(s0, s1): x0 for s0, s1, j1, x0 in A.factorial(model, b, [1], steps)}
             assert_close(landed[s, s], preds[1], 1e-5, f"{mode} CFG {s}: factorial j1 = 1 vs step 1")
         assert (landed[A.CFG, A.CFG] - landed[A.NO_CFG, A.NO_CFG]).abs().max() > 1e-4   # CFG changes something
+        # the mixed cells, where the jump's scale s0 and the landing's s1 differ, against CFG by hand
+        mixed = {(s0, s1): x0 for s0, s1, j1, x0 in A.factorial(model, b, [2], steps) if s0 != s1}
+        with torch.no_grad():
+            tt = lambda t: torch.full(b.noise.shape[:2], t)
+            negative = L.drop_conditions(b.cond, b.audio, torch.ones(len(b.noise), dtype=torch.bool), mode)
+            v = lambda x, t, s: (lambda c, u: u + s * (c - u))(model(x, tt(t), b.cond, b.audio), model(x, tt(t), *negative))
+            t0, t2 = L.ode_t(0, steps), L.ode_t(2, steps)
+            for s0, s1 in mixed:
+                x = b.noise + (t2 - t0) * v(b.noise, t0, s0)
+                assert_close(mixed[s0, s1], x - t2 * v(x, t2, s1), 1e-5, f"{mode}: factorial ({s0}, {s1}) by hand")
+        assert (mixed[A.NO_CFG, A.CFG] - mixed[A.CFG, A.NO_CFG]).abs().max() > 1e-4
         with torch.no_grad():
             t0, t1 = 0.999, L.ode_t(30)
             tt = lambda t: torch.full(b.noise.shape[:2], t)
@@ -2316,7 +2349,8 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     out, cfg, extra = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
     assert cfg.causal and (cfg.sink, cfg.window) == (1, 7) and extra["teacher_cfg"] == "window"
     assert extra["mouth_weight"] == train.MOUTH_WEIGHT and extra["beta"] == 2.0        # the recipe is recorded
-    assert any((p - q).abs().max() > 0 for p, q in zip(out.parameters(), student.parameters()))
+    rounded = lambda q: q.to(train.STUDENT_DTYPE).float()          # the student is stored in STUDENT_DTYPE
+    assert any((p - rounded(q)).abs().max() > 0 for p, q in zip(out.parameters(), student.parameters()))
 
 
 def test_eval_student_val_split_streams_unseen_test_length_clips_without_a_dub_row(tmp_path, monkeypatch):
@@ -2362,7 +2396,17 @@ def test_df_refreshes_the_cache_with_each_clean_chunk_at_t_0():
         assert torch.equal(x, L.add_noise(x0[:, sl], eps[:, sl], t))
     clean, t0, _ = passes[1]
     assert torch.equal(clean, x0[:, :3]) and (t0 == 0).all()
-    assert losses.shape == (2, 2) and (losses > 0).all()
+    # the losses against an independent reference: one block-causal pass over (clean chunk 0 at
+    # t = 0, noisy chunk 1 at its level) gives chunk 1 the velocity it gets through the cache
+    t1 = steps[levels[:, 1]][:, None].expand(-1, 3)
+    seq = torch.cat([x0[:, :3], L.add_noise(x0[:, 3:], eps[:, 3:], t1)], 1)
+    with torch.no_grad():
+        v0 = forward(passes[0][0], passes[0][1], cond[:, :3], audio[:, :3])
+        v1 = forward(seq, torch.cat([torch.zeros(2, 3), t1], 1), cond, audio, mask=L.block_causal_mask(6, 4, 3))[:, 3:]
+    assert_close(losses[:, 0], L.flow_matching_loss(v0, x0[:, :3], eps[:, :3]), 1e-5, "chunk 0")
+    assert_close(losses[:, 1], L.flow_matching_loss(v1, x0[:, 3:], eps[:, 3:]), 1e-5, "chunk 1 vs block-causal")
+    alone = forward(seq[:, 3:], t1, cond[:, 3:], audio[:, 3:])            # chunk 1 with no past
+    assert (L.flow_matching_loss(alone, x0[:, 3:], eps[:, 3:]) - losses[:, 1]).abs().max() > 1e-3
 
 
 def dmd_run_options(tmp_path, monkeypatch):
@@ -2422,7 +2466,7 @@ def test_dmd_distils_a_deeper_teacher_into_a_smaller_student(tmp_path, monkeypat
     assert depths == [2, 2] and all(np.isfinite(v) for v in log["dmd"] + log["critic"])   # teacher, then critic
     out, cfg, _ = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
     assert cfg.depth == 1 and cfg.causal and len(out.blocks) == 1
-    assert any((p - q).abs().max() > 0 for p, q in zip(out.parameters(), small.parameters()))
+    assert any((p - q.to(train.STUDENT_DTYPE).float()).abs().max() > 0 for p, q in zip(out.parameters(), small.parameters()))
 
 
 def test_dmd_resumes_identically(tmp_path, monkeypatch):
@@ -2635,11 +2679,14 @@ def test_global_batchnorm_matches_batchnorm_in_fp32_and_under_bf16_autocast(monk
     autocast of --bf16-convs."""
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     monkeypatch.setattr(train, "DIST", train.Dist(0, 2))        # past the one-process shortcut
+    reduced, apply = [], train.AllReduceSum.apply
+    monkeypatch.setattr(train.AllReduceSum, "apply", lambda x: reduced.append(x.shape) or apply(x))
     try:
         for bf16, tol in ((False, 1e-5), (True, 2e-2)):
             torch.manual_seed(0)
             conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
             gbn = train.global_batchnorm(copy.deepcopy(bn))
+            assert type(gbn) is train.GlobalBatchNorm
             x = torch.randn(6, 3, 8, 8) * 3 + 1
             outs = []
             for norm in (bn, gbn):
@@ -2649,6 +2696,8 @@ def test_global_batchnorm_matches_batchnorm_in_fp32_and_under_bf16_autocast(monk
                 (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
                 outs.append((y, conv.weight.grad.clone()))
             (y0, g0), (y1, g1) = outs
+            assert reduced == [(2 * 4 + 1,)], reduced               # one all-reduce of (sum, sum of squares, count)
+            reduced.clear()
             assert y1.dtype == y0.dtype == (torch.bfloat16 if bf16 else torch.float32)
             assert_close(y1.float(), y0.float(), tol, "output")
             assert_close(g1 / g0.abs().max(), g0 / g0.abs().max(), tol, "conv weight gradient, relative")
@@ -3094,11 +3143,23 @@ def test_files_writes_each_chunk_as_it_is_made(tmp_path, capsys, ckpt, monkeypat
             refs.append(weakref.ref(frames))
             yield frames
 
+    write_video, pulled = L.write_video, []
+
+    def writer(path, frames, *args, **kw):                # the encoder takes chunk k when k chunks exist
+        assert not isinstance(frames, np.ndarray), "the output clip was gathered before writing"
+        def counted():
+            for f in frames:
+                pulled.append(len(refs))
+                yield f
+        return write_video(path, counted(), *args, **kw)
+
     monkeypatch.setattr(sample, "dub", spy)
+    monkeypatch.setattr(L, "write_video", writer)
     code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
                         *ckpt], capsys)
     assert code == 0, err
     assert len(held) >= 4 and held == [0] * len(held), held
+    assert pulled == list(range(1, len(held) + 1)), pulled
     assert len(read_video(tmp_path / "o.mp4")[0]) == math.ceil(n / SAMPLES_PER_FRAME)
 
 
