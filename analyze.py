@@ -31,6 +31,7 @@ plots and summary.txt to --out, and prints the landing step and CFG window the c
 import argparse
 import csv
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -56,8 +57,15 @@ PAPER_WINDOW, PAPER_LANDING = (20, 40), 30   # the paper's choices, steps of the
 TWO_STEP = "two-step (t = " + ", ".join(f"{t:.3f}" for t in L.STUDENT_STEPS) + ")"
 
 
+def fail(msg):
+    """Bad input: one line on stderr, exit code 2 (as train.py and sample.py)."""
+    print(f"analyze.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: fail(f"{msg} (see python analyze.py --help)")    # one line, not usage + error
     p.add_argument("--teacher", action="append", default=None,
                    help="teacher checkpoint, repeatable (default: <ckpt-dir>/teacher.safetensors, plus "
                         "<ckpt-dir>/teacher_all.safetensors if it exists)")
@@ -65,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--vae", default=None, help="the autoencoder the teacher was trained on (default: <ckpt-dir>/vae.safetensors)")
     p.add_argument("--out", default="results/analysis", help="folder for the CSVs, plots and summary")
     p.add_argument("--clips", type=L.positive_int, default=4, help="test clips (SE is over clips)")
-    p.add_argument("--seconds", type=float, default=2.6, help="seconds per clip; 2.6 s = two 33-frame windows")
+    p.add_argument("--seconds", type=L.positive_float, default=2.6, help="seconds per clip; 2.6 s = two 33-frame windows")
     p.add_argument("--size", type=L.frame_size, default=64, help="frame size")
     p.add_argument("--steps", type=L.positive_int, default=L.ODE_STEPS, help="steps of the teacher's ODE")
     p.add_argument("--landing-steps", type=L.positive_int, nargs="+", default=None,
@@ -83,6 +91,10 @@ def get_args(argv=None):
         p.error(f"landing steps must lie in 1..{last} (the ODE has {args.steps} steps)")
     if round(args.seconds * L.FPS) < L.TEACHER_HOP + 1:
         p.error(f"--seconds must hold one {L.TEACHER_HOP + 1}-frame window: at least {(L.TEACHER_HOP + 1) / L.FPS:g} s")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; pass a folder for the CSVs, plots and summary")
+    if L.device_problem(args.device):
+        p.error(L.device_problem(args.device))
     return args
 
 
@@ -188,6 +200,8 @@ def analyze_teacher(path, label, ae, sync_net, clips, args):
     """Parts (a)-(c) for one teacher -> {"trajectory": rows, "factorial": rows, "endpoints": rows},
     every row tagged with the teacher's label and drop_mode."""
     model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    if cfg.causal:
+        raise L.CheckpointError(f"{path} is a causal student; the analysis reads a bidirectional teacher")
     tag = {"teacher": label, "drop_mode": cfg.drop_mode}
     b = make_batch(model, ae, clips, args.device)
     steps, last = args.steps, args.steps - 1
@@ -365,6 +379,17 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return analyze(args)
+    except L.CheckpointError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("analyze.py: interrupted; the CSVs, plots and summary written so far are complete files", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def analyze(args):
+    """Every teacher of --teacher through parts (a)-(c); the CSVs, plots and summary in --out."""
     t_start = time.time()
     ae = L.load_checkpoint(args.vae, L.AEConfig, L.VideoAE, args.device)[0]
     sync_net = L.load_checkpoint(os.path.join(args.ckpt_dir, "syncnet_eval.safetensors"), L.SyncNetConfig, L.SyncNet,

@@ -79,6 +79,46 @@ def positive_int(text):
     return n
 
 
+def number(low, high=math.inf, low_ok=False, what="a number"):
+    """argparse type of a finite float option in (low, high], or [low, high] with low_ok."""
+    def parse(text):
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (low <= x if low_ok else low < x) or not x <= high or not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{text}: takes {what}")
+        return x
+    return parse
+
+
+positive_float = number(0.0, what="a positive number")
+nonnegative_float = number(0.0, low_ok=True, what="a number >= 0")
+probability = number(0.0, 1.0, low_ok=True, what="a probability from 0 to 1")
+
+
+def seed_int(text):
+    """argparse type of --seed: a whole number from 0 to 2**63 - 1 (numpy's and torch's seeds)."""
+    n = int(text) if text.isdigit() else -1
+    if not 0 <= n < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text}: takes a whole number from 0 to 2**63 - 1")
+    return n
+
+
+def device_problem(spec):
+    """Why `spec` cannot be the device of a run on this machine; None if it can (cpu, or cuda /
+    cuda:N where CUDA is available)."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        return f"--device {spec}: not a device; use cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {spec}: runs on cpu or cuda; use cpu, cuda or cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {spec}: CUDA is not available here; use --device cpu"
+    return None
+
+
 def cpu_count():
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -118,24 +158,53 @@ def save_checkpoint(path, model, config, extra=None, dtype=None):
         save_file(tensors, tmp, metadata=meta)
 
 
-def load_checkpoint(path, config_class, model_class, device="cpu"):
-    """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
-    Returns (model in eval mode, config, extra dict)."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, a folder, unreadable, another model's, NaN
+    weights); its message is one line that says what is wrong."""
+
+
+def read_safetensors(path, what="checkpoint"):
+    """(tensors on the CPU, metadata dict) of a safetensors file; CheckpointError if it is missing,
+    a folder, or not a readable safetensors file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a {what} file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found; train it first (see README)")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+        raise CheckpointError(f"{path}: {what} not found; train it first (see README)")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(path), meta
+    except Exception as e:                         # truncated, corrupt, or not safetensors at all
+        raise CheckpointError(f"{path} is not a readable safetensors {what} ({first_line(e)})") from None
+
+
+def first_line(e):
+    """An exception's message, first line only (its type's name if it has none)."""
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_checkpoint(path, config_class, model_class, device="cpu"):
+    """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
+    Returns (model in eval mode, config, extra dict). CheckpointError when the file cannot give one."""
+    tensors, meta = read_safetensors(path)
     if meta.get("config_class") != config_class.__name__:
-        raise ValueError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
+        raise CheckpointError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]} and {len(bad) - 1} more tensors): "
+                              "the file is damaged or its training diverged; copy or train it again")
     # a field missing from the stored config takes its default: so a field added to a config class
     # must default to the behaviour from before it existed (DiTConfig.audio_adaln = False)
     known = {f.name for f in fields(config_class)}
-    config = config_class(**{k: tuple(v) if isinstance(v, list) else v        # json turns tuples into lists
-                             for k, v in json.loads(meta["config"]).items() if k in known})
-    model = model_class(config)
-    model.load_state_dict(load_file(path, device=str(device)))
+    try:
+        config = config_class(**{k: tuple(v) if isinstance(v, list) else v        # json turns tuples into lists
+                                 for k, v in json.loads(meta["config"]).items() if k in known})
+        model = model_class(config)
+        model.load_state_dict(tensors)
+    except Exception as e:                         # a config or weights this version cannot rebuild
+        raise CheckpointError(f"{path}: cannot rebuild its {config_class.__name__} model ({first_line(e)})") from None
     return model.to(device).eval(), config, json.loads(meta.get("extra", "{}"))
 
 

@@ -72,8 +72,10 @@ GROW_IDLE = 1.0               # --stream from a growing file: it has ended after
 # the options that only some modes read (a mode: demo, files, --stream, --benchmark, --long-stream);
 # given to another mode they are an error, not silently ignored. Their defaults, filled in by check_args:
 MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-stream"),
+                "reference": ("demo", "files", "--stream"),
                 "teacher": ("--benchmark",), "shape": ("--benchmark",),
                 "results": ("--benchmark", "--long-stream"), "out": ("demo", "files", "--stream")}
+VAE_CKPT = "checkpoints/vae.safetensors"
 MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
                  "teacher": "checkpoints/teacher.safetensors", "results": "results"}
 
@@ -98,12 +100,14 @@ def get_args(argv=None):
     p.add_argument("--out", help="output mp4 (default out/demo.mp4, or out/<video>-lipsync.mp4); "
                                  "with --stream also - for raw rgb24 frames on stdout")
     p.add_argument("--ckpt", help="student checkpoint (default: checkpoints/student.safetensors, else student_df)")
-    p.add_argument("--vae", default="checkpoints/vae.safetensors", help="autoencoder checkpoint")
+    p.add_argument("--vae", default=VAE_CKPT, help="autoencoder checkpoint")
     p.add_argument("--syncnet", help=f"eval SyncNet for Sync-C (demo, --long-stream; default {MODE_DEFAULTS['syncnet']})")
     p.add_argument("--teacher", help=f"teacher checkpoint (--benchmark; default {MODE_DEFAULTS['teacher']})")
     p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
     p.add_argument("--size", type=L.frame_size, default=64, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE})")
-    p.add_argument("--seed", type=int, default=0, help="the stream's noise (0 .. 2**63 - 1)")
+    p.add_argument("--reference", type=L.seed_int, metavar="FRAME",
+                   help="the identity frame, an index into the source video (default: its middle frame)")
+    p.add_argument("--seed", type=L.seed_int, default=0, help="the stream's noise (0 .. 2**63 - 1)")
     p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
     p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
     p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
@@ -156,8 +160,6 @@ def check_args(args):
             fail(f"{name} {value:g}: takes a positive number of seconds")
         if value is not None and n_frames(value) < 1:
             fail(f"{name} {value:g}: shorter than one frame at {L.FPS} fps; pass {1 / L.FPS:g} or more")
-    if not 0 <= args.seed < 2 ** 63:
-        fail(f"--seed {args.seed}: takes a whole number from 0 to 2**63 - 1")
     modes = [m for m, on in (("--stream", args.stream), ("--benchmark", args.benchmark),
                              ("--long-stream", args.long_stream)) if on]
     if len(modes) > 1:
@@ -166,6 +168,14 @@ def check_args(args):
     for name, readers in MODE_OPTIONS.items():
         if getattr(args, name) is not None and m not in readers:
             fail(f"--{name} is read by {' and '.join(readers)}, not by {m}: leave it out")
+    if m == "--benchmark" and args.shape and (args.ckpt or args.teacher):
+        fail("--shape times random-init models: leave out --ckpt and --teacher, or --shape to time the checkpoints")
+    # the benchmark stands random-init models in for missing default checkpoints; a file you name must exist
+    for name, given in (("teacher", args.teacher is not None), ("vae", args.vae != VAE_CKPT)):
+        path = getattr(args, name)
+        if m == "--benchmark" and given and not os.path.isfile(path):
+            fail(f"--{name} {path}: {'a folder' if os.path.isdir(path) else 'not found'}; pass a .safetensors "
+                 "checkpoint, or leave it out")
     for name, default in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -175,14 +185,8 @@ def check_args(args):
     for name in ("patch", "depth"):
         if getattr(args, name) is not None and not (args.benchmark and args.shape):
             fail(f"--{name} sets the random-init models of --benchmark --shape; a checkpoint keeps its own {name}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device}: not a device; use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device {args.device}: sample.py runs on cpu or cuda; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if L.device_problem(args.device):
+        fail(L.device_problem(args.device))
     if (args.benchmark or args.long_stream) and (args.video is not None or args.audio is not None):
         fail(f"{m} runs on a SynthTalk clip: leave out --video and --audio")
     if (args.video is None) != (args.audio is None):
@@ -227,8 +231,8 @@ def load(path, config_class, model_class, device, how):
         fail(f"{path} not found: {how}")
     try:
         return L.load_checkpoint(path, config_class, model_class, device)[0]
-    except Exception as e:  # a corrupt file, another model's checkpoint, a config from another version
-        fail(f"cannot load {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): {how}")
+    except L.CheckpointError as e:  # a corrupt file, another model's checkpoint, a config from another version
+        fail(f"cannot load {path} ({e}): {how}")
 
 
 def student_path(args, required=True):
@@ -362,6 +366,17 @@ def dub(stream, source, pieces, size):
             done += len(out)
 
 
+def reference_frame(args, source):
+    """The identity frame at the model's size: --reference, else the middle frame of the source.
+    Training draws it from outside the generated window; the stream's own default, the first frame
+    (all a camera has at its start), lies inside the first chunk. On the test split the middle frame
+    gives the same sync and +0.19 dB mouth PSNR (README, Lip-sync your own video)."""
+    i = len(source) // 2 if args.reference is None else args.reference
+    if i >= len(source):
+        fail(f"--reference {i}: the source video has {len(source)} frames; pass 0 to {len(source) - 1}")
+    return L.resize_frames(source[i:i + 1], args.size)[0]
+
+
 def frame_pieces(audio):
     """A whole clip's audio in 640-sample pieces, so a progress bar moves chunk by chunk."""
     return (audio[i:i + SPF] for i in range(0, len(audio), SPF))
@@ -390,7 +405,8 @@ def demo(args):
     student, ae, path = load_student(args)
     net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
-    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    stream = L.LipSyncStream(student, ae, reference_frame(args, clip.frames), seed=args.seed, composite=False,
+                             steps=args.schedule)
     out, t0, ttff = [], time.perf_counter(), None
     with L.autocast(args.device):
         for frames in dub(stream, clip.frames, frame_pieces(clip.dub_audio), args.size):
@@ -421,7 +437,8 @@ def files(args):
     print(f"{args.video}: {T} frames {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
           f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
           + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
-    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    stream = L.LipSyncStream(student, ae, reference_frame(args, source), seed=args.seed, composite=False,
+                             steps=args.schedule)
     dest = args.out or os.path.join("out", f"{os.path.splitext(os.path.basename(args.video))[0]}-lipsync.mp4")
 
     def made():                                           # the frames as the stream makes them, counted
@@ -556,7 +573,8 @@ def live(args):
                 writer.wav.write(piece)
             yield piece
 
-    stream = L.LipSyncStream(student, ae, seed=args.seed, composite=False, steps=args.schedule)
+    stream = L.LipSyncStream(student, ae, reference_frame(args, source), seed=args.seed, composite=False,
+                             steps=args.schedule)
     try:
         with L.autocast(args.device):
             for frames in dub(stream, source, arriving(), args.size):
@@ -846,6 +864,8 @@ def main(argv=None):
         fail(str(e))
     except OSError as e:                                   # the disk or a folder: full, gone, not permitted
         fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+    except MemoryError:
+        fail("out of memory: use a shorter --seconds or --long-stream, or a smaller --size")
     except KeyboardInterrupt:
         print("sample.py: interrupted; no output file was written", file=sys.stderr)
         raise SystemExit(130)
@@ -858,7 +878,11 @@ def terminated(signum, frame):
 
 
 if __name__ == "__main__":
-    for name in ("SIGTERM", "SIGHUP"):                   # the command only: not a library's to set for its host
-        if hasattr(signal, name):                        # Windows has no SIGHUP
-            signal.signal(getattr(signal, name), terminated)
-    main()
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]   # Windows: no SIGHUP
+    for sig in signals:                                  # the command only: not a library's to set for its host
+        signal.signal(sig, terminated)
+    try:
+        main()
+    finally:                                             # the run is over: a late signal just ends the process
+        for sig in [*signals, signal.SIGINT]:
+            signal.signal(sig, signal.SIG_DFL)

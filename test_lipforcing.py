@@ -1623,6 +1623,9 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     (["--stream", "--video", "{tmp}/v.mp4", "--audio", "{tmp}/gone.pcm", "--out", "-"], ("gone.pcm", "does not exist")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/a.wav/x.mp4"], ("a.wav is a file, not a folder",)),
     (["--benchmark", "--results", "{tmp}/a.wav"], ("a.wav is a file", "folder")),
+    (["--benchmark", "--teacher", "{tmp}/gone.safetensors"], ("--teacher", "gone.safetensors: not found")),
+    (["--benchmark", "--vae", "{tmp}"], ("--vae", "a folder")),
+    (["--benchmark", "--shape", "tiny", "--ckpt", "s.safetensors"], ("--shape times random-init models",)),
 ])
 def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path, capsys, argv, words):
     """Every mode refuses the options it would ignore, and a path under a file (--out, --results),
@@ -1893,11 +1896,12 @@ def test_demo_writes_side_by_side_and_reports(tmp_path, capsys, ckpt):
     assert "FPS" in out and "TTFF" in out and "mouth PSNR against the dub's true video" in out and out.count("Sync-C") == 1 and "source vs its own audio" in out
 
 
-def test_benchmark_smoke(tmp_path, capsys, ckpt):
+def test_benchmark_smoke(tmp_path, capsys, ckpt, monkeypatch):
     """--benchmark at a toy size prints the markdown table and writes results/benchmark.json with
-    positive speeds for both models, the teacher stitched from 33-frame windows."""
-    code, out, err = run(["--benchmark", *ckpt, "--seconds", "1.4", "--teacher", tmp_path / "none.safetensors",
-                          "--results", tmp_path / "res"], capsys)
+    positive speeds for both models, the teacher stitched from 33-frame windows (random init where
+    the default teacher checkpoint is missing)."""
+    monkeypatch.setitem(sample.MODE_DEFAULTS, "teacher", str(tmp_path / "none.safetensors"))
+    code, out, err = run(["--benchmark", *ckpt, "--seconds", "1.4", "--results", tmp_path / "res"], capsys)
     assert code == 0, err
     assert "| FPS, end to end |" in out and "live TTFF" in out and "teacher random init" in out
     res = json.loads((tmp_path / "res" / "benchmark.json").read_text())
@@ -2835,6 +2839,87 @@ def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkey
     assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["teachr"], ("invalid choice: 'teachr'", "see python train.py --help")),
+    (["teacher", "--steps", "0"], ("--steps", "positive whole number")),
+    (["teacher", "--lr", "-1"], ("--lr", "a positive number")),
+    (["teacher", "--lr", "nan"], ("--lr", "a positive number")),
+    (["teacher", "--seconds", "0"], ("--seconds", "a positive number")),
+    (["teacher", "--cfg-drop", "2"], ("--cfg-drop", "a probability")),
+    (["teacher", "--mouth-weight", "-5"], ("--mouth-weight", ">= 0")),
+    (["dmd", "--beta", "inf"], ("--beta", ">= 0")),
+    (["vae", "--seed", "-1"], ("--seed", "2**63 - 1")),
+    (["vae", "--device", "tpu"], ("--device tpu", "not a device")),
+    (["vae", "--init", "gone.safetensors"], ("--init gone.safetensors: not found",)),
+    (["eval-teacher", "--ckpt", "."], ("--ckpt .: a folder",)),
+    (["vae", "--ckpt", "v.safetensors"], ("--ckpt does nothing in vae",)),
+    (["pipeline", "--teacher", "t.safetensors"], ("--teacher does nothing in pipeline",)),
+    (["df", "--latent-frames", "10"], ("--latent-frames 10", "multiple of 3")),
+    (["teacher", "--out", "t.mp4"], ("--out t.mp4", "ending in .safetensors")),
+    (["teacher", "--out", "."], ("--out .", "ending in .safetensors")),
+    (["export", "--out", os.path.abspath(__file__)], ("is a file; export writes a folder",)),
+])
+def test_bad_values_and_missing_inputs_are_refused_before_any_work(capsys, monkeypatch, argv, words):
+    """Out-of-range numbers, a device this machine lacks, a checkpoint named on the command line
+    that is not there, and an --out no checkpoint can be written to: one line, exit 2, before the
+    stage starts (argparse's own errors too: no usage block)."""
+    def work(*a):
+        raise AssertionError("work started")
+    monkeypatch.setattr(train, "init_distributed", work)
+    for stage in train.STAGES:
+        monkeypatch.setitem(train.STAGES, stage, work)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert_one_line_error(e.value.code, capsys.readouterr().err, *words, prog="train.py")
+
+
+@pytest.mark.parametrize("error, code, words", [(KeyboardInterrupt, 130, "interrupted"), (MemoryError, 2, "out of memory")])
+def test_an_interrupted_or_out_of_memory_stage_ends_in_one_line(capsys, monkeypatch, error, code, words):
+    """Ctrl-C (or SIGTERM turned into it) and running out of memory end a stage with one line, no traceback."""
+    def stage(args):
+        raise error()
+    monkeypatch.setitem(train.STAGES, "eval", stage)
+    with pytest.raises(SystemExit) as e:
+        train.main(["eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and len(err) == 1 and err[0].startswith("train.py: ") and words in err[0], err
+
+
+def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys):
+    """load_checkpoint raises CheckpointError, one line, for a missing file, a folder, a truncated
+    file, another model's checkpoint and NaN weights; train.py and analyze.py turn it into their
+    one-line error with exit 2 (here: a --ckpt-dir without the autoencoder; a student handed to
+    the analysis, which reads a bidirectional teacher)."""
+    ae = L.VideoAE(L.AEConfig(width=8))
+    L.save_checkpoint(tmp_path / "vae.safetensors", ae, ae.cfg)
+    data = (tmp_path / "vae.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    nan = next(p for p in ae.parameters() if p.is_floating_point())
+    nan.data.view(-1)[0] = float("nan")
+    L.save_checkpoint(tmp_path / "nan.safetensors", ae, ae.cfg)
+    for name, words in (("gone", "not found"), ("", "is a folder"), ("cut", "not a readable safetensors"),
+                        ("nan", "NaN or infinite weights")):
+        path = tmp_path / f"{name}.safetensors" if name else tmp_path
+        with pytest.raises(L.CheckpointError, match=words) as e:
+            L.load_checkpoint(path, L.AEConfig, L.VideoAE)
+        assert "\n" not in str(e.value)
+    with pytest.raises(L.CheckpointError, match="holds a AEConfig, not a DiTConfig"):
+        L.load_checkpoint(tmp_path / "vae.safetensors", L.DiTConfig, L.DiT)
+    with pytest.raises(SystemExit) as e:
+        train.main(["eval-teacher", "--ckpt-dir", str(tmp_path / "empty")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "vae.safetensors: checkpoint not found", prog="train.py")
+    student = L.DiT(L.DiTConfig(**TINY, causal=True))
+    L.save_checkpoint(tmp_path / "student.safetensors", student, student.cfg)
+    L.save_checkpoint(tmp_path / "syncnet_eval.safetensors", L.SyncNet(L.SyncNetConfig(width=4)), L.SyncNetConfig(width=4))
+    with pytest.raises(SystemExit) as e:
+        A.main(["--teacher", str(tmp_path / "student.safetensors"), "--ckpt-dir", str(tmp_path), "--vae",
+                str(tmp_path / "vae.safetensors"), "--clips", "1", "--size", "32", "--out", str(tmp_path / "a")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "is a causal student", prog="analyze.py")
+    with pytest.raises(SystemExit) as e:
+        A.main(["--out", str(tmp_path / "vae.safetensors")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "is a file", prog="analyze.py")
+
+
 @pytest.mark.parametrize("stage", ["mouthnet", "heldout", "audio-probe"])
 def test_stages_that_need_synthtalk_refuse_data_in_one_line(stage, capsys):
     """MouthNet, heldout and audio-probe need SynthTalk's ground truth: --data is one line saying
@@ -2858,6 +2943,7 @@ def test_pipeline_passes_each_stage_only_the_options_it_takes(tmp_path, monkeypa
         seen.append((args.stage, args.compile, args.bf16_convs, args.grad_ckpt, args.data, args.channels_last))
     for stage in ("vae", "syncnet", "mouthnet", "eval", "teacher", "df", "dmd"):
         monkeypatch.setitem(train.STAGES, stage, leaf)
+    (tmp_path / "vae.safetensors").touch()             # the first vae stage's output, which the second --init's
     train.main(["pipeline", "--compile", "--bf16-convs", "--channels-last", "--grad-ckpt", "--data", str(tmp_path),
                 "--ckpt-dir", str(tmp_path)])
     assert [s[0] for s in seen] == ["vae", "vae", "syncnet", "syncnet", "mouthnet", "teacher", "df", "dmd"]
@@ -3126,6 +3212,24 @@ def test_write_video_from_batches_is_the_whole_array_file(tmp_path):
         with pytest.raises(error, match=words):
             write_video(tmp_path / "bad.mp4", iter(batches), audio, shape=frames.shape)
     assert sorted(os.listdir(tmp_path)) == ["batches.mp4", "whole.mp4"]
+
+
+def test_the_identity_frame_is_the_middle_source_frame_unless_chosen(tmp_path, capsys, ckpt, monkeypatch):
+    """sample.py hands the stream the source video's middle frame as the reference (at the model's
+    size), or the frame --reference names; a frame past the video's end is one line, exit 2."""
+    source = face_video(tmp_path / "v.mp4", 5)                     # frames identified by their grey level
+    speech(tmp_path / "a.wav", 12)
+    stream, refs = L.LipSyncStream, []
+    monkeypatch.setattr(L, "LipSyncStream", lambda student, ae, reference=None, **kw:
+                        refs.append(reference) or stream(student, ae, reference, **kw))
+    base = ["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4", *ckpt]
+    for extra, frame in (([], 2), (["--reference", "4"], 4), (["--reference", "0"], 0)):
+        code, _, err = run(base + extra, capsys)
+        assert code == 0, err
+        ref = refs[-1]                                            # at the model's size (the ckpt fixture's)
+        assert ref.shape[0] == ref.shape[1] != 48 and abs(int(ref[:len(ref) // 4].mean()) - int(source[frame, 0, 0, 0])) <= 2
+    code, _, err = run(base + ["--reference", "5"], capsys)
+    assert_one_line_error(code, err, "--reference 5", "5 frames", "0 to 4")
 
 
 def test_files_writes_each_chunk_as_it_is_made(tmp_path, capsys, ckpt, monkeypatch):

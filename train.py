@@ -58,15 +58,16 @@ import lipforcing as L
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: fail(f"{msg} (see python train.py --help)")       # one line, not usage + error
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
     p.add_argument("--size", type=L.frame_size, default=64, help=f"frame size (square face crops, a multiple of {L.FRAME_MULTIPLE})")
     p.add_argument("--clips", type=L.positive_int, default=None, help="training clips in the pool")
-    p.add_argument("--seconds", type=float, default=None, help="seconds per SynthTalk training clip")
+    p.add_argument("--seconds", type=L.positive_float, default=None, help="seconds per SynthTalk training clip")
     p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
     p.add_argument("--batch", type=L.positive_int, default=None, help="global batch size")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lr", type=L.positive_float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=L.seed_int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
     p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoints are read and written")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights and config (vae: fine-tuning; "
@@ -87,12 +88,12 @@ def get_args(argv=None):
                    help=f"the DiT's spatial patch (teacher; df and dmd inherit it; default {L.DiTConfig.patch})")
     p.add_argument("--depth", type=L.positive_int, default=None,
                    help="the DiT's blocks, over the preset's (teacher; df and dmd inherit it)")
-    p.add_argument("--mouth-weight", type=float, default=MOUTH_WEIGHT,
+    p.add_argument("--mouth-weight", type=L.nonnegative_float, default=MOUTH_WEIGHT,
                    help="the flow-matching losses (teacher, df, the dmd critic) add this times their error over "
                         f"the mouth box (default {MOUTH_WEIGHT:g}; 0: the plain loss)")
     p.add_argument("--drop-mode", choices=["audio", "all"], default=L.DiTConfig.drop_mode,
                    help="CFG dropout: audio only, or all conditions (teacher)")
-    p.add_argument("--cfg-drop", type=float, default=L.DiTConfig.cfg_drop,
+    p.add_argument("--cfg-drop", type=L.probability, default=L.DiTConfig.cfg_drop,
                    help=f"CFG dropout: the probability that a training sample loses its condition (teacher; default {L.DiTConfig.cfg_drop:g})")
     p.add_argument("--audio-adaln", action="store_true",
                    help="the audio embedding also joins the timestep's in every block's adaLN input (teacher; "
@@ -125,15 +126,15 @@ def get_args(argv=None):
     g.add_argument("--teacher-cfg", choices=TEACHER_CFG, default="window",
                    help="the teacher's guidance in DMD: none, fixed (--cfg-scale everywhere), "
                         "window (--cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
-    g.add_argument("--cfg-scale", type=float, default=L.CFG_SCALE, help="the teacher's guidance scale")
-    g.add_argument("--beta", type=float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
-    g.add_argument("--reward-scale", type=float, default=None,
+    g.add_argument("--cfg-scale", type=L.nonnegative_float, default=L.CFG_SCALE, help="the teacher's guidance scale")
+    g.add_argument("--beta", type=L.nonnegative_float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
+    g.add_argument("--reward-scale", type=L.positive_float, default=None,
                    help="R = Sync-C / this in w = exp(beta R). Default: the reward SyncNet's ground-truth "
                         "Sync-C over syncnet_python's on HDTF (19.15 / 7.95 = 2.41 for ours), which puts R in the "
                         "paper's units: our SyncNets' distances have their own scale, and with R in them exp(2 R) "
                         "weights samples far more sharply than the paper's (a Sync-C gap of 5 is a factor e^10). "
                         "1 is the paper's formula applied to our raw Sync-C")
-    g.add_argument("--critic-lr", type=float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
+    g.add_argument("--critic-lr", type=L.positive_float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
     g.add_argument("--critic-steps", type=L.positive_int, default=5, help="critic updates per student update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
@@ -515,11 +516,7 @@ def save_train_state(path, model, ema, opt, step, rng, device="cpu"):
 
 
 def load_train_state(path, model, ema, opt, rng, device="cpu"):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    t = load_file(path)
+    t, meta = L.read_safetensors(path, "training state")
     sub = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
     model.load_state_dict(sub("model."))
     if ema is not None:
@@ -1637,6 +1634,7 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
 STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-student",),
+                 "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
                  "audio_adaln": ("teacher",),
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
@@ -1670,6 +1668,20 @@ def check_options(args):
         if getattr(args, name) not in (None, False) and args.stage not in stages:
             note = f" ({OPTION_NOTES[name]})" if name in OPTION_NOTES else ""
             fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it{note}")
+    for name in ("init", "teacher", "ckpt"):                          # checkpoints named on the command line
+        path = getattr(args, name)
+        if path is not None and not os.path.isfile(path):
+            fail(f"{option(name)} {path}: {'a folder' if os.path.isdir(path) else 'not found'}; pass a .safetensors checkpoint")
+    if L.device_problem(args.device):
+        fail(L.device_problem(args.device))
+    if args.out is not None:
+        if args.stage == "export" and os.path.exists(args.out) and not os.path.isdir(args.out):
+            fail(f"--out {args.out} is a file; export writes a folder of clips")
+        if args.stage != "export" and (os.path.isdir(args.out) or not args.out.endswith(".safetensors")):
+            fail(f"--out {args.out}: pass a checkpoint path ending in .safetensors")
+    chunk = L.DiTConfig.chunk
+    if args.latent_frames and args.stage in ("df", "dmd") and args.latent_frames % chunk:
+        fail(f"--latent-frames {args.latent_frames}: {args.stage} trains on whole chunks; pass a multiple of {chunk}")
     if args.state == "none" and (args.resume or args.stop_after):
         fail(f"{'--resume' if args.resume else '--stop-after'} needs a training-state file; --state none writes none")
     for name in ("resume", "state", "stop_after"):
@@ -1692,8 +1704,14 @@ def main(argv=None):
     init_distributed(args)
     try:
         return STAGES[args.stage](args)
-    except L.MediaError as e:                       # a bad clip in a --data folder: what is wrong, in one line
+    except (L.MediaError, L.CheckpointError) as e:  # a bad clip in a --data folder, a missing or bad checkpoint
         fail(str(e))
+    except MemoryError:
+        fail("out of memory: use fewer or shorter clips (--clips, --seconds), a smaller --batch or --size")
+    except KeyboardInterrupt:
+        print("train.py: interrupted; no checkpoint or table was written (a training stage continues from "
+              "its last saved state with --resume)", file=sys.stderr)
+        raise SystemExit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
