@@ -2825,10 +2825,30 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
     (["df", "--channels-last"], "--channels-last does nothing in df"),
     (["df", "--audio-adaln"], "--audio-adaln does nothing in df"),
+    (["vae", "--ckpt", "v.safetensors"], "--ckpt does nothing in vae"),
+    (["pipeline", "--teacher", "t.safetensors"], "--teacher does nothing in pipeline"),
+    (["teachr"], "invalid choice: 'teachr'"),
+    (["teacher", "--steps", "0"], "--steps: 0: takes a positive whole number"),
+    (["teacher", "--lr", "-1"], "--lr: -1: takes a positive number"),
+    (["teacher", "--lr", "nan"], "--lr: nan: takes a positive number"),
+    (["teacher", "--seconds", "0"], "--seconds: 0: takes a positive number"),
+    (["teacher", "--cfg-drop", "2"], "--cfg-drop: 2: takes a probability"),
+    (["teacher", "--mouth-weight", "-5"], "--mouth-weight: -5: takes a number >= 0"),
+    (["dmd", "--beta", "inf"], "--beta: inf: takes a number >= 0"),
+    (["vae", "--seed", "-1"], "--seed: -1: takes a whole number from 0 to 2**63 - 1"),
+    (["vae", "--device", "tpu"], "--device tpu: not a device"),
+    (["vae", "--init", "gone.safetensors"], "--init gone.safetensors: not found"),
+    (["eval-teacher", "--ckpt", "."], "--ckpt .: a folder"),
+    (["df", "--latent-frames", "10"], "trains on whole chunks; pass a multiple of 3"),
+    (["teacher", "--out", "t.mp4"], "--out t.mp4: pass a checkpoint path ending in .safetensors"),
+    (["teacher", "--out", "."], "--out .: pass a checkpoint path ending in .safetensors"),
+    (["export", "--out", os.path.abspath(__file__)], "is a file; export writes a folder"),
 ])
-def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkeypatch, argv, words):
-    """An option the stage does not act on is one line `train.py: error: ...` and exit 2, before
-    the process group is joined or the stage starts; it is not silently ignored."""
+def test_options_a_stage_would_ignore_and_bad_values_are_refused_before_any_work(capsys, monkeypatch, argv, words):
+    """An option the stage does not act on, an out-of-range number, a device this machine lacks, a
+    checkpoint named on the command line that is not there, or an --out no checkpoint can be written
+    to is one line `train.py: error: ...` and exit 2 (argparse's own errors too: no usage block),
+    before the process group is joined or the stage starts; nothing is silently ignored."""
     def work(*a):
         raise AssertionError("work started")
     monkeypatch.setattr(train, "init_distributed", work)
@@ -2837,40 +2857,6 @@ def test_options_a_stage_would_ignore_are_refused_before_any_work(capsys, monkey
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["teachr"], ("invalid choice: 'teachr'", "see python train.py --help")),
-    (["teacher", "--steps", "0"], ("--steps", "positive whole number")),
-    (["teacher", "--lr", "-1"], ("--lr", "a positive number")),
-    (["teacher", "--lr", "nan"], ("--lr", "a positive number")),
-    (["teacher", "--seconds", "0"], ("--seconds", "a positive number")),
-    (["teacher", "--cfg-drop", "2"], ("--cfg-drop", "a probability")),
-    (["teacher", "--mouth-weight", "-5"], ("--mouth-weight", ">= 0")),
-    (["dmd", "--beta", "inf"], ("--beta", ">= 0")),
-    (["vae", "--seed", "-1"], ("--seed", "2**63 - 1")),
-    (["vae", "--device", "tpu"], ("--device tpu", "not a device")),
-    (["vae", "--init", "gone.safetensors"], ("--init gone.safetensors: not found",)),
-    (["eval-teacher", "--ckpt", "."], ("--ckpt .: a folder",)),
-    (["vae", "--ckpt", "v.safetensors"], ("--ckpt does nothing in vae",)),
-    (["pipeline", "--teacher", "t.safetensors"], ("--teacher does nothing in pipeline",)),
-    (["df", "--latent-frames", "10"], ("--latent-frames 10", "multiple of 3")),
-    (["teacher", "--out", "t.mp4"], ("--out t.mp4", "ending in .safetensors")),
-    (["teacher", "--out", "."], ("--out .", "ending in .safetensors")),
-    (["export", "--out", os.path.abspath(__file__)], ("is a file; export writes a folder",)),
-])
-def test_bad_values_and_missing_inputs_are_refused_before_any_work(capsys, monkeypatch, argv, words):
-    """Out-of-range numbers, a device this machine lacks, a checkpoint named on the command line
-    that is not there, and an --out no checkpoint can be written to: one line, exit 2, before the
-    stage starts (argparse's own errors too: no usage block)."""
-    def work(*a):
-        raise AssertionError("work started")
-    monkeypatch.setattr(train, "init_distributed", work)
-    for stage in train.STAGES:
-        monkeypatch.setitem(train.STAGES, stage, work)
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    assert_one_line_error(e.value.code, capsys.readouterr().err, *words, prog="train.py")
 
 
 @pytest.mark.parametrize("error, code, words", [(KeyboardInterrupt, 130, "interrupted"), (MemoryError, 2, "out of memory")])
