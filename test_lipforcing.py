@@ -3200,19 +3200,22 @@ def test_write_video_from_batches_is_the_whole_array_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["batches.mp4", "whole.mp4"]
 
 
-def test_the_identity_frame_is_the_middle_source_frame_unless_chosen(tmp_path, capsys, ckpt, monkeypatch):
-    """sample.py hands the stream the source video's middle frame as the reference (at the model's
-    size), or the frame --reference names; a frame past the video's end is one line, exit 2."""
+def test_the_identity_frame_is_the_first_source_frame_unless_chosen(tmp_path, capsys, ckpt, monkeypatch):
+    """sample.py hands the stream the frame --reference names as the reference (at the model's
+    size), else the first; a frame past the video's end is one line, exit 2."""
     source = face_video(tmp_path / "v.mp4", 5)                     # frames identified by their grey level
     speech(tmp_path / "a.wav", 12)
     stream, refs = L.LipSyncStream, []
     monkeypatch.setattr(L, "LipSyncStream", lambda student, ae, reference=None, **kw:
                         refs.append(reference) or stream(student, ae, reference, **kw))
     base = ["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4", *ckpt]
-    for extra, frame in (([], 2), (["--reference", "4"], 4), (["--reference", "0"], 0)):
+    for extra, frame in (([], None), (["--reference", "4"], 4), (["--reference", "2"], 2)):
         code, _, err = run(base + extra, capsys)
         assert code == 0, err
-        ref = refs[-1]                                            # at the model's size (the ckpt fixture's)
+        ref = refs[-1]
+        if frame is None:
+            assert ref is None                                     # the stream takes its first frame
+            continue
         assert ref.shape[0] == ref.shape[1] != 48 and abs(int(ref[:len(ref) // 4].mean()) - int(source[frame, 0, 0, 0])) <= 2
     code, _, err = run(base + ["--reference", "5"], capsys)
     assert_one_line_error(code, err, "--reference 5", "5 frames", "0 to 4")
