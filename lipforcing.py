@@ -1866,24 +1866,31 @@ def mouth_crop(x):
     return x[..., int(t * H):int(b * H), int(l * W):int(r * W)]
 
 
-def _synthtalk_clips(split, indices, seconds, size, workers, progress):
-    """synthtalk_clip of each index, in up to `workers` forked processes when there are two or more
-    clips (generation is numpy only, so a fork is safe as torch's DataLoader workers are; where
-    fork does not exist, one process). A 4 s clip at 512 px takes ~14 s on one core."""
+def _forked(fn, jobs, workers, desc, progress):
+    """[fn(*job) for job in jobs], in up to `workers` forked processes when there are two or more
+    jobs (SynthTalk's drawing is numpy only, so a fork is safe as torch's DataLoader workers are;
+    where fork does not exist, one process). A 4 s clip at 512 px takes ~14 s on one core."""
     import multiprocessing
     from tqdm import tqdm
-    bar = dict(total=len(indices), desc=f"SynthTalk {split}", disable=not progress)
-    jobs = [(split, i, seconds, size) for i in indices]
+    bar = dict(total=len(jobs), desc=desc, disable=not progress)
     workers = min(workers, len(jobs))
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [synthtalk_clip(*j) for j in tqdm(jobs, **bar)]
+        return [fn(*j) for j in tqdm(jobs, **bar)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        chunk = max(1, min(4, len(jobs) // (4 * workers)))        # a few clips a task once there are many
-        return list(tqdm(pool.imap(_synthtalk_job, jobs, chunksize=chunk), **bar))
+        chunk = max(1, min(4, len(jobs) // (4 * workers)))        # a few jobs a task once there are many
+        return list(tqdm(pool.imap(_forked_job, [(fn, j) for j in jobs], chunksize=chunk), **bar))
 
 
-def _synthtalk_job(job):
-    return synthtalk_clip(*job)
+def _forked_job(task):
+    fn, job = task
+    return fn(*job)
+
+
+def synthtalk_renders(split, mouths, size=64, workers=None, progress=True):
+    """synthtalk_render of clip i of a split with mouths[i], for every i, in `workers` processes
+    (default: one per CPU): e.g. the true videos of a test pool's dubs."""
+    jobs = [(split, i, m, size) for i, m in enumerate(mouths)]
+    return _forked(synthtalk_render, jobs, workers or cpu_count(), f"SynthTalk {split}, redrawn", progress)
 
 
 def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True, workers=None):
@@ -1908,7 +1915,8 @@ def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True, wo
                  for i in range(min(n, have))]
     if have >= n:
         return clips
-    clips += _synthtalk_clips(split, range(have, n), seconds, size, workers or cpu_count(), progress)
+    clips += _forked(synthtalk_clip, [(split, i, seconds, size) for i in range(have, n)], workers or cpu_count(),
+                     f"SynthTalk {split}", progress)
     arrays = {k: np.stack([getattr(c, k) for c in clips]) for k in keys if getattr(clips[0], k) is not None}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

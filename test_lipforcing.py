@@ -105,6 +105,9 @@ def test_the_dub_truth_is_the_same_face_moving_the_same_way_with_the_dub_mouth()
     assert dub.shape == c.frames.shape
     assert np.array_equal(dub[:, :14], c.frames[:, :14])
     assert np.abs(dub[:, 16:].astype(int) - c.frames[:, 16:]).mean() > 0.2
+    mouths = [L.synthtalk_clip("test", i, 0.4, 32).dub_mouth for i in range(3)]       # in 2 processes, as the evals do
+    assert all(np.array_equal(a, L.synthtalk_render("test", i, m, 32)) for i, (a, m) in
+               enumerate(zip(L.synthtalk_renders("test", mouths, 32, workers=2, progress=False), mouths)))
 
 
 def test_eval_rows_score_a_dub_against_the_dubs_true_video(monkeypatch, capsys):

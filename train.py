@@ -172,8 +172,10 @@ def train_pool(args, n_default, seconds_default):
 def test_pool(args, dub_truth=False):
     """The SynthTalk test split; with dub_truth, each clip also holds its dub's true video (dub_frames)."""
     clips = L.synthtalk_pool("test", args.test_clips, L.TEST_SECONDS, args.size, workers=pool_workers(args))
-    for i, c in enumerate(clips if dub_truth else []):
-        c.dub_frames = L.synthtalk_render("test", i, c.dub_mouth, args.size)
+    if dub_truth:
+        truths = L.synthtalk_renders("test", [c.dub_mouth for c in clips], args.size, pool_workers(args), master())
+        for c, truth in zip(clips, truths):
+            c.dub_frames = truth
     return clips
 
 
