@@ -110,6 +110,24 @@ def test_the_dub_truth_is_the_same_face_moving_the_same_way_with_the_dub_mouth()
                enumerate(zip(L.synthtalk_renders("test", mouths, 32, workers=2, progress=False), mouths)))
 
 
+def test_the_ratio_to_ground_truth_carries_its_standard_error_over_clips(capsys):
+    """mean_rows' gt_ratio_se, the SE over clips of a row's Sync-C / GT: 0 for a row that is a fixed
+    multiple of the ground truth clip by clip; with the same ground truth on every clip, the plain
+    SE of the row's mean over that constant. print_table shows it beside the ratio."""
+    gt = [18.0, 19.0, 20.5, 17.5]
+    metrics = lambda c: dict(sync_c=c, sync_d=1.0, mouth_err=0.1)
+    x = [9.0, 12.0, 11.0, 14.0]
+    rows = {"ground truth": [metrics(g) for g in gt], "half": [metrics(g / 2) for g in gt],
+            "flat gt": [metrics(v) for v in x]}
+    res = train.mean_rows(rows, 4)
+    assert "gt_ratio_se" not in res["ground truth"] and res["half"]["gt_ratio_se"] == pytest.approx(0, abs=1e-12)
+    flat = train.mean_rows({"ground truth": [metrics(19.0)] * 4, "x": [metrics(v) for v in x]}, 4)
+    assert flat["x"]["gt_ratio_se"] == pytest.approx(np.std(x, ddof=1) / 2 / 19.0)
+    assert train.mean_rows(rows, 4, gt=[19.0] * 4)["flat gt"]["gt_ratio_se"] == pytest.approx(flat["x"]["gt_ratio_se"])
+    train.print_table(flat, "t", 4)
+    assert f"| x | 11.50 | {11.5 / 19:.3f} ± {np.std(x, ddof=1) / 2 / 19:.3f} |" in capsys.readouterr().out
+
+
 def test_eval_rows_score_a_dub_against_the_dubs_true_video(monkeypatch, capsys):
     """The evaluations' dub rows are scored against the dub's true video (test_pool's dub_truth):
     a student whose dub is that video scores the PSNR cap and mouth SSIM 1 there, and the "ground

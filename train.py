@@ -1364,9 +1364,18 @@ def reference_rows(rows, ae, c, T, sync_net, mouth_net, device):
     return add
 
 
-def mean_rows(rows, n_clips, split="test"):
-    """Each row's metrics averaged over its clips, and the clip count as "<split>_clips"."""
+def mean_rows(rows, n_clips, split="test", gt=None):
+    """Each row's metrics averaged over its clips, and the clip count as "<split>_clips". With the
+    ground truth's Sync-C of the same clips (gt: per clip, in order; default: rows["ground truth"]),
+    each other row also gets gt_ratio_se, the standard error over clips of its Sync-C / GT: for the
+    ratio of means r = mean(x) / mean(g), the SE of mean(x - r g) over mean(g) (the delta method)."""
     res = {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in rows.items()}
+    g = np.array(gt if gt is not None else [m["sync_c"] for m in rows.get("ground truth", [])])
+    for name, ms in rows.items():
+        x = np.array([m["sync_c"] for m in ms])
+        if name != "ground truth" and len(x) == len(g) > 1:
+            r = x.mean() / g.mean()
+            res[name]["gt_ratio_se"] = float((x - r * g).std(ddof=1) / np.sqrt(len(x)) / g.mean())
     res[f"{split}_clips"] = n_clips
     return res
 
@@ -1404,7 +1413,8 @@ def eval_student(args):
 
 def print_table(res, title, n_clips):
     """The results table over n_clips clips; an "fps" entry in a row adds the FPS column. Sync-C / GT
-    is against the ground truth with its own audio in every row; fidelity is to the row's true video,
+    is against the ground truth with its own audio in every row, +- its standard error over clips
+    where the results hold one (gt_ratio_se, mean_rows); fidelity is to the row's true video,
     "-" where it has none (scored_fidelity: dub rows of results written before they were given the dub's)."""
     res = scored_fidelity(res)
     gt_c = res["ground truth"]["sync_c"]
@@ -1416,7 +1426,8 @@ def print_table(res, title, n_clips):
         if isinstance(m, dict):
             fid = f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if "psnr" in m else "- | - | -"
             speed = (f" {m['fps']:.1f} |" if m.get("fps") else " - |") * fps
-            print(f"| {name} | {m['sync_c']:.2f} | {m['sync_c'] / gt_c:.2f} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | "
+            ratio = f"{m['sync_c'] / gt_c:.3f} ± {m['gt_ratio_se']:.3f}" if "gt_ratio_se" in m else f"{m['sync_c'] / gt_c:.2f}"
+            print(f"| {name} | {m['sync_c']:.2f} | {ratio} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | "
                   f"{fid} |{speed}")
 
 
@@ -1465,7 +1476,8 @@ def eval_ablation(args):
     guided = f"CFG {L.CFG_SCALE:g}"                                  # the benchmark samples the teacher with CFG
     res = {**mean_rows(refs, len(test)),
            **{k: dict(v, fps=fps("teacher") if guided in k else None) for k, v in teacher.items() if k.startswith("teacher")},
-           **{k: dict(v, fps=fps("student")) for k, v in mean_rows(students, len(test)).items() if isinstance(v, dict)},
+           **{k: dict(v, fps=fps("student")) for k, v in
+              mean_rows(students, len(test), gt=[m["sync_c"] for m in refs["ground truth"]]).items() if isinstance(v, dict)},
            "students": found}                                          # mean_rows wrote test_clips
     print_table(res, "the distillation on the SynthTalk test split (teacher rows from results/teacher.json); "
                      "sync by the eval SyncNet", len(test))
