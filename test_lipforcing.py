@@ -125,7 +125,7 @@ def test_the_ratio_to_ground_truth_carries_its_standard_error_over_clips(capsys)
     assert flat["x"]["gt_ratio_se"] == pytest.approx(np.std(x, ddof=1) / 2 / 19.0)
     assert train.mean_rows(rows, 4, gt=[19.0] * 4)["flat gt"]["gt_ratio_se"] == pytest.approx(flat["x"]["gt_ratio_se"])
     train.print_table(flat, "t", 4)
-    assert f"| x | 11.50 | {11.5 / 19:.3f} ± {np.std(x, ddof=1) / 2 / 19:.3f} |" in capsys.readouterr().out
+    assert f"| x | 11.50 | {11.5 / 19:.3f} +- {np.std(x, ddof=1) / 2 / 19:.3f} |" in capsys.readouterr().out
 
 
 def test_eval_rows_score_a_dub_against_the_dubs_true_video(monkeypatch, capsys):

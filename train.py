@@ -1426,7 +1426,7 @@ def print_table(res, title, n_clips):
         if isinstance(m, dict):
             fid = f"{m['mouth_psnr']:.2f} | {m['mouth_ssim']:.3f} | {m['psnr']:.2f}" if "psnr" in m else "- | - | -"
             speed = (f" {m['fps']:.1f} |" if m.get("fps") else " - |") * fps
-            ratio = f"{m['sync_c'] / gt_c:.3f} ± {m['gt_ratio_se']:.3f}" if "gt_ratio_se" in m else f"{m['sync_c'] / gt_c:.2f}"
+            ratio = f"{m['sync_c'] / gt_c:.3f} +- {m['gt_ratio_se']:.3f}" if "gt_ratio_se" in m else f"{m['sync_c'] / gt_c:.2f}"
             print(f"| {name} | {m['sync_c']:.2f} | {ratio} | {m['sync_d']:.2f} | {m['mouth_err']:.3f} | "
                   f"{fid} |{speed}")
 
