@@ -93,8 +93,8 @@ def get_args(argv=None):
         p.error(f"--seconds must hold one {L.TEACHER_HOP + 1}-frame window: at least {(L.TEACHER_HOP + 1) / L.FPS:g} s")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; pass a folder for the CSVs, plots and summary")
-    if L.device_problem(args.device):
-        p.error(L.device_problem(args.device))
+    if why := L.device_problem(args.device):
+        p.error(why)
     return args
 
 

@@ -185,8 +185,8 @@ def check_args(args):
     for name in ("patch", "depth"):
         if getattr(args, name) is not None and not (args.benchmark and args.shape):
             fail(f"--{name} sets the random-init models of --benchmark --shape; a checkpoint keeps its own {name}")
-    if L.device_problem(args.device):
-        fail(L.device_problem(args.device))
+    if why := L.device_problem(args.device):
+        fail(why)
     if (args.benchmark or args.long_stream) and (args.video is not None or args.audio is not None):
         fail(f"{m} runs on a SynthTalk clip: leave out --video and --audio")
     if (args.video is None) != (args.audio is None):
@@ -366,16 +366,18 @@ def dub(stream, source, pieces, size):
             done += len(out)
 
 
-def reference_frame(args, source):
-    """The identity frame --reference names, at the model's size; None (the stream takes the first
-    frame, as the tables measure it) without it. A neutral, closed-mouth frame is a good choice; the
-    middle frame measured no different from the first on the test split (README)."""
-    i = args.reference
-    if i is None:
-        return None
-    if i >= len(source):
+def source_stream(args, student, ae, source):
+    """The student's stream for dubbing `source` (the demo, files, --stream): whole generated frames
+    (dub pastes them), --seed's noise, --steps' schedule, and as the identity frame the one
+    --reference names, at the model's size, else the stream's own, the first frame (as the tables
+    measure it). A neutral, closed-mouth frame is a good choice; the middle frame measured no
+    different from the first on the test split (README)."""
+    i, reference = args.reference, None
+    if i is not None and i >= len(source):
         fail(f"--reference {i}: the source video has {len(source)} frames; pass 0 to {len(source) - 1}")
-    return L.resize_frames(source[i:i + 1], args.size)[0]
+    if i is not None:
+        reference = L.resize_frames(source[i:i + 1], args.size)[0]
+    return L.LipSyncStream(student, ae, reference, seed=args.seed, composite=False, steps=args.schedule)
 
 
 def frame_pieces(audio):
@@ -406,8 +408,7 @@ def demo(args):
     student, ae, path = load_student(args)
     net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
-    stream = L.LipSyncStream(student, ae, reference_frame(args, clip.frames), seed=args.seed, composite=False,
-                             steps=args.schedule)
+    stream = source_stream(args, student, ae, clip.frames)
     out, t0, ttff = [], time.perf_counter(), None
     with L.autocast(args.device):
         for frames in dub(stream, clip.frames, frame_pieces(clip.dub_audio), args.size):
@@ -438,8 +439,7 @@ def files(args):
     print(f"{args.video}: {T} frames {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
           f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
           + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
-    stream = L.LipSyncStream(student, ae, reference_frame(args, source), seed=args.seed, composite=False,
-                             steps=args.schedule)
+    stream = source_stream(args, student, ae, source)
     dest = args.out or os.path.join("out", f"{os.path.splitext(os.path.basename(args.video))[0]}-lipsync.mp4")
 
     def made():                                           # the frames as the stream makes them, counted
@@ -574,8 +574,7 @@ def live(args):
                 writer.wav.write(piece)
             yield piece
 
-    stream = L.LipSyncStream(student, ae, reference_frame(args, source), seed=args.seed, composite=False,
-                             steps=args.schedule)
+    stream = source_stream(args, student, ae, source)
     try:
         with L.autocast(args.device):
             for frames in dub(stream, source, arriving(), args.size):

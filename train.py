@@ -1686,8 +1686,8 @@ def check_options(args):
         path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
             fail(f"{option(name)} {path}: {'a folder' if os.path.isdir(path) else 'not found'}; pass a .safetensors checkpoint")
-    if L.device_problem(args.device):
-        fail(L.device_problem(args.device))
+    if why := L.device_problem(args.device):
+        fail(why)
     if args.out is not None:
         if args.stage == "export" and os.path.exists(args.out) and not os.path.isdir(args.out):
             fail(f"--out {args.out} is a file; export writes a folder of clips")
