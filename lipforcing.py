@@ -1151,7 +1151,7 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_sc
     return x + (ode_t(steps, steps) - t) * v
 
 
-# The student's two-step schedule: ODE steps 0 and 30 of the teacher's 50 (t = 0.999, 0.769).
+# The student's two-step schedule: t = 0.999 (just below ODE step 0, t = 1) and 0.769 (step 30 of 50).
 STUDENT_STEPS = (0.999, ode_t(30))
 
 
@@ -1490,48 +1490,6 @@ def mouth_error(net, frames, mouth, batch=512):
     return float((pred - torch.as_tensor(mouth[:len(pred)])).abs().mean())
 
 
-VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
-RESIZE_VALUES = 2 ** 24   # float values resize_frames holds at a time: 64 MB (a 150-frame 720p clip is 1.7 GB)
-
-
-def resize_frames(frames, size):
-    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging).
-    A few frames at a time (RESIZE_VALUES), so the float copies stay small however long and large
-    the clip; each frame is resized on its own either way, so the result is the same."""
-    T, H, W, _ = frames.shape
-    if (H, W) == (size, size):
-        return frames
-    mode = "area" if min(H, W) >= size else "bilinear"
-    step = max(1, RESIZE_VALUES // (H * W * 3))
-    out = np.empty((T, size, size, 3), np.uint8)
-    for i in range(0, T, step):
-        x = frames_to_tensor(frames[i:i + step])                                   # (b, 3, H, W)
-        out[i:i + step] = tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
-    return out
-
-
-def folder_pool(folder, size=64, min_frames=16, progress=True):
-    """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
-    and size x size. The audio is cut or zero-padded to 640 samples per frame."""
-    from tqdm import tqdm
-    if not os.path.isdir(folder):
-        raise MediaError(f"{folder} is not a folder: --data takes a folder of mp4/mov/webm/avi clips")
-    # hidden files are not clips: macOS's ._name.mp4 resource forks, a write's .name.tmp-*.mp4 left over
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
-    if not paths:
-        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
-    clips = []
-    for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
-        frames, _ = read_video(p)
-        if len(frames) < min_frames:
-            raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
-        audio = read_audio(p)
-        n = len(frames) * SAMPLES_PER_FRAME
-        audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
-        clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))
-    return clips
-
-
 # -----------------------------------------------------------------------------
 # 9. SynthTalk: a procedural talking-face corpus whose audio alone drives the mouth
 #
@@ -1852,6 +1810,48 @@ def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=64):
 # -----------------------------------------------------------------------------
 # 10. data: pools of clips from SynthTalk or from a folder of real clips
 
+VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
+RESIZE_VALUES = 2 ** 24   # float values resize_frames holds at a time: 64 MB (a 150-frame 720p clip is 1.7 GB)
+
+
+def resize_frames(frames, size):
+    """uint8 (T, H, W, 3) -> (T, size, size, 3): area resampling (bilinear when enlarging).
+    A few frames at a time (RESIZE_VALUES), so the float copies stay small however long and large
+    the clip; each frame is resized on its own either way, so the result is the same."""
+    T, H, W, _ = frames.shape
+    if (H, W) == (size, size):
+        return frames
+    mode = "area" if min(H, W) >= size else "bilinear"
+    step = max(1, RESIZE_VALUES // (H * W * 3))
+    out = np.empty((T, size, size, 3), np.uint8)
+    for i in range(0, T, step):
+        x = frames_to_tensor(frames[i:i + step])                                   # (b, 3, H, W)
+        out[i:i + step] = tensor_to_frames(F.interpolate(x, size=(size, size), mode=mode))
+    return out
+
+
+def folder_pool(folder, size=64, min_frames=16, progress=True):
+    """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
+    and size x size. The audio is cut or zero-padded to 640 samples per frame."""
+    from tqdm import tqdm
+    if not os.path.isdir(folder):
+        raise MediaError(f"{folder} is not a folder: --data takes a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} clips")
+    # hidden files are not clips: macOS's ._name.mp4 resource forks, a write's .name.tmp-*.mp4 left over
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
+    if not paths:
+        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
+    clips = []
+    for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
+        frames, _ = read_video(p)
+        if len(frames) < min_frames:
+            raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
+        audio = read_audio(p)
+        n = len(frames) * SAMPLES_PER_FRAME
+        audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
+        clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))
+    return clips
+
+
 MOUTH_BOX = (0.55, 0.875, 0.28, 0.72)    # (top, bottom, left, right) as fractions of the frame:
                                          # holds the mouth through all SynthTalk head motion
 
@@ -2132,7 +2132,7 @@ def dmd_loss(x, real_x0, fake_x0):
 def reward_weights(R, beta=2.0, scale=1.0):
     """The SyncNet reward's per-sample weight w = exp(beta R / scale) (the paper's component 4;
     its w = exp(beta R) is scale = 1), in float64 and without gradient through R. Exact, but
-    with our SyncNets' Sync-C of 20-30 it is ~1e26: use reward_weighted_mean to apply it."""
+    with our SyncNets' Sync-C of ~17-19 it is ~1e15-1e16: use reward_weighted_mean to apply it."""
     return torch.exp(beta * R.detach().double() / scale)
 
 
@@ -2145,7 +2145,7 @@ def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     """mean_i(w_i L_i) / mean_i(w_i) with w = reward_weights(R, beta, scale): a self-normalised
     weighting. Within the batch the samples keep the paper's relative weights
     exp(beta (R_i - R_j) / scale) exactly. The division takes out the batch's mean weight
-    mean_j exp(beta R_j / scale), which the paper's loss keeps: >= 1e26 at our Sync-C of ~30 (1e7 at
+    mean_j exp(beta R_j / scale), which the paper's loss keeps: ~1e16 at our Sync-C of ~19 (1e7 at
     the paper's ~8), and apart by orders of magnitude from one batch to the next, more than the
     float32 gradients hold (clip_grad_norm would see inf and zero the step). So here a batch of
     higher rewards does not take a larger step than another, as it would in the paper's loss; in

@@ -72,12 +72,12 @@ GROW_IDLE = 1.0               # --stream from a growing file: it has ended after
 # the options that only some modes read (a mode: demo, files, --stream, --benchmark, --long-stream);
 # given to another mode they are an error, not silently ignored. Their defaults, filled in by check_args:
 MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-stream"),
-                "reference": ("demo", "files", "--stream"),
+                "reference": ("demo", "files", "--stream"), "seed": ("demo", "files", "--stream", "--long-stream"),
                 "teacher": ("--benchmark",), "shape": ("--benchmark",),
                 "results": ("--benchmark", "--long-stream"), "out": ("demo", "files", "--stream")}
 VAE_CKPT = "checkpoints/vae.safetensors"
 MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
-                 "teacher": "checkpoints/teacher.safetensors", "results": "results"}
+                 "teacher": "checkpoints/teacher.safetensors", "results": "results", "seed": 0}
 
 
 def log(args, msg):
@@ -107,7 +107,8 @@ def get_args(argv=None):
     p.add_argument("--size", type=L.frame_size, default=64, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE})")
     p.add_argument("--reference", type=L.seed_int, metavar="FRAME",
                    help="the identity frame, an index into the source video (default: 0, the first frame)")
-    p.add_argument("--seed", type=L.seed_int, default=0, help="the stream's noise (0 .. 2**63 - 1)")
+    p.add_argument("--seed", type=L.seed_int, default=None,
+                   help="the stream's noise (0 .. 2**63 - 1; default 0; the benchmark always uses 0)")
     p.add_argument("--stream", action="store_true", help="live: frames out as the audio comes in")
     p.add_argument("--benchmark", action="store_true", help="student streaming vs teacher: FPS, TTFF, memory")
     p.add_argument("--shape", choices=list(L.DIT_PRESETS), help="--benchmark random-init models of this preset")
@@ -688,8 +689,8 @@ def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_ST
 def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS):
     """The teacher as it samples: 33-frame windows with a 32-frame hop, each encoded, sampled with
     50 Euler steps and CFG 4.5 (batch 2: conditional and unconditional), decoded, one after another.
-    (encode_clip also encodes the unmasked frames, which sampling does not use: a few % of encode
-    time on top of 100 DiT passes per window.)"""
+    (encode_clip also encodes the unmasked frames, of which sampling uses only frame 0, the
+    reference: a few % of encode time on top of 100 DiT passes per window.)"""
     ctx, T = teacher.cfg.audio_context, 1 + L.TEACHER_HOP
     timed = Timed(teacher)
     g = torch.Generator().manual_seed(seed)

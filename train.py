@@ -30,7 +30,7 @@ Several processes (nanoGPT-style data parallel; --batch stays the global batch):
   torchrun --nproc_per_node=2 train.py vae --device cpu          # CPU processes talk over gloo
 
 Data is SynthTalk (generated, deterministic) unless --data DIR points at a folder of real clips
-(mp4/mov/webm/avi with an audio track, aligned face crops). Checkpoints are safetensors with their
+(mp4/mov/webm/avi/mkv with an audio track, aligned face crops). Checkpoints are safetensors with their
 config inside, written to checkpoints/ unless --out says otherwise.
 """
 
@@ -74,8 +74,9 @@ def get_args(argv=None):
                                                 "df: the teacher it starts from; dmd: the student it starts from)")
     p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors; "
                                                 "eval-student: <ckpt-dir>/student_df.safetensors)")
-    p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors); "
-                                              "folder for export")
+    p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors; syncnet: "
+                                              "syncnet_<role>, df: student_df, dmd: student); export: the folder "
+                                              "of clips (default data/synthtalk)")
     p.add_argument("--results", default="results", help="folder for JSON results")
     p.add_argument("--test-clips", type=L.positive_int, default=L.TEST_CLIPS, help="test clips to evaluate on")
     p.add_argument("--split", choices=["test", "val"], default=None,
@@ -119,14 +120,15 @@ def get_args(argv=None):
                                                  "none: write no state (a timing run of a large shape: at wan1.3b it is 26 GB)")
     p.add_argument("--stop-after", type=L.positive_int, default=None, help="stop after this many steps (state saved)")
     p.add_argument("--log-every", type=L.positive_int, default=None,
-                   help=f"steps between log lines (default {LOG_EVERY}; dmd logs every {DMD_LOG_EVERY})")
+                   help=f"steps between log lines (default {LOG_EVERY}; dmd {DMD_LOG_EVERY}, audio-probe {PROBE_LOG_EVERY})")
     g = p.add_argument_group("dmd")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default: <ckpt-dir>/teacher.safetensors); "
                                                    "the critic starts from it too")
     g.add_argument("--teacher-cfg", choices=TEACHER_CFG, default="window",
                    help="the teacher's guidance in DMD: none, fixed (--cfg-scale everywhere), "
                         "window (--cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
-    g.add_argument("--cfg-scale", type=L.nonnegative_float, default=L.CFG_SCALE, help="the teacher's guidance scale")
+    g.add_argument("--cfg-scale", type=L.nonnegative_float, default=L.CFG_SCALE,
+                   help="the teacher's guidance scale (dmd; eval-teacher grades it beside no CFG)")
     g.add_argument("--beta", type=L.nonnegative_float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
     g.add_argument("--reward-scale", type=L.positive_float, default=None,
                    help="R = Sync-C / this in w = exp(beta R). Default: the reward SyncNet's ground-truth "
@@ -137,7 +139,9 @@ def get_args(argv=None):
     g.add_argument("--critic-lr", type=L.positive_float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
     g.add_argument("--critic-steps", type=L.positive_int, default=5, help="critic updates per student update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=L.positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=L.positive_int, default=None,
+                   help="torch CPU threads, and the processes that generate a SynthTalk pool "
+                        "(default: this process's share of the cores)")
     return p.parse_args(argv)
 
 
@@ -1233,7 +1237,7 @@ def eval_teacher(args):
         for task, audio, mouth, truth in tasks(c):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
             enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context))
-            for name, scale in ((f"CFG {L.CFG_SCALE:g}", L.CFG_SCALE), ("no CFG", 1.0)):
+            for name, scale in ((f"CFG {args.cfg_scale:g}", args.cfg_scale), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, truth, sync_eval, mouth_net))
@@ -1243,7 +1247,7 @@ def eval_teacher(args):
 
 
 HELDOUT_STEPS = (0, 20, 30, 40)    # the teacher's ODE steps at which the held-out gap is measured
-HELDOUT_CLIPS = 64                 # clips of each kind; 2 windows of 9 latent frames from each
+HELDOUT_CLIPS = 64                 # clips of each kind; 2 x 64 windows of 9 latent frames drawn from them
 
 
 @torch.no_grad()
@@ -1290,6 +1294,7 @@ def eval_heldout(args):
 
 PROBE_CONTEXTS = (0, 2, 4, 8)      # audio context of the probe's inputs, video frames on each side
 PROBE_STEPS, PROBE_BATCH, PROBE_LR = 3000, 512, 1e-3
+PROBE_LOG_EVERY = 1000            # the probe's steps are cheap: a log line every 1000
 
 
 def probe_data(clips, context, track="audio"):
@@ -1330,7 +1335,7 @@ def eval_audio_probe(args):
             return (net(X[idx]) - Y[idx]).abs().mean(), len(idx)
 
         fit(net, step, args.steps or PROBE_STEPS, args.lr or PROBE_LR, f"audio probe, context {context}",
-            log_every=args.log_every or 1000, device=args.device)
+            log_every=args.log_every or PROBE_LOG_EVERY, device=args.device)
         with torch.no_grad():
             err = lambda X, Y: (net(X.to(args.device)) - Y.to(args.device)).abs().view(-1, 4, 3).mean((0, 1)).cpu()  # (3,)
             own, control = probe_data(test, context), probe_data(test, context, "dub_audio")
@@ -1649,6 +1654,7 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
 STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-student",),
                  "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
+                 "latent_frames": ("teacher", "df", "dmd"), "reward_scale": ("dmd",), "critic_lr": ("dmd",),
                  "audio_adaln": ("teacher",),
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
