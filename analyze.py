@@ -401,7 +401,7 @@ def analyze(args):
     tables = {"trajectory": [], "factorial": [], "endpoints": []}
     summary, labels = [], []
     for path in args.teacher:
-        label = os.path.basename(path).split(".")[0]
+        label = os.path.basename(path).removesuffix(".safetensors")
         label = label if label not in labels else path          # two teachers with one file name
         labels.append(label)
         rows = analyze_teacher(path, label, ae, sync_net, clips, args)

@@ -1407,7 +1407,7 @@ def eval_student(args):
     rows = {}
     for c in clips:
         reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
-    stem = os.path.basename(path).split(".")[0]
+    stem = os.path.basename(path).removesuffix(".safetensors")
     student_rows(rows, f"student {stem}, {len(L.STUDENT_STEPS)} steps", model, ae, clips, sync_eval, mouth_net)
     res = mean_rows(rows, len(clips), "val" if val else "test")
     split = "validation clips (unseen training-distribution identities)" if val else "test clips"
