@@ -2132,7 +2132,7 @@ def dmd_loss(x, real_x0, fake_x0):
 def reward_weights(R, beta=2.0, scale=1.0):
     """The SyncNet reward's per-sample weight w = exp(beta R / scale) (the paper's component 4;
     its w = exp(beta R) is scale = 1), in float64 and without gradient through R. Exact, but
-    with our SyncNets' Sync-C of ~17-19 it is ~1e15-1e16: use reward_weighted_mean to apply it."""
+    with our SyncNets' Sync-C of ~16-19 it is ~1e14-1e16: use reward_weighted_mean to apply it."""
     return torch.exp(beta * R.detach().double() / scale)
 
 
@@ -2145,7 +2145,7 @@ def reward_weighted_mean(losses, R, beta=2.0, scale=1.0):
     """mean_i(w_i L_i) / mean_i(w_i) with w = reward_weights(R, beta, scale): a self-normalised
     weighting. Within the batch the samples keep the paper's relative weights
     exp(beta (R_i - R_j) / scale) exactly. The division takes out the batch's mean weight
-    mean_j exp(beta R_j / scale), which the paper's loss keeps: ~1e16 at our Sync-C of ~19 (1e7 at
+    mean_j exp(beta R_j / scale), which the paper's loss keeps: 1e14-1e16 at our Sync-C of 16-19 (1e7 at
     the paper's ~8), and apart by orders of magnitude from one batch to the next, more than the
     float32 gradients hold (clip_grad_norm would see inf and zero the step). So here a batch of
     higher rewards does not take a larger step than another, as it would in the paper's loss; in

@@ -124,12 +124,14 @@ def get_args(argv=None):
     g = p.add_argument_group("dmd")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default: <ckpt-dir>/teacher.safetensors); "
                                                    "the critic starts from it too")
-    g.add_argument("--teacher-cfg", choices=TEACHER_CFG, default="window",
+    g.add_argument("--teacher-cfg", choices=TEACHER_CFG, default=None,
                    help="the teacher's guidance in DMD: none, fixed (--cfg-scale everywhere), "
-                        "window (--cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
-    g.add_argument("--cfg-scale", type=L.nonnegative_float, default=L.CFG_SCALE,
-                   help="the teacher's guidance scale (dmd; eval-teacher grades it beside no CFG)")
-    g.add_argument("--beta", type=L.nonnegative_float, default=2.0, help="SyncNet reward w = exp(beta R); 0 turns it off")
+                        "window (the default: --cfg-scale for re-noise t in [0.556, 0.882], 1 elsewhere)")
+    g.add_argument("--cfg-scale", type=L.nonnegative_float, default=None,
+                   help=f"the teacher's guidance scale (default {L.CFG_SCALE:g}; dmd, and eval-teacher, which "
+                        "grades it beside no CFG)")
+    g.add_argument("--beta", type=L.nonnegative_float, default=None,
+                   help=f"SyncNet reward w = exp(beta R) (default {DMD_DEFAULTS['beta']:g}); 0 turns it off")
     g.add_argument("--reward-scale", type=L.positive_float, default=None,
                    help="R = Sync-C / this in w = exp(beta R). Default: the reward SyncNet's ground-truth "
                         "Sync-C over syncnet_python's on HDTF (19.15 / 7.95 = 2.41 for ours), which puts R in the "
@@ -137,11 +139,12 @@ def get_args(argv=None):
                         "weights samples far more sharply than the paper's (a Sync-C gap of 5 is a factor e^10). "
                         "1 is the paper's formula applied to our raw Sync-C")
     g.add_argument("--critic-lr", type=L.positive_float, default=None, help=f"critic learning rate (default {DMD_LR:g})")
-    g.add_argument("--critic-steps", type=L.positive_int, default=5, help="critic updates per student update")
+    g.add_argument("--critic-steps", type=L.positive_int, default=None,
+                   help=f"critic updates per student update (default {DMD_DEFAULTS['critic_steps']})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=L.positive_int, default=None,
-                   help="torch CPU threads, and the processes that generate a SynthTalk pool "
-                        "(default: this process's share of the cores)")
+                   help="torch CPU threads (default: torch's), and the processes that generate a SynthTalk "
+                        "pool (default: this process's share of the cores)")
     return p.parse_args(argv)
 
 
@@ -1004,6 +1007,14 @@ DMD_STEPS, DMD_BATCH = 50, 8    # 2.5-3.9 s per step on 2 CPU cores; sync peaks 
 DMD_LOG_EVERY = 10          # a log line every 10 student steps
 DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
+# the dmd options' defaults (--cfg-scale's for eval-teacher too), filled in by the stages that read
+# them, so that any other stage can refuse them (STAGE_OPTIONS)
+DMD_DEFAULTS = {"teacher_cfg": "window", "cfg_scale": L.CFG_SCALE, "beta": 2.0, "critic_steps": 5}
+
+
+def with_dmd_defaults(args):
+    """args with every DMD_DEFAULTS option that was not given set to its default."""
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in DMD_DEFAULTS.items() if getattr(args, k) is None}})
 
 
 @torch.no_grad()
@@ -1026,6 +1037,7 @@ def critic_loss(critic, x, cond, audio, t, eps, mouth_weight=None):
 
 
 def train_dmd(args):
+    args = with_dmd_defaults(args)
     seed = args.seed if args.seed is not None else 0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -1224,6 +1236,7 @@ def clip_metrics(frames, audio, mouth, gt, sync_net, mouth_net):
 
 
 def eval_teacher(args):
+    args = with_dmd_defaults(args)
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     model = L.load_checkpoint(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), L.DiTConfig, L.DiT,
                               args.device)[0]
@@ -1648,13 +1661,16 @@ FSDP_STAGES = ("teacher", "df", "dmd")                                          
 TRAINING_STAGES = DISTRIBUTED_STAGES                                            # they keep a training-state file
 
 # the options only some stages act on: any other stage refuses them rather than ignore them.
+# (Not --role, --drop-mode, --cfg-drop, --mouth-weight, --preset and --test-clips: they have values
+# by default, pipeline passes --mouth-weight to every stage, and the stages that do not read them ignore them.)
 # The teacher trains from scratch (--resume continues a stopped run: a teacher --init would have to
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
 STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-student",),
                  "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
-                 "latent_frames": ("teacher", "df", "dmd"), "reward_scale": ("dmd",), "critic_lr": ("dmd",),
+                 "latent_frames": ("teacher", "df", "dmd"), "cfg_scale": ("dmd", "eval-teacher"),
+                 **{name: ("dmd",) for name in ("teacher_cfg", "beta", "reward_scale", "critic_lr", "critic_steps")},
                  "audio_adaln": ("teacher",),
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
@@ -1682,10 +1698,16 @@ def fail(msg):
     raise Refused(msg)
 
 
+def given(args, name):
+    """Whether an option was set on the command line: not None and not an unset flag (0 is set)."""
+    value = getattr(args, name)
+    return value is not None and value is not False
+
+
 def check_options(args):
     """Refuse, before any work, an option the stage would silently ignore."""
     for name, stages in STAGE_OPTIONS.items():
-        if getattr(args, name) not in (None, False) and args.stage not in stages:
+        if given(args, name) and args.stage not in stages:
             note = f" ({OPTION_NOTES[name]})" if name in OPTION_NOTES else ""
             fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it{note}")
     for name in ("init", "teacher", "ckpt"):                          # checkpoints named on the command line
@@ -1705,7 +1727,7 @@ def check_options(args):
     if args.state == "none" and (args.resume or args.stop_after):
         fail(f"{'--resume' if args.resume else '--stop-after'} needs a training-state file; --state none writes none")
     for name in ("resume", "state", "stop_after"):
-        if args.fsdp and getattr(args, name) not in (None, False):
+        if args.fsdp and given(args, name):
             fail(f"{option(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
                  "not written there")
 
