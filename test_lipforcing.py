@@ -2843,7 +2843,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["foundation", "--compile"], "--compile does nothing in foundation"),
     (["df", "--grad-ckpt"], "--grad-ckpt does nothing in df"),
     (["eval-student", "--data", "d"], "--data does nothing in eval-student"),
-    (["eval-teacher", "--split", "val"], "--split does nothing in eval-teacher"),
+    (["eval", "--split", "val"], "--split does nothing in eval; only eval-teacher, eval-student read it"),
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
     (["df", "--channels-last"], "--channels-last does nothing in df"),
     (["df", "--audio-adaln"], "--audio-adaln does nothing in df"),

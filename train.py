@@ -80,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--results", default="results", help="folder for JSON results")
     p.add_argument("--test-clips", type=L.positive_int, default=L.TEST_CLIPS, help="test clips to evaluate on")
     p.add_argument("--split", choices=["test", "val"], default=None,
-                   help="eval-student: the test split (default), or val: 16 unseen training-distribution clips as "
+                   help="eval-teacher, eval-student: the test split (default), or val: 16 unseen training-distribution clips as "
                         "long as the test clips and without a dub track, to choose a recipe off the test split")
     p.add_argument("--preset", choices=list(L.DIT_PRESETS), default="tiny", help="DiT size")
     p.add_argument("--latent-frames", type=L.positive_int, default=None,
@@ -1240,9 +1240,9 @@ def eval_teacher(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     model = L.load_checkpoint(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), L.DiTConfig, L.DiT,
                               args.device)[0]
-    test = test_pool(args, dub_truth=True)
+    test, split, words = graded_clips(args)
     rows = {}
-    for ci, c in enumerate(tqdm(test, desc="teacher on the test split")):
+    for ci, c in enumerate(tqdm(test, desc=f"teacher on the {split} clips")):
         T = 1 + segment_starts(len(c.frames))[-1] + L.TEACHER_HOP
         gt = c.frames[:T]
         add = reference_rows(rows, ae, c, T, sync_eval, mouth_net, args.device)
@@ -1254,9 +1254,9 @@ def eval_teacher(args):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, truth, sync_eval, mouth_net))
-    res = mean_rows(rows, len(test))
-    print_table(res, "teacher (bidirectional, 50-step Euler) on the SynthTalk test split; sync by the eval SyncNet", len(test))
-    L.save_json(os.path.join(args.results, "teacher.json"), res)
+    res = mean_rows(rows, len(test), split)
+    print_table(res, f"teacher (bidirectional, 50-step Euler) on SynthTalk's {words}; sync by the eval SyncNet", len(test))
+    L.save_json(os.path.join(args.results, "teacher_val.json" if split == "val" else "teacher.json"), res)
 
 
 HELDOUT_STEPS = (0, 20, 30, 40)    # the teacher's ODE steps at which the held-out gap is measured
@@ -1411,22 +1411,28 @@ def student_rows(rows, name, model, ae, clips, sync_net, mouth_net):
             rows.setdefault(f"{name}, {task}", []).append(clip_metrics(out, audio, mouth, truth, sync_net, mouth_net))
 
 
+def graded_clips(args):
+    """The clips eval-teacher and eval-student grade (--split), their split's key and its words:
+    the test split with its dubs' true videos, or 16 validation clips as long (no dub track)."""
+    if args.split == "val":
+        return val_clips(args, seconds=L.TEST_SECONDS), "val", "validation clips (unseen training-distribution identities)"
+    return test_pool(args, dub_truth=True), "test", "test clips"
+
+
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
     model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
-    val = args.split == "val"
-    clips = val_clips(args, seconds=L.TEST_SECONDS) if val else test_pool(args, dub_truth=True)
+    clips, split, words = graded_clips(args)
     rows = {}
     for c in clips:
         reference_rows(rows, ae, c, len(c.frames), sync_eval, mouth_net, args.device)
     stem = os.path.basename(path).removesuffix(".safetensors")
     student_rows(rows, f"student {stem}, {len(L.STUDENT_STEPS)} steps", model, ae, clips, sync_eval, mouth_net)
-    res = mean_rows(rows, len(clips), "val" if val else "test")
-    split = "validation clips (unseen training-distribution identities)" if val else "test clips"
-    print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole {split}; "
+    res = mean_rows(rows, len(clips), split)
+    print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole {words}; "
                      "sync by the eval SyncNet", len(clips))
-    L.save_json(os.path.join(args.results, f"{stem}_val.json" if val else f"{stem}.json"), res)
+    L.save_json(os.path.join(args.results, f"{stem}_val.json" if split == "val" else f"{stem}.json"), res)
 
 
 def print_table(res, title, n_clips):
@@ -1667,7 +1673,7 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
-STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-student",),
+STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-teacher", "eval-student"),
                  "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
                  "latent_frames": ("teacher", "df", "dmd"), "cfg_scale": ("dmd", "eval-teacher"),
                  **{name: ("dmd",) for name in ("teacher_cfg", "beta", "reward_scale", "critic_lr", "critic_steps")},
