@@ -167,17 +167,21 @@ def read_safetensors(path, what="checkpoint"):
     """(tensors on the CPU, metadata dict) of a safetensors file; CheckpointError if it is missing,
     a folder, or not a readable safetensors file."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a {what} file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: {what} not found; train it first (see README)")
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        return load_file(path), meta
+        with safe_open(path, "pt") as f:                 # one read: the header's metadata, then the tensors
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:                         # truncated, corrupt, or not safetensors at all
         raise CheckpointError(f"{path} is not a readable safetensors {what} ({first_line(e)})") from None
+
+
+def file_problem(path):
+    """Why `path` is not a file to read, as a command line reports it: "a folder", "not found";
+    None when it is one."""
+    return "a folder" if os.path.isdir(path) else None if os.path.isfile(path) else "not found"
 
 
 def first_line(e):

@@ -174,9 +174,8 @@ def check_args(args):
     # the benchmark stands random-init models in for missing default checkpoints; a file you name must exist
     for name, given in (("teacher", args.teacher is not None), ("vae", args.vae != VAE_CKPT)):
         path = getattr(args, name)
-        if m == "--benchmark" and given and not os.path.isfile(path):
-            fail(f"--{name} {path}: {'a folder' if os.path.isdir(path) else 'not found'}; pass a .safetensors "
-                 "checkpoint, or leave it out")
+        if m == "--benchmark" and given and (why := L.file_problem(path)):
+            fail(f"--{name} {path}: {why}; pass a .safetensors checkpoint, or leave it out")
     for name, default in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

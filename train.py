@@ -1718,8 +1718,8 @@ def check_options(args):
             fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it{note}")
     for name in ("init", "teacher", "ckpt"):                          # checkpoints named on the command line
         path = getattr(args, name)
-        if path is not None and not os.path.isfile(path):
-            fail(f"{option(name)} {path}: {'a folder' if os.path.isdir(path) else 'not found'}; pass a .safetensors checkpoint")
+        if path is not None and (why := L.file_problem(path)):
+            fail(f"{option(name)} {path}: {why}; pass a .safetensors checkpoint")
     if why := L.device_problem(args.device):
         fail(why)
     if args.out is not None:
