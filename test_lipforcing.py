@@ -1108,6 +1108,19 @@ def test_pack_audio_alignment():
     assert loud[1].nonzero().flatten().tolist() == [6] and loud[2].nonzero().flatten().tolist() == [2]
 
 
+def test_ema_decay_is_the_warm_up_until_it_reaches_the_cap():
+    """ema_update's decay is (1 + step) / (10 + step) until it reaches `decay`, from step
+    (10 decay - 1) / (1 - decay) on (8 for 0.5): a weight held at 1, its EMA from 0, leaves
+    the product of the decays so far."""
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.ones_(model.weight), torch.nn.init.zeros_(ema.weight)
+    left = 1.0
+    for step in range(20):
+        train.ema_update(ema, model, step, 0.5)
+        left *= 0.5 if step >= 8 else (1 + step) / (10 + step)
+        assert ema.weight.item() == pytest.approx(1 - left, abs=1e-6)
+
+
 def test_training_resumes_identically(tmp_path, monkeypatch):
     """A teacher run stopped after 3 steps and resumed gives the same losses as one uninterrupted run,
     even when another run (another --out, so another training-state file) ran in between."""
