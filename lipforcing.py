@@ -293,8 +293,8 @@ def _last_line(text):
 
 def check_file(path, pipe_ok=False):
     """An input media path as a Path, or MediaError if it is missing or a folder, or (unless
-    pipe_ok) a pipe such as bash's <(...): ffmpeg reads a media file more than once (probe, check,
-    decode), and a pipe's bytes are gone after the first read."""
+    pipe_ok) empty, or a pipe such as bash's <(...): ffmpeg reads a media file more than once
+    (probe, check, decode), and a pipe's bytes are gone after the first read."""
     path = Path(path)
     if not path.exists():
         raise MediaError(f"{path} does not exist: check the path and spelling")
@@ -302,6 +302,8 @@ def check_file(path, pipe_ok=False):
         raise MediaError(f"{path} is a directory, not a media file: pass a file inside it")
     if not pipe_ok and not path.is_file():
         raise MediaError(f"{path} is a pipe or device, not a file: save it to a file first")
+    if not pipe_ok and path.stat().st_size == 0:        # (a stream's raw PCM file may be empty yet: it grows)
+        raise MediaError(f"{path} is empty (0 bytes): pass the finished file")
     return path
 
 

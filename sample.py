@@ -17,7 +17,7 @@ Length policy (files and stream): the output has one frame per started 40 ms of 
 ceil(samples / 640) frames at 25 fps. If the audio outlasts the video the source frames are played
 ping-pong (0, 1, .., T-1, T-2, .., 1, 0, 1, ..), so a video of one frame (a still image) is
 animated and a video shorter than one chunk works; if the audio is shorter the video is cut.
-The model sees the frames resized to --size (squares, as it was trained); the generated lower face
+The model sees the frames resized to the size it trained at (square); the generated lower face
 is resized back and blended into the original frames with a soft mask (L.composite_mask), so the
 upper face is the source, pixel for pixel, at the source's resolution (odd sizes too; the mp4 is
 padded to even as L.write_video does). Silent audio is not an error: the student draws what it
@@ -50,12 +50,19 @@ import tempfile
 import time
 from collections import deque
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+INTERRUPTED = "sample.py: interrupted; no output file was written"
+try:                     # Ctrl-C while torch loads (a second or so) ends the command as it does later
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
 
-import lipforcing as L
+    import lipforcing as L
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print(INTERRUPTED, file=sys.stderr)
+    raise SystemExit(130)
 
 SPF = L.SAMPLES_PER_FRAME
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
@@ -76,6 +83,7 @@ MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-
                 "teacher": ("--benchmark",), "shape": ("--benchmark",),
                 "results": ("--benchmark", "--long-stream"), "out": ("demo", "files", "--stream")}
 VAE_CKPT = "checkpoints/vae.safetensors"
+SIZE_DEFAULT = 64    # SynthTalk's frame size: --size for a student whose checkpoint does not record its own
 MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
                  "teacher": "checkpoints/teacher.safetensors", "results": "results", "seed": 0}
 
@@ -104,7 +112,8 @@ def get_args(argv=None):
     p.add_argument("--syncnet", help=f"eval SyncNet for Sync-C (demo, --long-stream; default {MODE_DEFAULTS['syncnet']})")
     p.add_argument("--teacher", help=f"teacher checkpoint (--benchmark; default {MODE_DEFAULTS['teacher']})")
     p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
-    p.add_argument("--size", type=L.frame_size, default=64, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE})")
+    p.add_argument("--size", type=L.frame_size, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE}; "
+                                                     f"default: the one the student trained at, else {SIZE_DEFAULT})")
     p.add_argument("--reference", type=L.seed_int, metavar="FRAME",
                    help="the identity frame, an index into the source video (default: 0, the first frame)")
     p.add_argument("--seed", type=L.seed_int, default=None,
@@ -209,6 +218,10 @@ def check_args(args):
             fail(f"--out {args.out} is a directory: pass a file name such as {os.path.join(args.out, 'out.mp4')}")
         if os.path.splitext(args.out)[1].lower() not in OUT_EXTS:
             fail(f"--out {args.out}: write an {' / '.join(OUT_EXTS)} file (H.264 + AAC)")
+        for name in ("video", "audio"):                    # the output would replace the input it was made from
+            given = getattr(args, name)
+            if given not in (None, "-") and os.path.realpath(given) == os.path.realpath(args.out):
+                fail(f"--out {args.out} is the --{name} file: write the output to another path")
     if args.out == "-" and not args.stream:
         fail("--out - (raw frames on stdout) is only for --stream; pass an .mp4 path")
     if args.out == "-" and sys.stdout is None:
@@ -223,14 +236,21 @@ def check_args(args):
 # models
 
 
+def from_here(path):
+    """' in <the current folder> (run from the repository's root?)' for a relative path: the default
+    checkpoints are found from the repository's root, and a run elsewhere is told where it looked."""
+    return "" if os.path.isabs(path) else f" in {os.getcwd()} (run sample.py from the repository's root?)"
+
+
 def load(path, config_class, model_class, device, how):
-    """load_checkpoint, with every failure turned into one line saying what to do."""
+    """load_checkpoint's (model, extra), with every failure turned into one line saying what to do."""
     if os.path.isdir(path):
         fail(f"{path} is a folder: pass a .safetensors file; {how}")
     if not os.path.isfile(path):
-        fail(f"{path} not found: {how}")
+        fail(f"{path} not found{from_here(path)}: {how}")
     try:
-        return L.load_checkpoint(path, config_class, model_class, device)[0]
+        model, _, extra = L.load_checkpoint(path, config_class, model_class, device)
+        return model, extra
     except L.CheckpointError as e:  # a corrupt file, another model's checkpoint, a config from another version
         fail(f"cannot load {path} ({e}): {how}")
 
@@ -241,8 +261,8 @@ def student_path(args, required=True):
         return args.ckpt
     found = [p for p in STUDENT_CKPTS if os.path.isfile(p)]
     if not found and required:
-        fail(f"no student checkpoint ({' or '.join(STUDENT_CKPTS)}): train one with `python train.py df`, "
-             "or pass --ckpt")
+        fail(f"no student checkpoint ({' or '.join(STUDENT_CKPTS)}{from_here(STUDENT_CKPTS[0])}): "
+             "train one with `python train.py df`, or pass --ckpt")
     return found[0] if found else None
 
 
@@ -256,12 +276,25 @@ DIT_KINDS = {   # causal: (how to make one, what a checkpoint of the other kind 
 
 def load_dit(path, device, causal=True):
     """A student checkpoint (causal) or a teacher's (causal=False), refused in one line if it holds
-    the other kind."""
+    the other kind: (model, extra)."""
     how, other_kind = DIT_KINDS[causal]
-    model = load(path, L.DiTConfig, L.DiT, device, how)
+    model, extra = load(path, L.DiTConfig, L.DiT, device, how)
     if model.cfg.causal != causal:
         fail(other_kind.format(path=path))
-    return model
+    return model, extra
+
+
+def frame_size(args, path, extra):
+    """--size, else the frame size the student at `path` trained at (its checkpoint's "size"), else
+    SIZE_DEFAULT. Only --benchmark, which times any size, takes a size the student did not train
+    at: the model has never seen faces at another scale, and would lip-sync them badly."""
+    trained = extra.get("size")
+    if args.size is None:
+        return trained or SIZE_DEFAULT
+    if trained and args.size != trained and not args.benchmark:
+        fail(f"--size {args.size}: {path} was trained on {trained} px frames and sees only those well; "
+             f"leave --size out")
+    return args.size
 
 
 WARM_UP_CHUNKS = 5     # a stream's cache is empty, then filling, then rolling from the third chunk on
@@ -277,7 +310,8 @@ def load_student(args):
     run once through a throwaway stream of blank input that passes every cache state, so compiling
     is over before the first real frame (a live stream's TTFF, the FPS printed), not inside it."""
     path = student_path(args)
-    model = load_dit(path, args.device)
+    model, extra = load_dit(path, args.device)
+    args.size = frame_size(args, path, extra)
     log(args, f"student {path}: {model.cfg}")
     ae = load_ae(args)
     check_latents(ae, model, path, args.vae)
@@ -292,7 +326,7 @@ def load_student(args):
 
 
 def load_ae(args):
-    return load(args.vae, L.AEConfig, L.VideoAE, args.device, "train it with `python train.py vae`")
+    return load(args.vae, L.AEConfig, L.VideoAE, args.device, "train it with `python train.py vae`")[0]
 
 
 def check_latents(ae, model, path, vae):
@@ -380,6 +414,15 @@ def source_stream(args, student, ae, source):
     return L.LipSyncStream(student, ae, reference, seed=args.seed, composite=False, steps=args.schedule)
 
 
+def warn_not_square(args, source):
+    """The model sees square face crops: a frame of another shape is squeezed into one, and the
+    face with it. Said, not refused: a crop a few pixels off square is fine."""
+    H, W = source.shape[1:3]
+    if H != W:
+        log(args, f"note: the {W}x{H} frames are squeezed to {args.size}x{args.size}: the model expects square, "
+                  f"aligned face crops (README, Lip-sync your own video)")
+
+
 def frame_pieces(audio):
     """A whole clip's audio in 640-sample pieces, so a progress bar moves chunk by chunk."""
     return (audio[i:i + SPF] for i in range(0, len(audio), SPF))
@@ -406,7 +449,7 @@ def demo(args):
     """A held-out SynthTalk test speaker dubbed with another test speaker's voice, side by side with
     the source and with the dub's true video (SynthTalk draws the face with the dub track's mouth)."""
     student, ae, path = load_student(args)
-    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
+    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")[0]
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
     stream = source_stream(args, student, ae, clip.frames)
     out, t0, ttff = [], time.perf_counter(), None
@@ -439,6 +482,7 @@ def files(args):
     print(f"{args.video}: {T} frames {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
           f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
           + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
+    warn_not_square(args, source)
     stream = source_stream(args, student, ae, source)
     dest = args.out or os.path.join("out", f"{os.path.splitext(os.path.basename(args.video))[0]}-lipsync.mp4")
 
@@ -563,6 +607,7 @@ def live(args):
     H, W = source.shape[1:3]
     dest = f"raw rgb24 {W}x{H} {L.FPS} fps frames on stdout" if raw else args.out
     log(args, f"streaming: {args.video} ({len(source)} frames {W}x{H}, looped ping-pong) driven by {args.audio} -> {dest}")
+    warn_not_square(args, source)
     writer = None if raw else Mp4Writer(args.out, H, W)
     t_in, t_out, n = None, None, 0
 
@@ -717,7 +762,6 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
 
 def benchmark(args):
     dev, cuda = args.device, args.device.startswith("cuda")
-    clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)    # long enough: check_args
     # weights from the checkpoints where they exist, else random init: speed does not depend on them.
     # The DiTs wait on the CPU; each goes to the device for its own run, so its peak memory is its own.
     if os.path.isfile(args.vae):
@@ -726,7 +770,8 @@ def benchmark(args):
         ae, weights = L.VideoAE(L.AEConfig()).to(dev).eval(), "autoencoder random init"
     path = None if args.shape else student_path(args, required=False)
     if path:
-        student = load_dit(path, "cpu")
+        student, extra = load_dit(path, "cpu")
+        args.size = frame_size(args, path, extra)
         check_latents(ae, student, path, args.vae)
         weights += f", student {path}"
     else:
@@ -736,12 +781,14 @@ def benchmark(args):
                     f"depth {student.cfg.depth})")
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
-        teacher = load_dit(args.teacher, "cpu", causal=False)
+        teacher = load_dit(args.teacher, "cpu", causal=False)[0]
         check_latents(ae, teacher, args.teacher, args.vae)
         weights += f", teacher {args.teacher}"
     else:
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()
         weights += ", teacher random init (the student's config, bidirectional)"
+    args.size = args.size or SIZE_DEFAULT
+    clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)    # long enough: check_args
     frames, audio = clip.frames, clip.dub_audio
     warm = max(1 + L.TEACHER_HOP, warm_up_frames(ae, cfg))     # a teacher window, and every cache state of a stream
 
@@ -804,7 +851,7 @@ def long_stream(args):
     """Stream one long SynthTalk test clip (dubbed) through the student. Only the first and the last
     30 s of output are kept (for Sync-C); the input clip itself is generated whole."""
     student, ae, path = load_student(args)
-    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")
+    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")[0]
     clip = L.synthtalk_clip("test", 0, seconds=args.long_stream, size=args.size)
     keep, mark = 30 * L.FPS, 20 * L.FPS                   # frames of Sync-C at each end; memory read at 20 s
     first, last, n, at = [], deque(maxlen=keep), 0, {}
@@ -867,7 +914,7 @@ def main(argv=None):
     except MemoryError:
         fail("out of memory: use a shorter --seconds or --long-stream, or a smaller --size")
     except KeyboardInterrupt:
-        print("sample.py: interrupted; no output file was written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         raise SystemExit(130)
 
 

@@ -669,6 +669,8 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
     sf.write(wav, tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, np.float32), SAMPLE_RATE)
+    zero = tmp_path / "zero.mp4"
+    zero.write_bytes(b"")
     fifo = tmp_path / "fifo.wav"                                         # what bash's <(...) hands over
     os.mkfifo(fifo)
     cut_mp4, cut_webm = tmp_path / "cut.mp4", tmp_path / "cut.webm"
@@ -699,6 +701,8 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
         (read_audio, silent_mp4, "no audio track"),
         (read_video, wav, "no video stream"),
         (read_audio, empty, "no audio samples"),
+        (read_video, zero, "is empty (0 bytes)"),
+        (read_audio, zero, "is empty (0 bytes)"),
         (read_video, cut_mp4, "cut short (stream 0"),
         (read_audio, cut_mp4, "cut short (stream 1"),
         (read_video, cut_webm, "cut short (File ended prematurely)"),
@@ -1646,6 +1650,36 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     assert_one_line_error(code, err, *words)
 
 
+def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_benchmark(tmp_path, capsys, ckpt):
+    """sample.py's --size defaults to the size recorded in the student's checkpoint (SIZE_DEFAULT
+    where none is), and a size the student did not train at is refused, one line, except by
+    --benchmark, which only times it."""
+    recorded = {"size": 32}
+    args = lambda **kw: SimpleNamespace(**{"size": None, "benchmark": False, **kw})
+    assert sample.frame_size(args(), "s", recorded) == 32 and sample.frame_size(args(), "s", {}) == sample.SIZE_DEFAULT
+    assert sample.frame_size(args(size=48), "s", {}) == 48 and sample.frame_size(args(size=32), "s", recorded) == 32
+    assert sample.frame_size(args(size=48, benchmark=True), "s", recorded) == 48
+    student = L.load_checkpoint(ckpt[1], L.DiTConfig, L.DiT)[0]
+    L.save_checkpoint(tmp_path / "s32.safetensors", student, student.cfg, extra=recorded)
+    face_video(tmp_path / "v.mp4", 12)
+    speech(tmp_path / "a.wav", 12)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        "--ckpt", tmp_path / "s32.safetensors", "--vae", ckpt[3], "--size", "48"], capsys)
+    assert_one_line_error(code, err, "--size 48", "trained on 32 px frames")
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckpt):
+    """A non-square video is squeezed to the model's square frames: the run says so on stdout and
+    goes on; a square one gets no note."""
+    speech(tmp_path / "a.wav", 12)
+    for (H, W), noted in (((48, 64), True), ((48, 48), False)):
+        face_video(tmp_path / "v.mp4", 12, H, W)
+        code, out, _ = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                            *ckpt], capsys)
+        assert code == 0 and ("64x48 frames are squeezed to 32x32" in out) == noted, out
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--seconds", "nan"], ("--seconds nan", "positive number of seconds")),
     (["--seed", str(2 ** 64)], ("--seed", "2**63 - 1")),
@@ -1658,6 +1692,8 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
     (["--stream", "--video", "{tmp}/v.mp4", "--audio", "{tmp}/gone.pcm", "--out", "-"], ("gone.pcm", "does not exist")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/a.wav/x.mp4"], ("a.wav is a file, not a folder",)),
     (["--benchmark", "--results", "{tmp}/a.wav"], ("a.wav is a file", "folder")),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/./v.mp4"], ("v.mp4 is the --video file",)),
+    (["--video", "{tmp}/a.mp4", "--audio", "{tmp}/a.mp4", "--out", "{tmp}/a.mp4"], ("a.mp4 is the --video file",)),
     (["--benchmark", "--teacher", "{tmp}/gone.safetensors"], ("--teacher", "gone.safetensors: not found")),
     (["--benchmark", "--vae", "{tmp}"], ("--vae", "a folder")),
     (["--benchmark", "--shape", "tiny", "--ckpt", "s.safetensors"], ("--shape times random-init models",)),
@@ -2388,6 +2424,7 @@ def test_dmd_stage_runs_and_saves_a_causal_student(tmp_path, monkeypatch):
     out, cfg, extra = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
     assert cfg.causal and (cfg.sink, cfg.window) == (1, 7) and extra["teacher_cfg"] == "window"
     assert extra["mouth_weight"] == train.MOUTH_WEIGHT and extra["beta"] == 2.0        # the recipe is recorded
+    assert extra["size"] == 32                                                        # and the frame size (sample.py's default)
     rounded = lambda q: q.to(train.STUDENT_DTYPE).float()          # the student is stored in STUDENT_DTYPE
     assert any((p - rounded(q)).abs().max() > 0 for p, q in zip(out.parameters(), student.parameters()))
 

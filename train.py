@@ -61,7 +61,8 @@ def get_args(argv=None):
     p.error = lambda msg: fail(f"{msg} (see python train.py --help)")       # one line, not usage + error
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
-    p.add_argument("--size", type=L.frame_size, default=64, help=f"frame size (square face crops, a multiple of {L.FRAME_MULTIPLE})")
+    p.add_argument("--size", type=L.frame_size, default=64, help=f"frame size (square face crops, a multiple of {L.FRAME_MULTIPLE}; "
+                                                                  "the DiT checkpoints record it, sample.py uses it)")
     p.add_argument("--clips", type=L.positive_int, default=None, help="training clips in the pool")
     p.add_argument("--seconds", type=L.positive_float, default=None, help="seconds per SynthTalk training clip")
     p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
@@ -894,7 +895,7 @@ def train_teacher(args):
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
-                                                "mouth_weight": args.mouth_weight})
+                                                "mouth_weight": args.mouth_weight, "size": args.size})
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -995,7 +996,7 @@ def train_df(args):
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
-                                                "mouth_weight": args.mouth_weight}, dtype=STUDENT_DTYPE)
+                                                "mouth_weight": args.mouth_weight, "size": args.size}, dtype=STUDENT_DTYPE)
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -1152,7 +1153,8 @@ def train_dmd(args):
             save_train_state(state, student, ema, s_opt, step + 1, rng, dev)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
     extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
-             "reward_scale": reward_scale, "mouth_weight": args.mouth_weight, "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
+             "reward_scale": reward_scale, "mouth_weight": args.mouth_weight, "size": args.size,
+             "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra=extra, dtype=STUDENT_DTYPE)
