@@ -74,7 +74,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="results/analysis", help="folder for the CSVs, plots and summary")
     p.add_argument("--clips", type=L.positive_int, default=4, help="test clips (SE is over clips)")
     p.add_argument("--seconds", type=L.positive_float, default=2.6, help="seconds per clip; 2.6 s = two 33-frame windows")
-    p.add_argument("--size", type=L.frame_size, default=64, help="frame size")
+    p.add_argument("--size", type=L.frame_size, default=L.FRAME_SIZE, help="frame size")
     p.add_argument("--steps", type=L.positive_int, default=L.ODE_STEPS, help="steps of the teacher's ODE")
     p.add_argument("--landing-steps", type=L.positive_int, nargs="+", default=None,
                    help="landing steps j1 of the factorial, indices into the ODE (default: 1, 2, 4, 6, .., steps - 1)")

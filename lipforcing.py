@@ -303,7 +303,7 @@ def check_file(path, pipe_ok=False):
     if not pipe_ok and not path.is_file():
         raise MediaError(f"{path} is a pipe or device, not a file: save it to a file first")
     if not pipe_ok and path.stat().st_size == 0:        # (a stream's raw PCM file may be empty yet: it grows)
-        raise MediaError(f"{path} is empty (0 bytes): pass the finished file")
+        raise MediaError(f"{path} is empty (0 bytes): pass a file that holds the media")
     return path
 
 
@@ -408,7 +408,8 @@ def _declared_seconds(path):
 
 
 def has_audio(path):
-    """True if ffmpeg sees an audio stream in `path` (False for undecodable files)."""
+    """True if ffmpeg sees an audio stream in `path` (False for undecodable files; MediaError for a
+    path check_file refuses: missing, a folder, a pipe, empty)."""
     return bool(_AUDIO_RE.search(_probe(check_file(path))))
 
 
@@ -810,6 +811,7 @@ def preset_config(name, depth=None, patch=None, **kw):
     preset = DIT_PRESETS[name]
     return DiTConfig(**{**preset, "depth": depth or preset["depth"]}, patch=patch or DiTConfig.patch, **kw)
 FRAME_MULTIPLE = AEConfig.space_down * max(DIT_PATCHES)   # 16: frame sizes the autoencoder and every patch tile
+FRAME_SIZE = 64           # SynthTalk's frame size: the default of every --size and of the corpus functions
 
 
 def frame_size(text):
@@ -1789,7 +1791,7 @@ class Clip:
     dub_frames: np.ndarray = None
 
 
-def synthtalk_render(split, index, mouth, size=64):
+def synthtalk_render(split, index, mouth, size=FRAME_SIZE):
     """The frames (T, size, size, 3) of clip `index` of a split with the mouth trajectory (T, 3)
     given: its speaker, head motion and blinks, drawn from the clip's own seeds. With the clip's
     own mouth they are its frames; with a test clip's dub_mouth, the true video of its dub, which
@@ -1799,7 +1801,7 @@ def synthtalk_render(split, index, mouth, size=64):
     return render_face(synth_identity(seeded_rng(sid, index, 0)), mouth, pose, blink, size)
 
 
-def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=64):
+def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=FRAME_SIZE):
     """Clip `index` of a SynthTalk split, identical on every machine. Train and test identities
     come from disjoint random streams. Test clips get a dub track spoken by another test speaker."""
     sid = SPLITS[split]
@@ -1836,7 +1838,7 @@ def resize_frames(frames, size):
     return out
 
 
-def folder_pool(folder, size=64, min_frames=16, progress=True):
+def folder_pool(folder, size=FRAME_SIZE, min_frames=16, progress=True):
     """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
     and size x size. The audio is cut or zero-padded to 640 samples per frame."""
     from tqdm import tqdm
@@ -1892,14 +1894,14 @@ def _forked_job(task):
     return fn(*job)
 
 
-def synthtalk_renders(split, mouths, size=64, workers=None, progress=True):
+def synthtalk_renders(split, mouths, size=FRAME_SIZE, workers=None, progress=True):
     """synthtalk_render of clip i of a split with mouths[i], for every i, in `workers` processes
     (default: one per CPU): e.g. the true videos of a test pool's dubs."""
     jobs = [(split, i, m, size) for i, m in enumerate(mouths)]
     return _forked(synthtalk_render, jobs, workers or cpu_count(), f"SynthTalk {split}, redrawn", progress)
 
 
-def synthtalk_pool(split, n, seconds, size=64, cache_dir=None, progress=True, workers=None):
+def synthtalk_pool(split, n, seconds, size=FRAME_SIZE, cache_dir=None, progress=True, workers=None):
     """Clips 0..n-1 of a SynthTalk split, cached on disk as one npz (generation is deterministic,
     so the cache is only a speed-up; delete it freely). Clip i is the same in every pool, so a
     cached pool of the same split, length and size is a prefix of this one: the nearest is read

@@ -83,7 +83,6 @@ MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-
                 "teacher": ("--benchmark",), "shape": ("--benchmark",),
                 "results": ("--benchmark", "--long-stream"), "out": ("demo", "files", "--stream")}
 VAE_CKPT = "checkpoints/vae.safetensors"
-SIZE_DEFAULT = 64    # SynthTalk's frame size: --size for a student whose checkpoint does not record its own
 MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
                  "teacher": "checkpoints/teacher.safetensors", "results": "results", "seed": 0}
 
@@ -112,8 +111,9 @@ def get_args(argv=None):
     p.add_argument("--syncnet", help=f"eval SyncNet for Sync-C (demo, --long-stream; default {MODE_DEFAULTS['syncnet']})")
     p.add_argument("--teacher", help=f"teacher checkpoint (--benchmark; default {MODE_DEFAULTS['teacher']})")
     p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
-    p.add_argument("--size", type=L.frame_size, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE}; "
-                                                     f"default: the one the student trained at, else {SIZE_DEFAULT})")
+    p.add_argument("--size", type=L.frame_size, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE}): "
+                   f"the one the student trained at, the default; another only with --benchmark (default where "
+                   f"the checkpoint does not record its size: {L.FRAME_SIZE})")
     p.add_argument("--reference", type=L.seed_int, metavar="FRAME",
                    help="the identity frame, an index into the source video (default: 0, the first frame)")
     p.add_argument("--seed", type=L.seed_int, default=None,
@@ -220,7 +220,8 @@ def check_args(args):
             fail(f"--out {args.out}: write an {' / '.join(OUT_EXTS)} file (H.264 + AAC)")
         for name in ("video", "audio"):                    # the output would replace the input it was made from
             given = getattr(args, name)
-            if given not in (None, "-") and os.path.realpath(given) == os.path.realpath(args.out):
+            if given not in (None, "-") and os.path.exists(args.out) and os.path.exists(given) \
+                    and os.path.samefile(given, args.out):
                 fail(f"--out {args.out} is the --{name} file: write the output to another path")
     if args.out == "-" and not args.stream:
         fail("--out - (raw frames on stdout) is only for --stream; pass an .mp4 path")
@@ -237,9 +238,11 @@ def check_args(args):
 
 
 def from_here(path):
-    """' in <the current folder> (run from the repository's root?)' for a relative path: the default
-    checkpoints are found from the repository's root, and a run elsewhere is told where it looked."""
-    return "" if os.path.isabs(path) else f" in {os.getcwd()} (run sample.py from the repository's root?)"
+    """' in <the current folder> (run sample.py from the repository's root?)' for a default
+    checkpoint path: they are relative to the repository's root, and a run elsewhere is told where
+    it looked. '' for a path the user chose."""
+    defaults = (*STUDENT_CKPTS, VAE_CKPT, MODE_DEFAULTS["syncnet"], MODE_DEFAULTS["teacher"])
+    return f" in {os.getcwd()} (run sample.py from the repository's root?)" if path in defaults else ""
 
 
 def load(path, config_class, model_class, device, how):
@@ -261,7 +264,7 @@ def student_path(args, required=True):
         return args.ckpt
     found = [p for p in STUDENT_CKPTS if os.path.isfile(p)]
     if not found and required:
-        fail(f"no student checkpoint ({' or '.join(STUDENT_CKPTS)}{from_here(STUDENT_CKPTS[0])}): "
+        fail(f"no student checkpoint, {' or '.join(STUDENT_CKPTS)}, found{from_here(STUDENT_CKPTS[0])}: "
              "train one with `python train.py df`, or pass --ckpt")
     return found[0] if found else None
 
@@ -286,11 +289,12 @@ def load_dit(path, device, causal=True):
 
 def frame_size(args, path, extra):
     """--size, else the frame size the student at `path` trained at (its checkpoint's "size"), else
-    SIZE_DEFAULT. Only --benchmark, which times any size, takes a size the student did not train
-    at: the model has never seen faces at another scale, and would lip-sync them badly."""
+    L.FRAME_SIZE. A size other than the recorded one is refused except by --benchmark, which only
+    times it: the model has never seen faces at another scale, and would lip-sync them badly. (A
+    checkpoint that records no size, or a random-init model, takes any --size.)"""
     trained = extra.get("size")
     if args.size is None:
-        return trained or SIZE_DEFAULT
+        return trained or L.FRAME_SIZE
     if trained and args.size != trained and not args.benchmark:
         fail(f"--size {args.size}: {path} was trained on {trained} px frames and sees only those well; "
              f"leave --size out")
@@ -306,7 +310,7 @@ def warm_up_frames(ae, cfg):
 
 
 def load_student(args):
-    """(student, autoencoder, student path). With --compile the student's blocks are compiled and
+    """(student, autoencoder, student path); sets args.size (frame_size). With --compile the student's blocks are compiled and
     run once through a throwaway stream of blank input that passes every cache state, so compiling
     is over before the first real frame (a live stream's TTFF, the FPS printed), not inside it."""
     path = student_path(args)
@@ -769,9 +773,9 @@ def benchmark(args):
     else:
         ae, weights = L.VideoAE(L.AEConfig()).to(dev).eval(), "autoencoder random init"
     path = None if args.shape else student_path(args, required=False)
+    extra = {}
     if path:
         student, extra = load_dit(path, "cpu")
-        args.size = frame_size(args, path, extra)
         check_latents(ae, student, path, args.vae)
         weights += f", student {path}"
     else:
@@ -787,7 +791,7 @@ def benchmark(args):
     else:
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()
         weights += ", teacher random init (the student's config, bidirectional)"
-    args.size = args.size or SIZE_DEFAULT
+    args.size = frame_size(args, path, extra)
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)    # long enough: check_args
     frames, audio = clip.frames, clip.dub_audio
     warm = max(1 + L.TEACHER_HOP, warm_up_frames(ae, cfg))     # a teacher window, and every cache state of a stream
@@ -912,7 +916,7 @@ def main(argv=None):
     except OSError as e:                                   # the disk or a folder: full, gone, not permitted
         fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
     except MemoryError:
-        fail("out of memory: use a shorter --seconds or --long-stream, or a smaller --size")
+        fail("out of memory: use a shorter --seconds or --long-stream (with --benchmark: or a smaller --size)")
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         raise SystemExit(130)

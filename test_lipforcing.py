@@ -718,6 +718,7 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
         msg = str(e.value)
         assert str(path) in msg and what in msg and "\n" not in msg, (fn.__name__, msg)
     assert not has_audio(silent_mp4) and not has_audio(corrupt) and has_audio(wav)
+    assert L.check_file(zero, pipe_ok=True) == zero             # a stream's raw PCM file may start empty
     with pytest.raises(MediaError, match="uint8"):
         write_video(tmp_path / "f.mp4", np.zeros((5, 16, 16, 3), np.float32))
     with pytest.raises(MediaError, match=r"\(T, H, W, 3\)"):
@@ -1498,17 +1499,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny causal DiT (zero-init weights perturbed, so the output depends on the audio) and a
-    tiny random autoencoder, saved as checkpoints; returns the sample.py options that load them."""
+    """A tiny causal DiT (zero-init weights perturbed, so the output depends on the audio) that
+    records 32 px frames as its training size, and a tiny random autoencoder, saved as
+    checkpoints; returns the sample.py options that load them (so --size is the student's 32)."""
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     student = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, causal=True))
     for p in student.parameters():
         p.data += 0.05 * torch.randn_like(p)
     ae = L.VideoAE(L.AEConfig(width=8))
-    L.save_checkpoint(d / "student.safetensors", student, student.cfg)
+    L.save_checkpoint(d / "student.safetensors", student, student.cfg, extra={"size": 32})
     L.save_checkpoint(d / "vae.safetensors", ae, ae.cfg)
-    return ["--ckpt", str(d / "student.safetensors"), "--vae", str(d / "vae.safetensors"), "--size", "32"]
+    return ["--ckpt", str(d / "student.safetensors"), "--vae", str(d / "vae.safetensors")]
 
 
 def face_video(path, T, H=48, W=48, fps=25):
@@ -1651,33 +1653,33 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
 
 
 def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_benchmark(tmp_path, capsys, ckpt):
-    """sample.py's --size defaults to the size recorded in the student's checkpoint (SIZE_DEFAULT
+    """sample.py's --size defaults to the size recorded in the student's checkpoint (L.FRAME_SIZE
     where none is), and a size the student did not train at is refused, one line, except by
     --benchmark, which only times it."""
     recorded = {"size": 32}
     args = lambda **kw: SimpleNamespace(**{"size": None, "benchmark": False, **kw})
-    assert sample.frame_size(args(), "s", recorded) == 32 and sample.frame_size(args(), "s", {}) == sample.SIZE_DEFAULT
+    assert sample.frame_size(args(), "s", recorded) == 32 and sample.frame_size(args(), "s", {}) == L.FRAME_SIZE
     assert sample.frame_size(args(size=48), "s", {}) == 48 and sample.frame_size(args(size=32), "s", recorded) == 32
     assert sample.frame_size(args(size=48, benchmark=True), "s", recorded) == 48
-    student = L.load_checkpoint(ckpt[1], L.DiTConfig, L.DiT)[0]
-    L.save_checkpoint(tmp_path / "s32.safetensors", student, student.cfg, extra=recorded)
     face_video(tmp_path / "v.mp4", 12)
     speech(tmp_path / "a.wav", 12)
-    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
-                        "--ckpt", tmp_path / "s32.safetensors", "--vae", ckpt[3], "--size", "48"], capsys)
-    assert_one_line_error(code, err, "--size 48", "trained on 32 px frames")
-    assert not (tmp_path / "o.mp4").exists()
+    for size in ("16", "48"):                                   # the fixture's student records 32
+        code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                            *ckpt, "--size", size], capsys)
+        assert_one_line_error(code, err, f"--size {size}", "trained on 32 px frames")
+        assert not (tmp_path / "o.mp4").exists()
 
 
 def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckpt):
     """A non-square video is squeezed to the model's square frames: the run says so on stdout and
     goes on; a square one gets no note."""
     speech(tmp_path / "a.wav", 12)
-    for (H, W), noted in (((48, 64), True), ((48, 48), False)):
+    for (H, W), note in (((48, 64), "64x48"), ((64, 48), "48x64"), ((48, 48), None)):
         face_video(tmp_path / "v.mp4", 12, H, W)
         code, out, _ = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
                             *ckpt], capsys)
-        assert code == 0 and ("64x48 frames are squeezed to 32x32" in out) == noted, out
+        assert code == 0 and ("squeezed" in out) == (note is not None), out
+        assert note is None or f"the {note} frames are squeezed to 32x32" in out
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -1694,6 +1696,8 @@ def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckp
     (["--benchmark", "--results", "{tmp}/a.wav"], ("a.wav is a file", "folder")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/./v.mp4"], ("v.mp4 is the --video file",)),
     (["--video", "{tmp}/a.mp4", "--audio", "{tmp}/a.mp4", "--out", "{tmp}/a.mp4"], ("a.mp4 is the --video file",)),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.mp4", "--out", "{tmp}/a.mp4"], ("a.mp4 is the --audio file",)),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/link.mp4"], ("link.mp4 is the --video file",)),
     (["--benchmark", "--teacher", "{tmp}/gone.safetensors"], ("--teacher", "gone.safetensors: not found")),
     (["--benchmark", "--vae", "{tmp}"], ("--vae", "a folder")),
     (["--benchmark", "--shape", "tiny", "--ckpt", "s.safetensors"], ("--shape times random-init models",)),
@@ -1702,6 +1706,9 @@ def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path
     """Every mode refuses the options it would ignore, and a path under a file (--out, --results),
     out-of-range numbers and a missing stream source fail before any model loads: one line, exit 2."""
     speech(tmp_path / "a.wav", 3)
+    for name in ("v.mp4", "a.mp4"):                          # inputs that --out must not replace
+        (tmp_path / name).write_bytes(b"\0")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "v.mp4")
     code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
     assert_one_line_error(code, err, *words)
 
@@ -1977,7 +1984,7 @@ def test_benchmark_smoke(tmp_path, capsys, ckpt, monkeypatch):
     assert "| FPS, end to end |" in out and "live TTFF" in out and "teacher random init" in out
     res = json.loads((tmp_path / "res" / "benchmark.json").read_text())
     s, t = res["student"], res["teacher"]
-    assert s["frames"] == 35 and t["frames"] == 33
+    assert s["frames"] == 35 and t["frames"] == 33 and res["setup"]["size"] == 32     # the student's own size
     assert min(s["fps"], s["dit_fps"], t["fps"], t["dit_fps"], res["throughput_ratio"]) > 0
     assert s["live_ttff_ms"] == pytest.approx(s["input_wait_ms"] + s["ttff_compute_ms"])
     assert t["input_wait_ms"] > s["input_wait_ms"] and s["chunk_p95_ms"] >= s["chunk_p50_ms"] > 0
@@ -2652,6 +2659,8 @@ def test_pipeline_dry_run_makes_every_checkpoint(tmp_path, monkeypatch):
     for name in ("vae", "syncnet_reward", "syncnet_eval", "mouthnet", "teacher", "student_df", "student"):
         assert (tmp_path / f"{name}.safetensors").is_file(), name
     assert L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)[2]["steps"] == 2
+    for name in ("teacher", "student_df", "student"):                  # each DiT records its frame size
+        assert L.load_checkpoint(tmp_path / f"{name}.safetensors", L.DiTConfig, L.DiT)[2]["size"] == 32, name
     student, cfg, _ = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)
     assert cfg.causal and cfg.dim == L.DIT_PRESETS["tiny"]["dim"]
     assert all(p.isfinite().all() for p in student.parameters())

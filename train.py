@@ -61,8 +61,8 @@ def get_args(argv=None):
     p.error = lambda msg: fail(f"{msg} (see python train.py --help)")       # one line, not usage + error
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
-    p.add_argument("--size", type=L.frame_size, default=64, help=f"frame size (square face crops, a multiple of {L.FRAME_MULTIPLE}; "
-                                                                  "the DiT checkpoints record it, sample.py uses it)")
+    p.add_argument("--size", type=L.frame_size, default=L.FRAME_SIZE, help=f"frame size (square face crops, a multiple of "
+                   f"{L.FRAME_MULTIPLE}; the DiT checkpoints record it, and sample.py samples a student at its own)")
     p.add_argument("--clips", type=L.positive_int, default=None, help="training clips in the pool")
     p.add_argument("--seconds", type=L.positive_float, default=None, help="seconds per SynthTalk training clip")
     p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
@@ -1527,7 +1527,7 @@ def load_foundation(ckpt_dir, device="cpu"):
     return ae, sync_eval, sync_reward, mouth
 
 
-def corpus_speed(seconds=4.0, size=64):
+def corpus_speed(seconds=4.0, size=L.FRAME_SIZE):
     """SynthTalk frames generated per second (video and audio) on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
