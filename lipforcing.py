@@ -441,6 +441,10 @@ def resample_audio(x, sr_in, sr_out):
     return y[:n_out].astype(np.float32)
 
 
+# ffmpeg's audio filters that place the samples by their timestamps (_ffmpeg_audio says why)
+AUDIO_TIMING = "asetpts=PTS-min(STARTPTS\\,0),aresample=async=1:first_pts=0"
+
+
 def _ffmpeg_audio(path, sr):
     # ffmpeg downmixes (-ac 1) and resamples (-ar) itself; raw float32 comes out on stdout. Raw
     # samples carry no timestamps, so an audio track that starts after the container's time 0 (an
@@ -451,8 +455,7 @@ def _ffmpeg_audio(path, sr):
     # 13 ms early and holds the recording's first samples. Audio that starts at 0 comes out sample
     # for sample as without the filters (checked on mp4/m4a AAC, mp3, ogg, opus, webm, avi, ts).
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_path(path), "-map", "0:a:0",
-           "-af", "asetpts=PTS-min(STARTPTS\\,0),aresample=async=1:first_pts=0",
-           "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
+           "-af", AUDIO_TIMING, "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
     p = subprocess.run(cmd, capture_output=True)
     err = p.stderr.decode(errors="replace")
     if "Stream #" not in err:  # ffmpeg never got as far as listing streams
@@ -529,8 +532,10 @@ def _check_frames(frames, path, size=None):
     return frames
 
 
-def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
-    """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC.
+def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None, audio_file=None):
+    """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC, or
+    with the first audio track of the media file `audio_file` at its own sample rate and channels
+    (timed as read_audio reads it, cut or padded with silence as `audio` is).
 
     With `shape` = (T, H, W, 3), `frames` is instead an iterable of uint8 (m, H, W, 3) batches that
     together make that clip (a generator, as a model makes them): each batch is encoded as it comes,
@@ -561,6 +566,9 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None):
             wav = os.path.join(td, "audio.wav")
             _sf().write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
             cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        elif audio_file is not None:
+            cmd += ["-i", ffmpeg_path(audio_file), "-map", "0:v:0", "-map", "1:a:0", "-af", AUDIO_TIMING + ",apad",
+                    "-t", f"{T / fps:.6f}", "-c:a", "aac", "-b:a", "192k"]
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
                 "-movflags", "+faststart", ffmpeg_path(tmp)]
         # stderr goes to a file, not a pipe: an unread pipe can fill up and deadlock ffmpeg.

@@ -498,7 +498,7 @@ def files(args):
     # each chunk goes to the encoder as it is made: the output clip, as large as the source, is
     # never held whole (the mp4 is the same, byte for byte, as from the whole array)
     with L.autocast(args.device), tqdm(total=n, unit="frame") as bar:
-        L.write_video(dest, made(), audio, shape=(n, *source.shape[1:]))
+        L.write_video(dest, made(), audio_file=args.audio, shape=(n, *source.shape[1:]))   # its own rate and channels
     print(f"wrote {dest}")
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1670,6 +1671,23 @@ def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_b
         assert not (tmp_path / "o.mp4").exists()
 
 
+def test_the_output_carries_the_driving_audio_at_its_own_rate_and_channels(tmp_path, capsys, ckpt):
+    """File mode muxes the --audio track itself (44.1 kHz stereo stays so), in time with the 16 kHz
+    mono the model heard, cut or padded to the frames (here 12.5 frames of audio -> 13 frames)."""
+    face_video(tmp_path / "v.mp4", 12)
+    seconds = 12.5 / FPS
+    left, right = tone(seconds, 44100, 330.0, onset=0.1), tone(seconds, 44100, 1250.0)   # a voice-band pair
+    sf.write(tmp_path / "a.wav", np.stack([left, right], 1), 44100)
+    n = round(seconds * SAMPLE_RATE)
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt], capsys)
+    assert code == 0, err
+    assert re.search(r"Audio: aac.*44100 Hz, stereo", L._probe(tmp_path / "o.mp4"))
+    heard, out = L.read_audio(tmp_path / "a.wav"), L.read_audio(tmp_path / "o.mp4")
+    assert len(heard) == n and len(out) == 13 * SAMPLES_PER_FRAME
+    assert np.corrcoef(heard, out[:n])[0, 1] > 0.99 and np.abs(out[n + 200:]).max() < 1e-2   # then silence
+
+
 def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckpt):
     """A non-square video is squeezed to the model's square frames: the run says so on stdout and
     goes on; a square one gets no note."""
@@ -1877,8 +1895,8 @@ def test_stream_equals_offline_and_keeps_the_upper_face(tmp_path, capsysbinary, 
     n = speech(tmp_path / "a.wav", 57.5)                                   # 4 chunks, a partial one, the cache rolls
     written, write = [], L.write_video
 
-    def spy(path, frames, audio=None, shape=None):        # the batches files() hands to write_video
-        write(path, (written.append(f) or f for f in frames), audio, shape=shape)
+    def spy(path, frames, shape=None, **kw):             # the batches files() hands to write_video
+        write(path, (written.append(f) or f for f in frames), shape=shape, **kw)
 
     monkeypatch.setattr(L, "write_video", spy)
     code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
