@@ -443,6 +443,7 @@ def resample_audio(x, sr_in, sr_out):
 
 # ffmpeg's audio filters that place the samples by their timestamps (_ffmpeg_audio says why)
 AUDIO_TIMING = "asetpts=PTS-min(STARTPTS\\,0),aresample=async=1:first_pts=0"
+AAC_LAYOUTS = "mono|stereo|2.1|3.0|4.0|5.0|5.1|6.1|7.1"     # what ffmpeg's AAC encoder takes; more channels are downmixed
 
 
 def _ffmpeg_audio(path, sr):
@@ -534,8 +535,10 @@ def _check_frames(frames, path, size=None):
 
 def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None, audio_file=None):
     """Write uint8 (T, H, W, 3) RGB frames as H.264 mp4, with `audio` (at `sr`) muxed as AAC, or
-    with the first audio track of the media file `audio_file` at its own sample rate and channels
-    (timed as read_audio reads it, cut or padded with silence as `audio` is).
+    instead the first audio track of the media file `audio_file`, re-encoded as AAC at its own
+    sample rate (at most AAC's 96 kHz) and channels (at most 7.1), placed by its timestamps as
+    ffmpeg's decode for read_audio places it, and cut or padded with silence to the frames (by
+    ffmpeg's apad and -t).
 
     With `shape` = (T, H, W, 3), `frames` is instead an iterable of uint8 (m, H, W, 3) batches that
     together make that clip (a generator, as a model makes them): each batch is encoded as it comes,
@@ -544,8 +547,9 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None, a
     before the first frame.
 
     Odd H or W is padded to even by replicating the last row/column, so read_video returns the
-    padded size. The video length rules: audio is cut or zero-padded to exactly T / fps seconds
-    (we do it here instead of ffmpeg's -shortest, which would cut the video if the audio is short).
+    padded size. The video length rules: the audio is cut or zero-padded to exactly T / fps seconds
+    (here for `audio`, by -t and apad for `audio_file`; not by ffmpeg's -shortest, which would cut
+    the video if the audio is short).
     Atomic (see atomic_path): on failure nothing is left at `path` or next to it.
     """
     if shape is None:                                   # the whole clip in hand: one batch of it
@@ -558,6 +562,10 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None, a
     rate = str(Fraction(fps).limit_denominator(1001))  # exact for 25, 30, 30000/1001
     cmd = [ffmpeg_exe(), "-y", "-hide_banner", "-nostdin", "-v", "error",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W + W % 2}x{H + H % 2}", "-r", rate, "-i", "-"]
+    if audio is not None and audio_file is not None:
+        raise ValueError("write_video takes `audio` or `audio_file`, not both")
+    if audio_file is not None and not has_audio(audio_file):
+        raise MediaError(f"{audio_file} has no audio track: pass a file with sound as the audio")
     if audio is not None:
         audio, n = _check_audio(audio, path), round(T * sr / fps)
         audio = np.pad(audio[:n], ((0, n - len(audio[:n])),) + ((0, 0),) * (audio.ndim - 1))
@@ -567,8 +575,9 @@ def write_video(path, frames, audio=None, fps=FPS, sr=SAMPLE_RATE, shape=None, a
             _sf().write(wav, audio, sr, subtype="FLOAT")  # float wav: no extra quantisation before AAC
             cmd += ["-i", wav, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
         elif audio_file is not None:
-            cmd += ["-i", ffmpeg_path(audio_file), "-map", "0:v:0", "-map", "1:a:0", "-af", AUDIO_TIMING + ",apad",
-                    "-t", f"{T / fps:.6f}", "-c:a", "aac", "-b:a", "192k"]
+            cmd += ["-i", ffmpeg_path(audio_file), "-map", "0:v:0", "-map", "1:a:0", "-map_chapters", "-1",
+                    "-af", f"{AUDIO_TIMING},aformat=channel_layouts={AAC_LAYOUTS},apad",
+                    "-t", f"{float(T / Fraction(rate)):.6f}", "-c:a", "aac", "-b:a", "192k"]
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-preset", "medium",
                 "-movflags", "+faststart", ffmpeg_path(tmp)]
         # stderr goes to a file, not a pipe: an unread pipe can fill up and deadlock ffmpeg.

@@ -1686,6 +1686,19 @@ def test_the_output_carries_the_driving_audio_at_its_own_rate_and_channels(tmp_p
     heard, out = L.read_audio(tmp_path / "a.wav"), L.read_audio(tmp_path / "o.mp4")
     assert len(heard) == n and len(out) == 13 * SAMPLES_PER_FRAME
     assert np.corrcoef(heard, out[:n])[0, 1] > 0.99 and np.abs(out[n + 200:]).max() < 1e-2   # then silence
+    # write_video itself: a track that starts 0.4 s late keeps its place, one longer than the frames is cut
+    late = tmp_path / "late.mkv"
+    ffmpeg("-i", tmp_path / "v.mp4", "-itsoffset", "0.4", "-i", tmp_path / "a.wav", "-map", "0:v", "-map", "1:a",
+           "-c:v", "copy", "-c:a", "pcm_s16le", late)
+    frames = np.zeros((25, 32, 32, 3), np.uint8)
+    L.write_video(tmp_path / "late.mp4", frames, audio_file=late)
+    got, want = L.read_audio(tmp_path / "late.mp4"), L.read_audio(late)
+    assert len(got) == 25 * SAMPLES_PER_FRAME and np.abs(got[:int(0.38 * SAMPLE_RATE)]).max() < 1e-2
+    assert np.corrcoef(got[:len(want)], want[:len(got)])[0, 1] > 0.99
+    L.write_video(tmp_path / "cut.mp4", frames[:5], audio_file=tmp_path / "a.wav")
+    assert len(L.read_audio(tmp_path / "cut.mp4")) == 5 * SAMPLES_PER_FRAME and len(L.read_video(tmp_path / "cut.mp4")[0]) == 5
+    with pytest.raises(ValueError, match="not both"):
+        L.write_video(tmp_path / "x.mp4", frames, audio=heard, audio_file=late)
 
 
 def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckpt):
@@ -1716,6 +1729,7 @@ def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckp
     (["--video", "{tmp}/a.mp4", "--audio", "{tmp}/a.mp4", "--out", "{tmp}/a.mp4"], ("a.mp4 is the --video file",)),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.mp4", "--out", "{tmp}/a.mp4"], ("a.mp4 is the --audio file",)),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/link.mp4"], ("link.mp4 is the --video file",)),
+    (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--out", "{tmp}/hard.mp4"], ("hard.mp4 is the --video file",)),
     (["--benchmark", "--teacher", "{tmp}/gone.safetensors"], ("--teacher", "gone.safetensors: not found")),
     (["--benchmark", "--vae", "{tmp}"], ("--vae", "a folder")),
     (["--benchmark", "--shape", "tiny", "--ckpt", "s.safetensors"], ("--shape times random-init models",)),
@@ -1727,6 +1741,7 @@ def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path
     for name in ("v.mp4", "a.mp4"):                          # inputs that --out must not replace
         (tmp_path / name).write_bytes(b"\0")
     (tmp_path / "link.mp4").symlink_to(tmp_path / "v.mp4")
+    os.link(tmp_path / "v.mp4", tmp_path / "hard.mp4")                # the same file under another name
     code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
     assert_one_line_error(code, err, *words)
 
@@ -1772,11 +1787,18 @@ def test_audio_with_nan_samples_is_bad_input(tmp_path):
 
 
 def test_missing_student_says_how_to_train_it(tmp_path, capsys, monkeypatch):
-    """With no student checkpoint the demo fails in one line naming the command that trains one."""
+    """With no student checkpoint the demo fails in one line naming the command that trains one and
+    the folder the default paths were looked for in; a path the user named gets no such hint."""
     monkeypatch.chdir(tmp_path)
     code, _, err = run([], capsys)
-    assert_one_line_error(code, err, "python train.py df")
+    assert_one_line_error(code, err, "python train.py df", f"in {tmp_path} (run sample.py from the repository's root?)")
     assert not (tmp_path / "out").exists()
+    student = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, causal=True))
+    L.save_checkpoint(tmp_path / "s.safetensors", student, student.cfg)
+    for vae, hint in (("my_vae.safetensors", False), (sample.VAE_CKPT, True)):
+        code, _, err = run(["--ckpt", "s.safetensors", "--vae", vae], capsys)
+        assert_one_line_error(code, err, f"{vae} not found")
+        assert ("repository's root" in err) == hint, err
 
 
 def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
