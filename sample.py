@@ -333,6 +333,10 @@ def load_ae(args):
     return load(args.vae, L.AEConfig, L.VideoAE, args.device, "train it with `python train.py vae`")[0]
 
 
+def load_syncnet(args):
+    return load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")[0]
+
+
 def check_latents(ae, model, path, vae):
     """A DiT must read the autoencoder's latents: refused in one line where their channels differ."""
     if model.cfg.latent_channels != ae.cfg.latent_channels:
@@ -453,7 +457,7 @@ def demo(args):
     """A held-out SynthTalk test speaker dubbed with another test speaker's voice, side by side with
     the source and with the dub's true video (SynthTalk draws the face with the dub track's mouth)."""
     student, ae, path = load_student(args)
-    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")[0]
+    net = load_syncnet(args)
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)
     stream = source_stream(args, student, ae, clip.frames)
     out, t0, ttff = [], time.perf_counter(), None
@@ -855,7 +859,7 @@ def long_stream(args):
     """Stream one long SynthTalk test clip (dubbed) through the student. Only the first and the last
     30 s of output are kept (for Sync-C); the input clip itself is generated whole."""
     student, ae, path = load_student(args)
-    net = load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")[0]
+    net = load_syncnet(args)
     clip = L.synthtalk_clip("test", 0, seconds=args.long_stream, size=args.size)
     keep, mark = 30 * L.FPS, 20 * L.FPS                   # frames of Sync-C at each end; memory read at 20 s
     first, last, n, at = [], deque(maxlen=keep), 0, {}

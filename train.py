@@ -846,6 +846,12 @@ DIT_CLIPS = 1024         # SynthTalk clips of 4 s in the training pool of the Di
 MOUTH_WEIGHT = 1.0       # the DiT stages' loss counts the mouth box twice: better no-CFG sync and PSNR than 0 or 4 (README)
 
 
+def dit_extra(args, steps, **more):
+    """What a DiT stage records in its checkpoint beside the weights and config: its length, the
+    mouth weight, the frame size it trained at (sample.py samples a student at that size), and `more`."""
+    return {"steps": steps, "mouth_weight": args.mouth_weight, "size": args.size, **more}
+
+
 def train_teacher(args):
     seed = args.seed if args.seed is not None else 0
     torch.manual_seed(seed)
@@ -894,8 +900,7 @@ def train_teacher(args):
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=log_every)
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
-                                                "mouth_weight": args.mouth_weight, "size": args.size})
+        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, final_loss=float(np.mean(losses[-50:]))))
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -995,8 +1000,8 @@ def train_df(args):
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every)
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra={"steps": steps, "final_loss": float(np.mean(losses[-50:])),
-                                                "mouth_weight": args.mouth_weight, "size": args.size}, dtype=STUDENT_DTYPE)
+        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, final_loss=float(np.mean(losses[-50:]))),
+                          dtype=STUDENT_DTYPE)
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -1152,9 +1157,8 @@ def train_dmd(args):
         if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
             save_train_state(state, student, ema, s_opt, step + 1, rng, dev)
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
-    extra = {"steps": steps, "teacher_cfg": args.teacher_cfg, "cfg_scale": args.cfg_scale, "beta": args.beta,
-             "reward_scale": reward_scale, "mouth_weight": args.mouth_weight, "size": args.size,
-             "final_reward_sync_c": float(np.mean(log["sync_c"][-50:] or [np.nan]))}
+    extra = dit_extra(args, steps, teacher_cfg=args.teacher_cfg, cfg_scale=args.cfg_scale, beta=args.beta,
+                      reward_scale=reward_scale, final_reward_sync_c=float(np.mean(log["sync_c"][-50:] or [np.nan])))
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra=extra, dtype=STUDENT_DTYPE)
@@ -1261,7 +1265,7 @@ def eval_teacher(args):
                 add(f"teacher 50 steps {name}, {task}", clip_metrics(out, audio, mouth, truth, sync_eval, mouth_net))
     res = mean_rows(rows, len(test), split)
     print_table(res, f"teacher (bidirectional, 50-step Euler) on SynthTalk's {words}; sync by the eval SyncNet", len(test))
-    L.save_json(os.path.join(args.results, "teacher_val.json" if split == "val" else "teacher.json"), res)
+    L.save_json(results_json(args, "teacher", split), res)
 
 
 HELDOUT_STEPS = (0, 20, 30, 40)    # the teacher's ODE steps at which the held-out gap is measured
@@ -1424,6 +1428,12 @@ def graded_clips(args):
     return test_pool(args, dub_truth=True), "test", "test clips"
 
 
+def results_json(args, stem, split):
+    """Where an evaluation of `stem` on `split` writes its table: <results>/<stem>.json, or
+    <stem>_val.json for the validation split."""
+    return os.path.join(args.results, f"{stem}_val.json" if split == "val" else f"{stem}.json")
+
+
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
@@ -1437,7 +1447,7 @@ def eval_student(args):
     res = mean_rows(rows, len(clips), split)
     print_table(res, f"causal student streamed (sink {cfg.sink}, window {cfg.window}) over whole {words}; "
                      "sync by the eval SyncNet", len(clips))
-    L.save_json(os.path.join(args.results, f"{stem}_val.json" if split == "val" else f"{stem}.json"), res)
+    L.save_json(results_json(args, stem, split), res)
 
 
 def print_table(res, title, n_clips):
