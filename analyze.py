@@ -199,7 +199,7 @@ def mean_se(per_clip):
 def analyze_teacher(path, label, ae, sync_net, clips, args):
     """Parts (a)-(c) for one teacher -> {"trajectory": rows, "factorial": rows, "endpoints": rows},
     every row tagged with the teacher's label and drop_mode."""
-    model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
     if cfg.causal:
         raise L.CheckpointError(f"{path} is a causal student; the analysis reads a bidirectional teacher")
     tag = {"teacher": label, "drop_mode": cfg.drop_mode}

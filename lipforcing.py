@@ -163,9 +163,9 @@ class CheckpointError(ValueError):
     weights); its message is one line that says what is wrong."""
 
 
-def read_safetensors(path, what="checkpoint"):
+def read_safetensors(path, what="checkpoint", tensors=True):
     """(tensors on the CPU, metadata dict) of a safetensors file; CheckpointError if it is missing,
-    a folder, or not a readable safetensors file."""
+    a folder, or not a readable safetensors file. tensors=False reads the header only: ({}, metadata)."""
     from safetensors import safe_open
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a {what} file")
@@ -173,7 +173,7 @@ def read_safetensors(path, what="checkpoint"):
         raise CheckpointError(f"{path}: {what} not found; train it first (see README)")
     try:
         with safe_open(path, "pt") as f:                 # one read: the header's metadata, then the tensors
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()} if tensors else {}, f.metadata() or {}
     except Exception as e:                         # truncated, corrupt, or not safetensors at all
         raise CheckpointError(f"{path} is not a readable safetensors {what} ({first_line(e)})") from None
 
@@ -189,12 +189,17 @@ def first_line(e):
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_checkpoint(path, config_class, model_class, device="cpu"):
+def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
     """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
-    Returns (model in eval mode, config, extra dict). CheckpointError when the file cannot give one."""
+    Returns (model in eval mode, config, extra dict). CheckpointError when the file cannot give one,
+    or when `size` (the frame size the caller runs at) is not the "size" the checkpoint's extra
+    records: a DiT sees faces only at the scale it trained at."""
     tensors, meta = read_safetensors(path)
     if meta.get("config_class") != config_class.__name__:
         raise CheckpointError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
+    trained = json.loads(meta.get("extra", "{}")).get("size")
+    if size is not None and trained is not None and trained != size:
+        raise CheckpointError(f"{path} was trained on {trained} px frames, not {size}: pass --size {trained}")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]} and {len(bad) - 1} more tensors): "

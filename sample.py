@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
 import resource
@@ -51,7 +52,20 @@ import time
 from collections import deque
 
 INTERRUPTED = "sample.py: interrupted; no output file was written"
-try:                     # Ctrl-C while torch loads (a second or so) ends the command as it does later
+
+
+def terminated(signum, frame):
+    """SIGTERM (kill) and SIGHUP (the terminal closed) end the run as Ctrl-C does: temp files and
+    folders are removed on the way out."""
+    raise KeyboardInterrupt
+
+
+SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]   # Windows: no SIGHUP
+if __name__ == "__main__":                   # the command only: not a library's to set for its host
+    for sig in SIGNALS:                      # from here on, before the imports below take their second or so
+        signal.signal(sig, terminated)
+
+try:                     # Ctrl-C (or a signal above) while torch loads ends the command as it does later
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -155,6 +169,11 @@ def check_folder(folder, what, path):
                 os.rmdir(m)
 
 
+def frames_str(n):
+    """'1 frame', '13 frames': a count of frames as the messages print it."""
+    return f"{n} frame{'' if n == 1 else 's'}"
+
+
 def n_frames(seconds):
     """Video frames in `seconds` of clip, as SynthTalk counts them."""
     return round(seconds * L.FPS)
@@ -231,6 +250,8 @@ def check_args(args):
         check_folder(os.path.dirname(args.out), "--out", args.out)
     if m in MODE_OPTIONS["results"]:
         check_folder(args.results, "--results", args.results)
+    if args.size is not None and not args.benchmark and (path := student_path(args, required=False)):
+        frame_size(args, path, recorded_extra(path))      # a size the student never saw: refused before any media is read
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +306,15 @@ def load_dit(path, device, causal=True):
     if model.cfg.causal != causal:
         fail(other_kind.format(path=path))
     return model, extra
+
+
+def recorded_extra(path):
+    """The extra info a checkpoint records (its "size", its steps), read from the file's header
+    alone; {} when there is none to read (loading the checkpoint says why, later)."""
+    try:
+        return json.loads(L.read_safetensors(path, tensors=False)[1].get("extra", "{}"))
+    except (L.CheckpointError, ValueError):
+        return {}
 
 
 def frame_size(args, path, extra):
@@ -487,8 +517,8 @@ def files(args):
     audio = L.read_audio(args.audio)
     student, ae, _ = load_student(args)
     T, n = len(source), -(-len(audio) // SPF)
-    print(f"{args.video}: {T} frames {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
-          f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {n} frames"
+    print(f"{args.video}: {frames_str(T)} {source.shape[2]}x{source.shape[1]} (from {fps:g} fps); "
+          f"{args.audio}: {len(audio) / L.SAMPLE_RATE:.2f} s -> {frames_str(n)}"
           + (" (video looped ping-pong)" if n > T else " (video cut to the audio)" if n < T else ""))
     warn_not_square(args, source)
     stream = source_stream(args, student, ae, source)
@@ -614,7 +644,7 @@ def live(args):
     raw = args.out == "-"
     H, W = source.shape[1:3]
     dest = f"raw rgb24 {W}x{H} {L.FPS} fps frames on stdout" if raw else args.out
-    log(args, f"streaming: {args.video} ({len(source)} frames {W}x{H}, looped ping-pong) driven by {args.audio} -> {dest}")
+    log(args, f"streaming: {args.video} ({frames_str(len(source))} {W}x{H}, looped ping-pong) driven by {args.audio} -> {dest}")
     warn_not_square(args, source)
     writer = None if raw else Mp4Writer(args.out, H, W)
     t_in, t_out, n = None, None, 0
@@ -653,7 +683,7 @@ def live(args):
     finally:
         if writer:
             writer.close()
-    log(args, f"streamed {n} frames ({n / L.FPS:.2f} s) in {time.perf_counter() - t_in:.2f} s" + ("" if raw else f": {args.out}"))
+    log(args, f"streamed {frames_str(n)} ({n / L.FPS:.2f} s) in {time.perf_counter() - t_in:.2f} s" + ("" if raw else f": {args.out}"))
 
 
 # -----------------------------------------------------------------------------
@@ -926,18 +956,9 @@ def main(argv=None):
         raise SystemExit(130)
 
 
-def terminated(signum, frame):
-    """SIGTERM (kill) and SIGHUP (the terminal closed) end the run as Ctrl-C does: temp files and
-    folders are removed on the way out."""
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]   # Windows: no SIGHUP
-    for sig in signals:                                  # the command only: not a library's to set for its host
-        signal.signal(sig, terminated)
     try:
         main()
     finally:                                             # the run is over: a late signal just ends the process
-        for sig in [*signals, signal.SIGINT]:
+        for sig in [*SIGNALS, signal.SIGINT]:
             signal.signal(sig, signal.SIG_DFL)

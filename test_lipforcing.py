@@ -1655,8 +1655,8 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, ckpt, argv, words):
 
 def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_benchmark(tmp_path, capsys, ckpt):
     """sample.py's --size defaults to the size recorded in the student's checkpoint (L.FRAME_SIZE
-    where none is), and a size the student did not train at is refused, one line, except by
-    --benchmark, which only times it."""
+    where none is), and a size the student did not train at is refused, one line, before any media
+    is read, except by --benchmark, which only times it."""
     recorded = {"size": 32}
     args = lambda **kw: SimpleNamespace(**{"size": None, "benchmark": False, **kw})
     assert sample.frame_size(args(), "s", recorded) == 32 and sample.frame_size(args(), "s", {}) == L.FRAME_SIZE
@@ -1669,6 +1669,11 @@ def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_b
                             *ckpt, "--size", size], capsys)
         assert_one_line_error(code, err, f"--size {size}", "trained on 32 px frames")
         assert not (tmp_path / "o.mp4").exists()
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")       # refused before the media is read, so before this
+    code, _, err = run(["--video", tmp_path / "broken.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt, "--size", "48"], capsys)
+    assert_one_line_error(code, err, "--size 48", "trained on 32 px frames")
+    assert sample.recorded_extra(tmp_path / "broken.mp4") == {} == sample.recorded_extra(tmp_path / "none")
 
 
 def test_the_output_carries_the_driving_audio_at_its_own_rate_and_channels(tmp_path, capsys, ckpt):
@@ -1876,8 +1881,9 @@ def test_awkward_input_runs(tmp_path, capsys, ckpt, make):
     _, n_samples, video, audio = make(tmp_path)
     src = L.read_video(video)[0]
     out = tmp_path / "new" / "folder" / "out.mp4"
-    code, _, err = run(["--video", video, "--audio", audio, "--out", out, *ckpt], capsys)
+    code, said, err = run(["--video", video, "--audio", audio, "--out", out, *ckpt], capsys)
     assert code == 0, err
+    assert f": {len(src)} frame{'' if len(src) == 1 else 's'} " in said      # "1 frame", "12 frames"
     got = L.read_video(out)[0]
     H, W = src.shape[1:3]
     assert got.shape == (math.ceil(n_samples / SAMPLES_PER_FRAME), H + H % 2, W + W % 2, 3)
@@ -2966,6 +2972,8 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["vae", "--device", "tpu"], "--device tpu: not a device"),
     (["vae", "--init", "gone.safetensors"], "--init gone.safetensors: not found"),
     (["eval-teacher", "--ckpt", "."], "--ckpt .: a folder"),
+    (["eval-teacher", "--cfg-scale", "2"], "--cfg-scale writes over results/teacher.json"),
+    (["eval-teacher", "--ckpt", "README.md"], "--ckpt writes over results/teacher.json"),
     (["df", "--latent-frames", "10"], "trains on whole chunks; pass a multiple of 3"),
     (["teacher", "--out", "t.mp4"], "--out t.mp4: pass a checkpoint path ending in .safetensors"),
     (["teacher", "--out", "."], "--out .: pass a checkpoint path ending in .safetensors"),
@@ -3002,7 +3010,7 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
     """load_checkpoint raises CheckpointError, one line, for a missing file, a folder, a truncated
     file, another model's checkpoint and NaN weights; train.py and analyze.py turn it into their
     one-line error with exit 2 (here: a --ckpt-dir without the autoencoder; a student handed to
-    the analysis, which reads a bidirectional teacher)."""
+    the analysis, which reads a bidirectional teacher; a DiT trained at another --size)."""
     ae = L.VideoAE(L.AEConfig(width=8))
     L.save_checkpoint(tmp_path / "vae.safetensors", ae, ae.cfg)
     data = (tmp_path / "vae.safetensors").read_bytes()
@@ -3031,6 +3039,17 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         A.main(["--out", str(tmp_path / "vae.safetensors")])
     assert_one_line_error(e.value.code, capsys.readouterr().err, "is a file", prog="analyze.py")
+    # a DiT that records the frame size it trained at is refused at another (train.py's default 64 here)
+    teacher = L.DiT(L.DiTConfig(**TINY))
+    L.save_checkpoint(tmp_path / "t32.safetensors", teacher, teacher.cfg, extra={"size": 32})
+    assert L.load_checkpoint(tmp_path / "t32.safetensors", L.DiTConfig, L.DiT, size=32)[2] == {"size": 32}
+    assert L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT, size=64)[2] == {}   # none recorded
+    with pytest.raises(SystemExit) as e:
+        train.main(["df", "--init", str(tmp_path / "t32.safetensors"), "--ckpt-dir", str(tmp_path),
+                    "--out", str(tmp_path / "df.safetensors")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "t32.safetensors was trained on 32 px frames, not 64",
+                          "pass --size 32", prog="train.py")
+    assert not (tmp_path / "df.safetensors").exists()
 
 
 @pytest.mark.parametrize("stage", ["mouthnet", "heldout", "audio-probe"])
@@ -3497,6 +3516,28 @@ def test_hangup_leaves_no_output_and_no_temp_folder(tmp_path, ckpt):
     assert p.returncode == 130, (p.returncode, err)
     assert err.decode().strip().splitlines() == ["sample.py: interrupted; no output file was written"]
     assert os.listdir(tmp) == [] and os.listdir(out) == []
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_while_torch_loads_is_one_line_and_exit_130(tmp_path, name):
+    """sample.py's imports take a second or so; a kill, a closed terminal or Ctrl-C in that second
+    ends it as one later does (one line, exit code 130), not with an import traceback or a bare
+    -15. The imports are held still by a tqdm module on PYTHONPATH that waits until signalled."""
+    import signal
+    import time
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    (tmp_path / "tqdm.py").write_text("import pathlib, time\n"
+                                     f"pathlib.Path({str(tmp_path / 'importing')!r}).touch()\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "importing").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    p.send_signal(getattr(signal, name))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.decode().strip().splitlines() == ["sample.py: interrupted; no output file was written"]
 
 
 def test_folder_pool_skips_hidden_files(tmp_path):

@@ -55,6 +55,8 @@ import lipforcing as L
 # -----------------------------------------------------------------------------
 # shared plumbing
 
+RESULTS = "results"       # --results: where the tables' JSON goes (the committed ones are here)
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors; syncnet: "
                                               "syncnet_<role>, df: student_df, dmd: student); export: the folder "
                                               "of clips (default data/synthtalk)")
-    p.add_argument("--results", default="results", help="folder for JSON results")
+    p.add_argument("--results", default=RESULTS, help="folder for JSON results")
     p.add_argument("--test-clips", type=L.positive_int, default=L.TEST_CLIPS, help="test clips to evaluate on")
     p.add_argument("--split", choices=["test", "val"], default=None,
                    help="eval-teacher, eval-student: the test split (default), or val: 16 unseen training-distribution clips as "
@@ -971,7 +973,7 @@ def train_df(args):
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     teacher, tcfg, _ = L.load_checkpoint(args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"),
-                                         L.DiTConfig, L.DiT)
+                                         L.DiTConfig, L.DiT, size=args.size)
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
     model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
@@ -1055,11 +1057,11 @@ def train_dmd(args):
     sync_net, _, sync_meta = L.load_checkpoint(ckpt("syncnet_reward"), L.SyncNetConfig, L.SyncNet, dev)
     # the DiTs are loaded on the CPU and placed (or sharded) a pair at a time, so a process's host
     # memory peaks at about three whole models and its device holds only what place_dit puts there
-    teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT)
+    teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT, size=args.size)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
     critic.checkpointing = args.grad_ckpt        # the student rolls out with a KV cache: never checkpointed
     teacher, critic = place_dit(dev, teacher.requires_grad_(False), critic)
-    init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT)
+    init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT, size=args.size)
     # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
     cfg = icfg if icfg.causal else dataclasses.replace(icfg, causal=True, sink=1, window=7)
     cfg = dataclasses.replace(cfg, seed=seed)
@@ -1248,7 +1250,7 @@ def eval_teacher(args):
     args = with_dmd_defaults(args)
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     model = L.load_checkpoint(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), L.DiTConfig, L.DiT,
-                              args.device)[0]
+                              args.device, args.size)[0]
     test, split, words = graded_clips(args)
     rows = {}
     for ci, c in enumerate(tqdm(test, desc=f"teacher on the {split} clips")):
@@ -1282,7 +1284,7 @@ def eval_heldout(args):
     identities and more clips (--clips) will help; near 1, it is limited by steps or size."""
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
-    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
     assert not cfg.causal, "heldout measures the bidirectional teacher"
     pools = {"training": dit_pool(args, L.TEACHER_LATENT, "heldout")[:HELDOUT_CLIPS],
              "unseen": val_clips(args, HELDOUT_CLIPS)}
@@ -1437,7 +1439,7 @@ def results_json(args, stem, split):
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
-    model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+    model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
     clips, split, words = graded_clips(args)
     rows = {}
     for c in clips:
@@ -1507,7 +1509,7 @@ def eval_ablation(args):
         if not os.path.isfile(path):
             print(f"{name}: {path} not found (made by python {command}); row skipped")
             continue
-        model, _, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device)
+        model, _, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
         student_rows(students, name, model, ae, test, sync_eval, mouth_net)
         found.append({"row": name, "checkpoint": path, **extra})
     teacher, bench = scored_fidelity(read_results(args, "teacher.json")), read_results(args, "benchmark.json")
@@ -1745,6 +1747,10 @@ def check_options(args):
     chunk = L.DiTConfig.chunk
     if args.latent_frames and args.stage in ("df", "dmd") and args.latent_frames % chunk:
         fail(f"--latent-frames {args.latent_frames}: {args.stage} trains on whole chunks; pass a multiple of {chunk}")
+    other_scale = args.cfg_scale is not None and args.cfg_scale != L.CFG_SCALE
+    if args.stage == "eval-teacher" and args.results == RESULTS and (args.ckpt or other_scale):
+        fail(f"eval-teacher {'--cfg-scale' if other_scale else '--ckpt'} writes over {RESULTS}/teacher.json, the table "
+             f"of the --ckpt-dir teacher at CFG {L.CFG_SCALE:g} that ablation reads: pass --results DIR")
     if args.state == "none" and (args.resume or args.stop_after):
         fail(f"{'--resume' if args.resume else '--stop-after'} needs a training-state file; --state none writes none")
     for name in ("resume", "state", "stop_after"):
