@@ -184,6 +184,30 @@ def file_problem(path):
     return "a folder" if os.path.isdir(path) else None if os.path.isfile(path) else "not found"
 
 
+def folder_problem(folder):
+    """Why an output cannot be written into `folder` (created if missing), as a command line reports
+    it: it lies under a file, or cannot be made or written in; None when it can. Checked by making
+    the folder and a file in it and removing both again, so a folder that cannot take an output is
+    found before the work that makes it."""
+    folder = os.path.abspath(folder)
+    missing, parent = [], folder
+    while not os.path.exists(parent):
+        missing.append(parent)                                  # deepest first
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder; pick another path"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror}); pick a folder you can write to"
+    finally:
+        for m in missing:                                       # the output's writer makes them again
+            with contextlib.suppress(OSError):
+                os.rmdir(m)
+    return None
+
+
 def first_line(e):
     """An exception's message, first line only (its type's name if it has none)."""
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
@@ -196,7 +220,12 @@ def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
     records: a DiT sees faces only at the scale it trained at."""
     tensors, meta = read_safetensors(path)
     if meta.get("config_class") != config_class.__name__:
-        raise CheckpointError(f"{path} holds a {meta.get('config_class')}, not a {config_class.__name__}")
+        if "config_class" not in meta:             # a training-state file, or another program's safetensors
+            state = str(path).endswith(".state.safetensors")
+            raise CheckpointError(f"{path} is not a model checkpoint (no config inside): "
+                                  + ("it is a run's training state; pass the checkpoint beside it, without .state"
+                                     if state else "pass one that train.py wrote"))
+        raise CheckpointError(f"{path} holds {meta['config_class'].removesuffix('Config')} weights, not {config_class.__name__.removesuffix('Config')} ones")
     trained = json.loads(meta.get("extra", "{}")).get("size")
     if size is not None and trained is not None and trained != size:
         raise CheckpointError(f"{path} was trained on {trained} px frames, not {size}: pass --size {trained}")
@@ -271,6 +300,11 @@ _VIDEO_RE = re.compile(r"Stream #\d+:\d+\S*: Video:(?!.*attached pic)")
 
 class MediaError(ValueError):
     """Bad media input. The message is one line: what is wrong and what to do."""
+
+
+class NoAudioTrack(MediaError):
+    """A file read for its sound that has no audio track (a reader that knows why it wanted one,
+    folder_pool, words the advice)."""
 
 
 # soundfile and imageio_ffmpeg are imported where media is read or written, not at the top: the
@@ -467,7 +501,7 @@ def _ffmpeg_audio(path, sr):
     if "Stream #" not in err:  # ffmpeg never got as far as listing streams
         raise _not_media(path, err)
     if not _AUDIO_RE.search(err):
-        raise MediaError(f"{path} has no audio track: pass a separate wav/mp3/m4a file as the audio")
+        raise NoAudioTrack(f"{path} has no audio track: pass a separate wav/mp3/m4a file as the audio")
     if p.returncode != 0:
         raise MediaError(f"{path}: ffmpeg failed to decode the audio ({_last_line(err)}): re-encode it, e.g. to wav")
     _check_whole(path, "a")
@@ -833,15 +867,18 @@ def preset_config(name, depth=None, patch=None, **kw):
     preset = DIT_PRESETS[name]
     return DiTConfig(**{**preset, "depth": depth or preset["depth"]}, patch=patch or DiTConfig.patch, **kw)
 FRAME_MULTIPLE = AEConfig.space_down * max(DIT_PATCHES)   # 16: frame sizes the autoencoder and every patch tile
+MIN_FRAME_SIZE = 2 * FRAME_MULTIPLE   # 32: the mouth box (MOUTH_BOX) of a 16 px frame's 2x2 latent is empty
 FRAME_SIZE = 64           # SynthTalk's frame size: the default of every --size and of the corpus functions
 
 
 def frame_size(text):
-    """argparse type of --size: square frames, a positive multiple of FRAME_MULTIPLE pixels."""
+    """argparse type of --size: square frames, a multiple of FRAME_MULTIPLE pixels from
+    MIN_FRAME_SIZE up."""
     n = int(text) if text.isdigit() else 0
-    if n < 1 or n % FRAME_MULTIPLE:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive multiple of {FRAME_MULTIPLE} "
-                                         f"({AEConfig.space_down}x autoencoder, {max(DIT_PATCHES)}x{max(DIT_PATCHES)} DiT patches)")
+    if n < MIN_FRAME_SIZE or n % FRAME_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"{text}: must be a multiple of {FRAME_MULTIPLE} ({AEConfig.space_down}x "
+                                         f"autoencoder, {max(DIT_PATCHES)}x{max(DIT_PATCHES)} DiT patches) from "
+                                         f"{MIN_FRAME_SIZE} up (the mouth box's one latent row)")
     return n
 
 
@@ -1875,7 +1912,11 @@ def folder_pool(folder, size=FRAME_SIZE, min_frames=16, progress=True):
         frames, _ = read_video(p)
         if len(frames) < min_frames:
             raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
-        audio = read_audio(p)
+        try:
+            audio = read_audio(p)
+        except NoAudioTrack:
+            raise MediaError(f"{p} has no audio track: a --data clip carries the speech its mouth follows; "
+                             "mux it in (ffmpeg -i clip -i speech -map 0:v -map 1:a) or move the clip out") from None
         n = len(frames) * SAMPLES_PER_FRAME
         audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
         clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))

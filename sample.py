@@ -37,7 +37,6 @@ TTFF (time to first frame), as the benchmark reports it:
 """
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -148,25 +147,10 @@ def get_args(argv=None):
 
 
 def check_folder(folder, what, path):
-    """The folder an output goes into (created if missing) must not lie under a file, and we must
-    be able to make it and write in it: checked first, by making it and a file in it and removing
-    both again, so a folder that cannot take the output costs no run (nor a whole live session)."""
-    folder = os.path.abspath(folder)
-    missing, parent = [], folder
-    while not os.path.exists(parent):
-        missing.append(parent)                                  # deepest first
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        fail(f"{what} {path}: {parent} is a file, not a folder; pick another path")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        fail(f"{what} {path}: cannot write in {folder} ({e.strerror}); pick a folder you can write to")
-    finally:
-        for m in missing:                                       # the output's writer makes them again
-            with contextlib.suppress(OSError):
-                os.rmdir(m)
+    """The folder an output goes into (created if missing) can take it (L.folder_problem), or the
+    run stops here: a folder that cannot take the output costs no run (nor a whole live session)."""
+    if why := L.folder_problem(folder):
+        fail(f"{what} {path}: {why}")
 
 
 def frames_str(n):

@@ -462,14 +462,28 @@ def test_dit_stages_leave_out_clips_too_short_for_a_window_and_its_reference(mon
     """A window of n latent frames and a reference frame outside it, on the 4-frame grid, take
     4 n + 1 frames. dit_pool leaves out shorter --data clips (where no reference frame exists),
     says so, and with none left stops with one line that says what to do; at exactly 4 n + 1
-    frames every window start has a reference."""
+    frames every window start has a reference. Every stage's pool does the same for what it draws
+    (the autoencoder's 9-frame windows, the SyncNet's 5 frames at 16 starts), and a SynthTalk
+    --seconds too short is refused before a clip is made."""
     clip = lambda T: SimpleNamespace(frames=np.zeros((T, 1)))
-    monkeypatch.setattr(train, "train_pool", lambda args, **kw: [clip(36), clip(37), clip(40)])
-    args = train.get_args(["teacher"])
+    monkeypatch.setattr(L, "folder_pool", lambda folder, size: [clip(36), clip(37), clip(40)])
+    args = train.get_args(["teacher", "--data", "clips"])
     assert [len(c.frames) for c in train.dit_pool(args, 9, "teacher")] == [37, 40]
-    assert "teacher: 1 of 3 clips are shorter than 37 frames; left out" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"df: every training clip is shorter than 49 frames .* smaller --latent-frames"):
+    assert "teacher: 1 of 3 clips are shorter than 37 frames (1.48 s at 25 fps)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"df: every clip in clips is shorter than 49 frames .* smaller --latent-frames"):
         train.dit_pool(args, 12, "df")
+    monkeypatch.setattr(L, "synthtalk_pool", lambda *a, **kw: pytest.fail("clips made"))
+    for argv, words in ((["vae", "--seconds", "0.3"], "vae: --seconds 0.3 makes clips shorter than 9 frames"),
+                        (["syncnet", "--seconds", "0.7"], "syncnet: --seconds 0.7 makes clips shorter than 20 frames"),
+                        (["mouthnet", "--seconds", "0.001"], "pass --seconds 0.04 or more"),
+                        (["teacher", "--seconds", "1"], "teacher: --seconds 1 makes clips shorter than 37 frames")):
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert words in capsys.readouterr().err, argv
+    monkeypatch.setattr(L, "synthtalk_pool", lambda *a, **kw: [clip(20) for _ in range(3)])   # the eval role: 1 clip
+    with pytest.raises(SystemExit):
+        train.main(["syncnet", "--role", "eval", "--clips", "3"])
+    assert "syncnet --role eval: trains on every other clip of the pool" in capsys.readouterr().err
     rng = np.random.default_rng(0)                         # the two 33-frame windows of a 37-frame clip:
     assert train.random_ref(rng, 37, 0, 33) == 36 and train.random_ref(rng, 37, 4, 33) == 0   # one reference each
 
@@ -1135,12 +1149,23 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
     base = ["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "6",
             "--batch", "2", "--latent-frames", "3", "--preset", "tiny"]
     first = train.main(base + ["--stop-after", "3", "--out", str(tmp_path / "b.safetensors")])[1]
+    extra = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[2]
+    assert (extra["steps"], extra["schedule_steps"]) == (3, 6)          # what it trained, and its schedule's length
     whole = train.main(base + ["--out", str(tmp_path / "a.safetensors")])[1]
     rest = train.main(base + ["--resume", "--out", str(tmp_path / "b.safetensors")])[1]
     assert (tmp_path / "a.state.safetensors").is_file() and (tmp_path / "b.state.safetensors").is_file()
     assert len(first) == 3 and len(rest) == 3
     assert first + rest == whole
-    a = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)[0]
+    a, _, extra = L.load_checkpoint(tmp_path / "a.safetensors", L.DiTConfig, L.DiT)
+    b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert extra["steps"] == 6 and "schedule_steps" not in extra
+    # resuming a finished run, or a run of another shape, is one line; the finished checkpoint stays
+    for more, words in (([], "is at step 6, and this run ends at step 6: nothing to train"),
+                        (["--depth", "2", "--steps", "9"], "holds a run of another model")):
+        with pytest.raises(SystemExit, match=words) as e:
+            train.main(base + more + ["--resume", "--out", str(tmp_path / "b.safetensors")])
+        assert e.value.code == 2
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -1664,7 +1689,7 @@ def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_b
     assert sample.frame_size(args(size=48, benchmark=True), "s", recorded) == 48
     face_video(tmp_path / "v.mp4", 12)
     speech(tmp_path / "a.wav", 12)
-    for size in ("16", "48"):                                   # the fixture's student records 32
+    for size in ("64", "48"):                                   # the fixture's student records 32
         code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
                             *ckpt, "--size", size], capsys)
         assert_one_line_error(code, err, f"--size {size}", "trained on 32 px frames")
@@ -2616,6 +2641,9 @@ def test_dmd_resumes_identically(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="critic-c.state.safetensors is missing or not at step 1 as") as e:
         train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "c.safetensors")])
     assert e.value.code == 2
+    with pytest.raises(SystemExit, match="b.state.safetensors is at step 2, and this run ends at step 2") as e:
+        train.main(["dmd"] + base + ["--resume", "--out", str(tmp_path / "b.safetensors")])   # finished: nothing left
+    assert e.value.code == 2
 
 
 def test_a_non_finite_loss_stops_training():
@@ -2654,13 +2682,15 @@ def test_syncnet_batch_must_hold_two_clip_groups(tmp_path):
     ("train", ["teacher", "--steps", "0"], ("--steps", "0: takes a positive whole number")),
     ("train", ["vae", "--batch", "-4"], ("--batch", "-4: takes a positive whole number")),
     ("train", ["df", "--depth", "2.5"], ("--depth", "2.5: takes a positive whole number")),
-    ("train", ["vae", "--size", "40"], ("--size", "40: must be a positive multiple of 16")),
+    ("train", ["vae", "--size", "40"], ("--size", "40: must be a multiple of 16")),
+    ("train", ["teacher", "--size", "16"], ("--size", "16: must be a multiple of 16", "from 32 up")),
     ("analyze", ["--clips", "0"], ("--clips", "0: takes a positive whole number")),
-    ("analyze", ["--size", "24"], ("--size", "24: must be a positive multiple of 16")),
+    ("analyze", ["--size", "24"], ("--size", "24: must be a multiple of 16")),
 ])
 def test_counts_and_sizes_are_checked_before_any_work(capsys, main, argv, words):
-    """train.py and analyze.py refuse a count below 1 or a frame size off the 16-pixel grid with
-    argparse's usage error (exit 2) naming the option, before any data or model is touched."""
+    """train.py and analyze.py refuse a count below 1, or a frame size off the 16-pixel grid or
+    below 32 (where the mouth box has no latent row), with argparse's usage error (exit 2) naming
+    the option, before any data or model is touched."""
     with pytest.raises(SystemExit) as e:
         {"train": train.main, "analyze": A.main}[main](argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -2948,14 +2978,14 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["foundation", "--compile"], "--compile does nothing in foundation"),
     (["df", "--grad-ckpt"], "--grad-ckpt does nothing in df"),
     (["eval-student", "--data", "d"], "--data does nothing in eval-student"),
-    (["eval", "--split", "val"], "--split does nothing in eval; only eval-teacher, eval-student read it"),
+    (["eval", "--split", "val"], "--split does nothing in eval; eval-teacher, eval-student read it, no other stage"),
     (["teacher", "--bf16-convs"], "--bf16-convs does nothing in teacher"),
     (["df", "--channels-last"], "--channels-last does nothing in df"),
     (["df", "--audio-adaln"], "--audio-adaln does nothing in df"),
     (["vae", "--ckpt", "v.safetensors"], "--ckpt does nothing in vae"),
     (["pipeline", "--teacher", "t.safetensors"], "--teacher does nothing in pipeline"),
     (["vae", "--critic-lr", "1e-4"], "--critic-lr does nothing in vae"),
-    (["eval-student", "--cfg-scale", "3"], "--cfg-scale does nothing in eval-student; only dmd, eval-teacher read it"),
+    (["eval-student", "--cfg-scale", "3"], "--cfg-scale does nothing in eval-student; dmd, eval-teacher read it, no other stage"),
     (["df", "--beta", "0"], "--beta does nothing in df"),
     (["teacher", "--teacher-cfg", "fixed"], "--teacher-cfg does nothing in teacher"),
     (["df", "--reward-scale", "2"], "--reward-scale does nothing in df"),
@@ -2978,6 +3008,18 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["teacher", "--out", "t.mp4"], "--out t.mp4: pass a checkpoint path ending in .safetensors"),
     (["teacher", "--out", "."], "--out .: pass a checkpoint path ending in .safetensors"),
     (["export", "--out", os.path.abspath(__file__)], "is a file; export writes a folder"),
+    (["eval-student", "--steps", "3"], "--steps does nothing in eval-student"),
+    (["export", "--lr", "1"], "--lr does nothing in export"),
+    (["pipeline", "--seed", "3"], "--seed does nothing in pipeline"),
+    (["df", "--depth", "2"], "--depth does nothing in df"),
+    (["teacher", "--data", "d", "--clips", "4"], "--clips sizes a SynthTalk pool; --data d trains on every clip"),
+    (["vae", "--state", "."], "--state . is a folder"),
+    (["df", "--out", "checkpoints/vae.safetensors"], "--out checkpoints/vae.safetensors is a file this stage reads"),
+    (["df", "--init", "checkpoints/student_df.safetensors", "--out", "./checkpoints/student_df.safetensors"],
+     "is a file this stage reads"),
+    (["vae", "--out", "/tmp/v.safetensors", "--state", "/tmp/v.safetensors"], "--state /tmp/v.safetensors is a file"),
+    (["vae", "--out", os.path.join(os.path.abspath(__file__), "v.safetensors")], "is a file, not a folder"),
+    (["eval", "--results", os.path.join(os.path.abspath(__file__), "r")], "is a file, not a folder; pick another path"),
 ])
 def test_options_a_stage_would_ignore_and_bad_values_are_refused_before_any_work(capsys, monkeypatch, argv, words):
     """An option the stage does not act on, an out-of-range number, a device this machine lacks, a
@@ -2992,6 +3034,15 @@ def test_options_a_stage_would_ignore_and_bad_values_are_refused_before_any_work
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_any_work(monkeypatch):
+    """Under torchrun (WORLD_SIZE set) a --batch that is not a multiple of the processes is refused
+    by check_options, before the process group is joined or a model is loaded."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"--batch 3 must be a multiple of the number of processes \(2\)"):
+        train.check_options(train.get_args(["vae", "--batch", "3"]))
+    train.check_options(train.get_args(["vae", "--batch", "4"]))
 
 
 @pytest.mark.parametrize("error, code, words", [(KeyboardInterrupt, 130, "interrupted"), (MemoryError, 2, "out of memory")])
@@ -3024,8 +3075,12 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
         with pytest.raises(L.CheckpointError, match=words) as e:
             L.load_checkpoint(path, L.AEConfig, L.VideoAE)
         assert "\n" not in str(e.value)
-    with pytest.raises(L.CheckpointError, match="holds a AEConfig, not a DiTConfig"):
+    with pytest.raises(L.CheckpointError, match="holds AE weights, not DiT ones"):
         L.load_checkpoint(tmp_path / "vae.safetensors", L.DiTConfig, L.DiT)
+    from safetensors.torch import save_file                # a run's training state handed as the checkpoint
+    save_file({"model.w": torch.zeros(1)}, tmp_path / "x.state.safetensors", metadata={"step": "3"})
+    with pytest.raises(L.CheckpointError, match="not a model checkpoint .* training state; pass the checkpoint beside"):
+        L.load_checkpoint(tmp_path / "x.state.safetensors", L.DiTConfig, L.DiT)
     with pytest.raises(SystemExit) as e:
         train.main(["eval-teacher", "--ckpt-dir", str(tmp_path / "empty")])
     assert_one_line_error(e.value.code, capsys.readouterr().err, "vae.safetensors: checkpoint not found", prog="train.py")
@@ -3050,6 +3105,13 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
     assert_one_line_error(e.value.code, capsys.readouterr().err, "t32.safetensors was trained on 32 px frames, not 64",
                           "pass --size 32", prog="train.py")
     assert not (tmp_path / "df.safetensors").exists()
+    with pytest.raises(SystemExit) as e:                   # a student where a teacher is read, and the other way
+        train.main(["df", "--init", str(tmp_path / "student.safetensors"), "--ckpt-dir", str(tmp_path),
+                    "--out", str(tmp_path / "df.safetensors")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "student.safetensors is a causal student; df reads a "
+                          "bidirectional teacher", prog="train.py")
+    with pytest.raises(L.CheckpointError, match="t32.safetensors is a bidirectional teacher; eval-student reads a causal"):
+        train.load_dit(train.get_args(["eval-student", "--size", "32"]), tmp_path / "t32.safetensors", True, "eval-student")
 
 
 @pytest.mark.parametrize("stage", ["mouthnet", "heldout", "audio-probe"])
@@ -3147,8 +3209,8 @@ def test_teacher_loss_by_t_covers_the_steps_since_the_last_log_line(tmp_path, mo
             for t, loss in zip(ts[i].tolist(), per_sample[i].tolist()):
                 k = next(k for k, hi in enumerate(train.T_BINS[1:]) if t < hi or hi == 1.0)
                 sums[k], counts[k] = sums[k] + loss, counts[k] + 1
-        return "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
-                                       zip(train.T_BINS[:-1], train.T_BINS[1:], sums, counts))
+        return "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:" + (f"{s / c:.3f}" if c else "-") for lo, hi, s, c in
+                                       zip(train.T_BINS[:-1], train.T_BINS[1:], sums, counts))   # -: no sample
     assert len(lines) == 2 and len(ts) == len(per_sample) == 4
     assert lines[0].endswith(binned([0, 1])) and lines[1].endswith(binned([2, 3])), (lines, binned([0, 1, 2, 3]))
     assert binned([2, 3]) != binned([0, 1, 2, 3])     # the test can tell the two apart

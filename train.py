@@ -171,12 +171,23 @@ def conv_memory(args, net):
     return net.to(memory_format=torch.channels_last) if args.channels_last else net
 
 
-def train_pool(args, n_default, seconds_default):
-    """The training clips: SynthTalk's train split, or a folder given by --data."""
-    if args.data:
-        return L.folder_pool(args.data, args.size)
-    return L.synthtalk_pool("train", args.clips or n_default, args.seconds or seconds_default, args.size,
-                            workers=pool_workers(args))
+def train_pool(args, n_default, seconds_default, stage, need=1, what="a frame"):
+    """The training clips: SynthTalk's train split, or a folder given by --data; every clip at least
+    `need` frames long, what `stage` draws from one (`what`). SynthTalk clips too short are refused
+    before they are made; a --data folder's are left out with a note, and refused if none is left."""
+    why = f"shorter than {need} frames ({need / L.FPS:.2f} s at {L.FPS} fps), what {what} takes"
+    if not args.data:
+        seconds = args.seconds or seconds_default
+        if round(seconds * L.FPS) < need:
+            fail(f"{stage}: --seconds {seconds:g} makes clips {why}; pass --seconds {need / L.FPS:g} or more")
+        return L.synthtalk_pool("train", args.clips or n_default, seconds, args.size, workers=pool_workers(args))
+    clips = L.folder_pool(args.data, args.size)
+    keep = [c for c in clips if len(c.frames) >= need]
+    if not keep:
+        fail(f"{stage}: every clip in {args.data} is {why}; use longer clips")
+    if len(keep) < len(clips):
+        print(f"{stage}: {len(clips) - len(keep)} of {len(clips)} clips are {why}; left out")
+    return keep
 
 
 def test_pool(args, dub_truth=False):
@@ -187,6 +198,19 @@ def test_pool(args, dub_truth=False):
         for c, truth in zip(clips, truths):
             c.dub_frames = truth
     return clips
+
+
+DIT_KINDS = {True: "a causal student", False: "a bidirectional teacher"}
+
+
+def load_dit(args, path, causal, who, device="cpu"):
+    """(model, config, extra) of the DiT checkpoint at `path` for `who`, the stage or role that reads
+    it: refused in one line (CheckpointError) when it is not the kind `causal` asks for (None:
+    either) or was trained at another --size."""
+    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, device, args.size)
+    if causal is not None and cfg.causal != causal:
+        raise L.CheckpointError(f"{path} is {DIT_KINDS[cfg.causal]}; {who} reads {DIT_KINDS[causal]}")
+    return model, cfg, extra
 
 
 def pool_workers(args):
@@ -406,11 +430,12 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     log_every = log_every or LOG_EVERY
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     start = load_train_state(state, model, ema, opt, rng, device) if resumes_from(state, device) else 0
+    end = min(steps, stop_after) if stop_after else steps
     if start:
+        check_left(desc, state, start, end)
         print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
     t_log, seen_log, step_log = t0, 0, start                     # at the previous log line
-    end = min(steps, stop_after) if stop_after else steps
     bar = progress(range(start, end), desc=desc, initial=start, total=steps)
     for step in bar:
         for g in opt.param_groups:
@@ -437,12 +462,19 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     return losses
 
 
+def check_left(desc, state, start, end):
+    """A resumed run must have steps left: its training state is at `start`, it ends at `end`."""
+    if start >= end:
+        fail(f"{desc}: {state} is at step {start}, and this run ends at step {end}: nothing to train; "
+             "raise --steps (or --stop-after) to go on, or leave out --resume to start over")
+
+
 def optimizer_step(model, opt, loss, clip):
     """One update: backward, the gradient average over processes, grad-norm clipping at `clip`, step.
     A loss of NaN or inf stops the run before it reaches the weights."""
     if not torch.isfinite(loss.detach()):
-        raise SystemExit(f"the loss is {loss.item()}: training diverged, or a checkpoint it reads holds NaN; "
-                         f"lower --lr, or retrain that checkpoint")
+        fail(f"the loss is {loss.item()}: training diverged, or a checkpoint it reads holds NaN; "
+             f"lower --lr, or retrain that checkpoint")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(model)
@@ -533,9 +565,13 @@ def save_train_state(path, model, ema, opt, step, rng, device="cpu"):
 def load_train_state(path, model, ema, opt, rng, device="cpu"):
     t, meta = L.read_safetensors(path, "training state")
     sub = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
-    model.load_state_dict(sub("model."))
-    if ema is not None:
-        ema.load_state_dict(sub("ema."))
+    try:
+        model.load_state_dict(sub("model."))
+        if ema is not None:
+            ema.load_state_dict(sub("ema."))
+    except RuntimeError as e:                      # another --preset, --depth, --patch, ..., or another stage's file
+        raise L.CheckpointError(f"{path} holds a run of another model ({L.first_line(e)}): resume with the options "
+                                "it started with, or leave out --resume to start over") from None
     for i, p in enumerate(model.parameters()):
         # Adam keeps its step count on the CPU (unless capturable): on the device it would cost a sync a step
         st = {name: v if name == "step" else v.to(p.device)
@@ -561,7 +597,8 @@ def load_train_state(path, model, ema, opt, rng, device="cpu"):
 def train_vae(args):
     torch.manual_seed(args.seed or 0)
     rng = np.random.default_rng(args.seed or 0)
-    clips = train_pool(args, n_default=384, seconds_default=2.0)
+    n_frames = 1 + 2 * L.AEConfig.time_down                  # 9 frames -> 3 latent frames
+    clips = train_pool(args, 384, 2.0, "vae", need=n_frames, what=f"a {n_frames}-frame training window")
     if args.init:
         ae, cfg, _ = L.load_checkpoint(args.init, L.AEConfig, L.VideoAE, args.device)
         ae.train()
@@ -570,7 +607,6 @@ def train_vae(args):
         ae = L.VideoAE(cfg).to(args.device)
     ae = conv_memory(args, ae)
     print(cfg, f"\nVideoAE: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M parameters")
-    n_frames = 1 + 2 * cfg.time_down                        # 9 frames -> 3 latent frames
     batch = args.batch or 16
 
     def step(_):
@@ -652,8 +688,13 @@ def train_syncnet(args):
              f"two of them; pass a multiple of {group} from {2 * group} up")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    clips = role_subset(train_pool(args, n_default=512, seconds_default=4.0), args.role)
     cfg = L.SyncNetConfig(role=args.role, seed=seed)
+    need = cfg.frames + SYNC_SPAN
+    clips = role_subset(train_pool(args, 512, 4.0, "syncnet", need=need,
+                                   what=f"a {cfg.frames}-frame window at {SYNC_SPAN + 1} starts"), args.role)
+    if len(clips) < 2:                  # the loss needs windows of other clips (easy negatives)
+        fail(f"syncnet --role {args.role}: trains on every other clip of the pool (the {args.role} SyncNet's "
+             f"identities), {len(clips)} here; it needs two or more: pass --clips 4 or more, or more --data clips")
     net = conv_memory(args, global_batchnorm(L.SyncNet(cfg).to(args.device).train()))
     print(cfg, f"\nSyncNet ({args.role}): {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
           f"{len(clips)} training clips")
@@ -752,7 +793,7 @@ def train_mouthnet(args):
     seed = args.seed if args.seed is not None else 3
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    clips = train_pool(args, n_default=512, seconds_default=4.0)
+    clips = train_pool(args, 512, 4.0, "mouthnet")
     cfg = L.MouthNetConfig(seed=seed)
     net = conv_memory(args, global_batchnorm(L.MouthNet(cfg).to(args.device).train()))
     print(cfg, f"\nMouthNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
@@ -793,16 +834,8 @@ def dit_pool(args, n_latent, stage):
     """The DiT stages' training clips (train_pool), less those too short for a window of n_latent
     latent frames plus a reference frame outside it on the 4-frame grid: 4 n_latent + 1 frames.
     A --data folder may hold such clips; they are left out with a note."""
-    clips = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0)
-    need = L.FRAMES_PER_LATENT * n_latent + 1
-    keep = [c for c in clips if len(c.frames) >= need]
-    if not keep:
-        fail(f"{stage}: every training clip is shorter than {need} frames ({need / L.FPS:.2f} s at "
-             f"{L.FPS} fps), what a {n_latent}-latent window and its reference frame take; "
-             f"use longer clips or a smaller --latent-frames")
-    if len(keep) < len(clips):
-        print(f"{stage}: {len(clips) - len(keep)} of {len(clips)} clips are shorter than {need} frames; left out")
-    return keep
+    return train_pool(args, DIT_CLIPS, 4.0, stage, need=L.FRAMES_PER_LATENT * n_latent + 1,
+                      what=f"a {n_latent}-latent window and its reference frame (or pass a smaller --latent-frames)")
 
 
 def random_ref(rng, T, start, length):
@@ -849,9 +882,13 @@ MOUTH_WEIGHT = 1.0       # the DiT stages' loss counts the mouth box twice: bett
 
 
 def dit_extra(args, steps, **more):
-    """What a DiT stage records in its checkpoint beside the weights and config: its length, the
-    mouth weight, the frame size it trained at (sample.py samples a student at that size), and `more`."""
-    return {"steps": steps, "mouth_weight": args.mouth_weight, "size": args.size, **more}
+    """What a DiT stage records in its checkpoint beside the weights and config: the steps it
+    trained (and, when --stop-after ended it early, the `steps` its learning-rate schedule was
+    for), the mouth weight, the frame size it trained at (sample.py samples a student at that
+    size), and `more`."""
+    done = min(steps, args.stop_after or steps)
+    return {"steps": done, **({"schedule_steps": steps} if done < steps else {}), "mouth_weight": args.mouth_weight,
+            "size": args.size, **more}
 
 
 def train_teacher(args):
@@ -888,8 +925,8 @@ def train_teacher(args):
         b = np.digitize(gather_rows(t[:, 0].detach()).cpu().numpy(), T_BINS[1:-1])
         np.add.at(bins[0], b, gather_rows(per_sample.detach()).cpu().numpy())
         np.add.at(bins[1], b, 1)
-        text = "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / max(c, 1):.3f}" for lo, hi, s, c in
-                                       zip(T_BINS[:-1], T_BINS[1:], *bins))
+        text = "loss by t " + " ".join(f"{lo:.1f}-{hi:.1f}:{s / c:.3f}" if c else f"{lo:.1f}-{hi:.1f}:-"   # - : no sample
+                                       for lo, hi, s, c in zip(T_BINS[:-1], T_BINS[1:], *bins))
         if (i + 1) % log_every == 0:                           # each log line covers the steps since the one before
             bins[:] = 0
         return per_sample.mean(), len(x0) * tokens, text
@@ -972,8 +1009,7 @@ def train_df(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    teacher, tcfg, _ = L.load_checkpoint(args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"),
-                                         L.DiTConfig, L.DiT, size=args.size)
+    teacher, tcfg, _ = load_dit(args, args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"), False, "df")
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
     model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
@@ -1057,16 +1093,18 @@ def train_dmd(args):
     sync_net, _, sync_meta = L.load_checkpoint(ckpt("syncnet_reward"), L.SyncNetConfig, L.SyncNet, dev)
     # the DiTs are loaded on the CPU and placed (or sharded) a pair at a time, so a process's host
     # memory peaks at about three whole models and its device holds only what place_dit puts there
-    teacher, tcfg, _ = L.load_checkpoint(args.teacher or ckpt("teacher"), L.DiTConfig, L.DiT, size=args.size)
+    teacher, tcfg, _ = load_dit(args, args.teacher or ckpt("teacher"), False, "dmd's teacher")
     critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
     critic.checkpointing = args.grad_ckpt        # the student rolls out with a KV cache: never checkpointed
     teacher, critic = place_dit(dev, teacher.requires_grad_(False), critic)
-    init, icfg, _ = L.load_checkpoint(args.init or ckpt("student_df"), L.DiTConfig, L.DiT, size=args.size)
+    init, icfg, _ = load_dit(args, args.init or ckpt("student_df"), None, "dmd")
     # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
     cfg = icfg if icfg.causal else dataclasses.replace(icfg, causal=True, sink=1, window=7)
     cfg = dataclasses.replace(cfg, seed=seed)
-    assert (cfg.audio_context, cfg.latent_channels) == (tcfg.audio_context, tcfg.latent_channels), \
-        "student and teacher must read the same latents and packed audio"
+    if (cfg.audio_context, cfg.latent_channels) != (tcfg.audio_context, tcfg.latent_channels):
+        fail(f"dmd: the student (audio context {cfg.audio_context}, {cfg.latent_channels} latent channels) and the "
+             f"teacher ({tcfg.audio_context}, {tcfg.latent_channels}) must read the same latents and packed audio: "
+             "pass a --teacher and --init of one chain")
     student = L.DiT(cfg)
     student.load_state_dict(init.state_dict())
     del init
@@ -1113,9 +1151,11 @@ def train_dmd(args):
             # two files, written one after the other: a run killed between the writes leaves them apart
             fail(f"{c_state} is missing or not at step {start} as {state} is (the run stopped while saving): "
                  f"delete both and start over without --resume")
-        print(f"dmd: resumed from {state} at step {start}")
     steps = args.steps or DMD_STEPS
     end = min(steps, args.stop_after) if args.stop_after else steps
+    if start:
+        check_left("dmd", state, start, end)
+        print(f"dmd: resumed from {state} at step {start}")
     log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
     log_every = args.log_every or DMD_LOG_EVERY
     t0 = time.time()
@@ -1249,8 +1289,8 @@ def clip_metrics(frames, audio, mouth, gt, sync_net, mouth_net):
 def eval_teacher(args):
     args = with_dmd_defaults(args)
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
-    model = L.load_checkpoint(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), L.DiTConfig, L.DiT,
-                              args.device, args.size)[0]
+    model = load_dit(args, args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), False, "eval-teacher",
+                     args.device)[0]
     test, split, words = graded_clips(args)
     rows = {}
     for ci, c in enumerate(tqdm(test, desc=f"teacher on the {split} clips")):
@@ -1284,8 +1324,7 @@ def eval_heldout(args):
     identities and more clips (--clips) will help; near 1, it is limited by steps or size."""
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
-    model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
-    assert not cfg.causal, "heldout measures the bidirectional teacher"
+    model, cfg, extra = load_dit(args, path, False, "heldout", args.device)
     pools = {"training": dit_pool(args, L.TEACHER_LATENT, "heldout")[:HELDOUT_CLIPS],
              "unseen": val_clips(args, HELDOUT_CLIPS)}
     err = {}
@@ -1344,7 +1383,7 @@ def eval_audio_probe(args):
     did not make that mouth). A small error means the corpus is learnable from the DiT's input:
     a teacher short of sync is limited by the DiT, not by its audio features or context."""
     seed = args.seed if args.seed is not None else 0
-    clips, test = train_pool(args, n_default=DIT_CLIPS, seconds_default=4.0), test_pool(args)
+    clips, test = train_pool(args, DIT_CLIPS, 4.0, "audio-probe"), test_pool(args)
     d = L.DIT_PRESETS[args.preset]["dim"]
     res = {}
     for context in PROBE_CONTEXTS:
@@ -1439,7 +1478,7 @@ def results_json(args, stem, split):
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
-    model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
+    model, cfg, _ = load_dit(args, path, True, "eval-student", args.device)
     clips, split, words = graded_clips(args)
     rows = {}
     for c in clips:
@@ -1509,7 +1548,7 @@ def eval_ablation(args):
         if not os.path.isfile(path):
             print(f"{name}: {path} not found (made by python {command}); row skipped")
             continue
-        model, _, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
+        model, _, extra = load_dit(args, path, True, "ablation", args.device)
         student_rows(students, name, model, ae, test, sync_eval, mouth_net)
         found.append({"row": name, "checkpoint": path, **extra})
     teacher, bench = scored_fidelity(read_results(args, "teacher.json")), read_results(args, "benchmark.json")
@@ -1595,7 +1634,7 @@ def print_foundation_table(r):
 
 # what foundation and pipeline pass on to every stage they run
 SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "depth", "clips", "seconds",
-                  "steps", "batch", "test_clips", "mouth_weight", "log_every")
+                  "steps", "batch", "test_clips", "mouth_weight", "log_every", "cfg_drop", "drop_mode", "threads")
 
 
 def option(name):
@@ -1661,13 +1700,16 @@ def pipeline(args):
 # stage: export SynthTalk as a folder of mp4 clips (the layout --data reads)
 
 
+EXPORT_DIR = "data/synthtalk"
+
+
 def export_synthtalk(args):
-    out = args.out or "data/synthtalk"
+    out = args.out or EXPORT_DIR
     n = args.clips or 64
     for i in tqdm(range(n), desc=f"writing {out}"):
         c = L.synthtalk_clip("train", i, args.seconds or 4.0, args.size)
         L.write_video(os.path.join(out, f"{c.name}.mp4"), c.frames, c.audio)
-    print(f"wrote {n} clips to {out}; train on them with --data {out}")
+    print(f"wrote {n} clip{'' if n == 1 else 's'} to {out}; train on them with --data {out}")
 
 
 # -----------------------------------------------------------------------------
@@ -1686,11 +1728,19 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # the options only some stages act on: any other stage refuses them rather than ignore them.
 # (Not --role, --drop-mode, --cfg-drop, --mouth-weight, --preset and --test-clips: they have values
 # by default, pipeline passes --mouth-weight to every stage, and the stages that do not read them ignore them.)
+# --seed and --lr are each stage's own: pipeline and foundation, which run stages of different seeds and
+# rates, refuse them. A DiT's shape (--depth, --patch) is the teacher's to choose: df and dmd copy it.
 # The teacher trains from scratch (--resume continues a stopped run: a teacher --init would have to
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
-STAGE_OPTIONS = {"init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-teacher", "eval-student"),
+STAGE_READS = {"teacher": ("vae",), "df": ("vae", "teacher"), "heldout": ("vae", "teacher"),   # in --ckpt-dir
+               "dmd": ("vae", "syncnet_reward", "teacher", "student_df")}
+TRAINERS = (*TRAINING_STAGES, "audio-probe")                  # the stages that run an optimiser (fit)
+STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS,
+                 **{name: (*TRAINERS, "foundation", "pipeline") for name in ("steps", "batch", "log_every")},
+                 **{name: ("teacher", "pipeline") for name in ("depth", "patch")},
+                 "init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-teacher", "eval-student"),
                  "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
                  "latent_frames": ("teacher", "df", "dmd"), "cfg_scale": ("dmd", "eval-teacher"),
                  **{name: ("dmd",) for name in ("teacher_cfg", "beta", "reward_scale", "critic_lr", "critic_steps")},
@@ -1727,12 +1777,24 @@ def given(args, name):
     return value is not None and value is not False
 
 
+def same_file(a, b):
+    """Whether two paths name one file: the same path, or (both there) one file by two names."""
+    return os.path.abspath(a) == os.path.abspath(b) or (os.path.exists(a) and os.path.exists(b)
+                                                          and os.path.samefile(a, b))
+
+
 def check_options(args):
     """Refuse, before any work, an option the stage would silently ignore."""
     for name, stages in STAGE_OPTIONS.items():
         if given(args, name) and args.stage not in stages:
             note = f" ({OPTION_NOTES[name]})" if name in OPTION_NOTES else ""
-            fail(f"{option(name)} does nothing in {args.stage}; only {', '.join(stages)} read it{note}")
+            fail(f"{option(name)} does nothing in {args.stage}; {', '.join(stages)} read it, no other stage{note}")
+    world = int(os.environ.get("WORLD_SIZE", 1))                     # torchrun's processes
+    if args.batch and args.batch % world:
+        fail(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
+    if args.data and args.stage not in ("foundation", "pipeline") and (args.clips or args.seconds):
+        fail(f"{'--clips' if args.clips else '--seconds'} sizes a SynthTalk pool; --data {args.data} trains on "
+             "every clip of the folder, as long as it is: leave it out")
     for name in ("init", "teacher", "ckpt"):                          # checkpoints named on the command line
         path = getattr(args, name)
         if path is not None and (why := L.file_problem(path)):
@@ -1744,6 +1806,24 @@ def check_options(args):
             fail(f"--out {args.out} is a file; export writes a folder of clips")
         if args.stage != "export" and (os.path.isdir(args.out) or not args.out.endswith(".safetensors")):
             fail(f"--out {args.out}: pass a checkpoint path ending in .safetensors")
+    if args.state not in (None, "none") and os.path.isdir(args.state):
+        fail(f"--state {args.state} is a folder: pass a file path (or none)")
+    # an output must not replace what the stage reads (but vae --init, which fine-tunes in place)
+    reads = [os.path.join(args.ckpt_dir, f"{name}.safetensors") for name in STAGE_READS.get(args.stage, ())]
+    reads += [p for p in (args.teacher, args.ckpt, args.init if args.stage != "vae" else None) if p]
+    for name, path, others in (("--out", args.out, reads), ("--state", args.state, reads + [args.out])):
+        if path not in (None, "none") and any(other and same_file(path, other) for other in others):
+            fail(f"{name} {path} is a file this stage reads or writes: write it to another path")
+    # the folders the stage writes into take a file: found now, not when a trained model is saved
+    writes = {"export": [("--out", args.out or EXPORT_DIR)]}.get(args.stage, [])
+    if args.stage in (*TRAINING_STAGES, "foundation", "pipeline"):
+        writes = [("--out", os.path.dirname(args.out) or ".") if args.out else ("--ckpt-dir", args.ckpt_dir)]
+        writes += [("--state", os.path.dirname(args.state) or ".")] if args.state not in (None, "none") else []
+    elif args.stage != "export":
+        writes = [("--results", args.results)]                  # the evaluations' JSON
+    for name, folder in writes:
+        if why := L.folder_problem(folder):
+            fail(f"{name} {getattr(args, name[2:].replace('-', '_'))}: {why}")
     chunk = L.DiTConfig.chunk
     if args.latent_frames and args.stage in ("df", "dmd") and args.latent_frames % chunk:
         fail(f"--latent-frames {args.latent_frames}: {args.stage} trains on whole chunks; pass a multiple of {chunk}")
