@@ -62,6 +62,9 @@ def atomic_path(path):
     tmp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)     # what open() makes: some writers (safetensors) make their files 0600
         os.replace(tmp, path)
         made = []
     finally:

@@ -306,6 +306,9 @@ def test_checkpoint_round_trip(tmp_path):
     ae = L.VideoAE(cfg).eval()
     p = tmp_path / "ae.safetensors"
     L.save_checkpoint(p, ae, cfg, extra={"psnr": 1.5})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask           # readable by others as any file the user makes
     ae2, cfg2, extra = L.load_checkpoint(p, L.AEConfig, L.VideoAE)
     assert cfg2 == cfg and extra == {"psnr": 1.5}
     x = torch.rand(1, 5, 3, 32, 32)
