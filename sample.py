@@ -235,7 +235,7 @@ def check_args(args):
     if m in MODE_OPTIONS["results"]:
         check_folder(args.results, "--results", args.results)
     if args.size is not None and not args.benchmark and (path := student_path(args, required=False)):
-        frame_size(args, path, recorded_extra(path))      # a size the student never saw: refused before any media is read
+        student_size(args, path, recorded_extra(path))      # a size the student never saw: refused before any media is read
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def recorded_extra(path):
         return {}
 
 
-def frame_size(args, path, extra):
+def student_size(args, path, extra):
     """--size, else the frame size the student at `path` trained at (its checkpoint's "size"), else
     L.FRAME_SIZE. A size other than the recorded one is refused except by --benchmark, which only
     times it: the model has never seen faces at another scale, and would lip-sync them badly. (A
@@ -324,12 +324,12 @@ def warm_up_frames(ae, cfg):
 
 
 def load_student(args):
-    """(student, autoencoder, student path); sets args.size (frame_size). With --compile the student's blocks are compiled and
+    """(student, autoencoder, student path); sets args.size (student_size). With --compile the student's blocks are compiled and
     run once through a throwaway stream of blank input that passes every cache state, so compiling
     is over before the first real frame (a live stream's TTFF, the FPS printed), not inside it."""
     path = student_path(args)
     model, extra = load_dit(path, args.device)
-    args.size = frame_size(args, path, extra)
+    args.size = student_size(args, path, extra)
     log(args, f"student {path}: {model.cfg}")
     ae = load_ae(args)
     check_latents(ae, model, path, args.vae)
@@ -809,7 +809,7 @@ def benchmark(args):
     else:
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()
         weights += ", teacher random init (the student's config, bidirectional)"
-    args.size = frame_size(args, path, extra)
+    args.size = student_size(args, path, extra)
     clip = L.synthtalk_clip("test", 0, seconds=args.seconds, size=args.size)    # long enough: check_args
     frames, audio = clip.frames, clip.dub_audio
     warm = max(1 + L.TEACHER_HOP, warm_up_frames(ae, cfg))     # a teacher window, and every cache state of a stream

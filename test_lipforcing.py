@@ -1687,9 +1687,9 @@ def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_b
     is read, except by --benchmark, which only times it."""
     recorded = {"size": 32}
     args = lambda **kw: SimpleNamespace(**{"size": None, "benchmark": False, **kw})
-    assert sample.frame_size(args(), "s", recorded) == 32 and sample.frame_size(args(), "s", {}) == L.FRAME_SIZE
-    assert sample.frame_size(args(size=48), "s", {}) == 48 and sample.frame_size(args(size=32), "s", recorded) == 32
-    assert sample.frame_size(args(size=48, benchmark=True), "s", recorded) == 48
+    assert sample.student_size(args(), "s", recorded) == 32 and sample.student_size(args(), "s", {}) == L.FRAME_SIZE
+    assert sample.student_size(args(size=48), "s", {}) == 48 and sample.student_size(args(size=32), "s", recorded) == 32
+    assert sample.student_size(args(size=48, benchmark=True), "s", recorded) == 48
     face_video(tmp_path / "v.mp4", 12)
     speech(tmp_path / "a.wav", 12)
     for size in ("64", "48"):                                   # the fixture's student records 32
