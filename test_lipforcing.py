@@ -1144,9 +1144,11 @@ def test_ema_decay_is_the_warm_up_until_it_reaches_the_cap():
         assert ema.weight.item() == pytest.approx(1 - left, abs=1e-6)
 
 
-def test_training_resumes_identically(tmp_path, monkeypatch):
+def test_training_resumes_identically(tmp_path, monkeypatch, capsys):
     """A teacher run stopped after 3 steps and resumed gives the same losses as one uninterrupted run,
-    even when another run (another --out, so another training-state file) ran in between."""
+    even when another run (another --out, so another training-state file) ran in between. A finished
+    run, another model's state or another frame size is not resumed; other changed options are, with
+    a note."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     base = ["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "6",
@@ -1163,7 +1165,8 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert extra["steps"] == 6 and "schedule_steps" not in extra
-    # resuming a finished run, or a run of another shape, is one line; the finished checkpoint stays
+    # resuming a finished run, a run of another shape or another frame size is one line; the
+    # finished checkpoint stays. Other options may change, with a note
     for more, words in (([], "is at step 6, and this run ends at step 6: nothing to train"),
                         (["--depth", "2", "--steps", "9"], "holds a run of another model")):
         with pytest.raises(SystemExit, match=words) as e:
@@ -1171,6 +1174,12 @@ def test_training_resumes_identically(tmp_path, monkeypatch):
         assert e.value.code == 2
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(SystemExit, match="is a run on 64 px frames: resume it with --size 64"):
+        train.main(base + ["--size", "48", "--steps", "9", "--resume", "--out", str(tmp_path / "b.safetensors")])
+    capsys.readouterr()
+    assert len(train.main(base + ["--steps", "8", "--lr", "1e-3", "--resume", "--out", str(tmp_path / "b.safetensors")])[1]) == 2
+    assert ("teacher: resuming with --steps 8 (it started with 6), --lr 0.001 (it started with the default): "
+            "not the run it would have been") in capsys.readouterr().out
 
 
 def test_teacher_step_draws_shifted_times_and_drops_the_audio_at_the_cfg_rate(tmp_path, monkeypatch):

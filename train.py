@@ -412,7 +412,7 @@ LOG_EVERY = 100           # steps between the log lines of fit
 
 def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit="samples", betas=(0.9, 0.999),
         ema=None, ema_decay=0.999, state=None, save_every=200, stop_after=None, rng=None, warmup=100,
-        flops_per_unit=None, device="cpu"):
+        flops_per_unit=None, device="cpu", run=None):
     """The shared optimisation loop: AdamW, warmup + cosine, grad clip 1, tqdm progress, and a log
     line of loss, throughput and elapsed time every `log_every` steps (None: LOG_EVERY). Throughput
     is given twice: since the start (it includes the first steps' warm-up and any torch.compile
@@ -426,14 +426,14 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     (model, EMA, optimiser, step, numpy RNG, torch RNGs of the CPU and of `device`): if it exists
     the run resumes from it, and it is rewritten every `save_every` steps and at the end, so an
     interrupted run continues as if it never stopped. stop_after: stop (and save the state) after this many steps.
+    run: the options the run was started with (run_options), kept in the state and checked on resume.
     flops_per_unit: model FLOPs per item, for MFU on GPU."""
     log_every = log_every or LOG_EVERY
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     start = load_train_state(state, model, ema, opt, rng, device) if resumes_from(state, device) else 0
     end = min(steps, stop_after) if stop_after else steps
     if start:
-        check_left(desc, state, start, end)
-        print(f"{desc}: resumed from {state} at step {start}")
+        check_resume(desc, state, start, end, run)
     t0, seen, run_loss, losses = time.time(), 0, None, []
     t_log, seen_log, step_log = t0, 0, start                     # at the previous log line
     bar = progress(range(start, end), desc=desc, initial=start, total=steps)
@@ -458,15 +458,34 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
                        + (f" {extra[0]}" if extra else ""))
             t_log, seen_log, step_log = now, seen, step + 1
         if state and master() and ((step + 1) % save_every == 0 or step + 1 == end):
-            save_train_state(state, model, ema, opt, step + 1, rng, device)
+            save_train_state(state, model, ema, opt, step + 1, rng, device, run)
     return losses
 
 
-def check_left(desc, state, start, end):
-    """A resumed run must have steps left: its training state is at `start`, it ends at `end`."""
+RUN_OPTIONS = ("size", "data", "clips", "seconds", "batch", "latent_frames", "mouth_weight", "steps", "lr", "seed")
+
+
+def run_options(args):
+    """The options that make a training run what it is, as a training-state file keeps them."""
+    return {name: getattr(args, name) for name in RUN_OPTIONS}
+
+
+def check_resume(desc, state, start, end, run):
+    """A resumed run must have steps left (its training state is at `start`, it ends at `end`) and
+    the frame size it started with; other options it started with (`run`, as the state keeps them)
+    may change, with a note that the run is no longer the one it would have been."""
     if start >= end:
         fail(f"{desc}: {state} is at step {start}, and this run ends at step {end}: nothing to train; "
              "raise --steps (or --stop-after) to go on, or leave out --resume to start over")
+    kept = json.loads(L.read_safetensors(state, "training state", tensors=False)[1].get("run", "null")) or {}
+    changed = {k: v for k, v in (run or {}).items() if k in kept and kept[k] != v}
+    if "size" in changed:
+        fail(f"{desc}: {state} is a run on {kept['size']} px frames: resume it with --size {kept['size']}")
+    if changed:
+        was = lambda v: "the default" if v is None else v
+        print(f"{desc}: resuming with " + ", ".join(f"{option(k)} {was(v)} (it started with {was(kept[k])})"
+                                                   for k, v in changed.items()) + ": not the run it would have been")
+    print(f"{desc}: resumed from {state} at step {start}")
 
 
 def optimizer_step(model, opt, loss, clip):
@@ -544,8 +563,9 @@ def resumes_from(state, device="cpu"):
     return here
 
 
-def save_train_state(path, model, ema, opt, step, rng, device="cpu"):
-    """Everything a run needs to continue identically, as safetensors (nothing pickled)."""
+def save_train_state(path, model, ema, opt, step, rng, device="cpu", run=None):
+    """Everything a run needs to continue identically, as safetensors (nothing pickled), and the
+    options it was started with (`run`, checked when it resumes)."""
     from safetensors.torch import save_file
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
@@ -557,7 +577,8 @@ def save_train_state(path, model, ema, opt, step, rng, device="cpu"):
     gen = device_rng(device)
     if gen:
         tensors["rng.device"] = gen.get_rng_state(device)
-    meta = {"step": str(step), "np_rng": json.dumps(rng.bit_generator.state if rng is not None else None)}
+    meta = {"step": str(step), "np_rng": json.dumps(rng.bit_generator.state if rng is not None else None),
+            "run": json.dumps(run)}
     with L.atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
 
@@ -620,7 +641,7 @@ def train_vae(args):
     out = args.out or os.path.join(args.ckpt_dir, "vae.safetensors")
     losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
-                 log_every=args.log_every)
+                 log_every=args.log_every, run=run_options(args))
     if not master():
         return ae, losses
     trained = ae
@@ -728,7 +749,7 @@ def train_syncnet(args):
     out = args.out or os.path.join(args.ckpt_dir, f"syncnet_{args.role}.safetensors")
     losses = fit(net, step, args.steps or SYNCNET_STEPS, args.lr or SYNCNET_LR[args.role], f"syncnet-{args.role}",
                  weight_decay=1e-4, unit="windows", state=fresh_state(args, out), stop_after=args.stop_after, rng=rng,
-                 device=args.device, log_every=args.log_every)
+                 device=args.device, log_every=args.log_every, run=run_options(args))
     if not master():
         return net, losses
     net.eval()
@@ -812,7 +833,7 @@ def train_mouthnet(args):
     out = args.out or os.path.join(args.ckpt_dir, "mouthnet.safetensors")
     losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
-                 log_every=args.log_every)
+                 log_every=args.log_every, run=run_options(args))
     if not master():
         return net, losses
     net.eval()
@@ -936,7 +957,8 @@ def train_teacher(args):
     steps = args.steps or TEACHER_STEPS
     losses = fit(model, step, steps, args.lr or TEACHER_LR, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
-                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=log_every)
+                 flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=log_every,
+                 run=run_options(args))
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, final_loss=float(np.mean(losses[-50:]))))
@@ -1035,7 +1057,8 @@ def train_df(args):
     state = fresh_state(args, out)
     steps = args.steps or DF_STEPS
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
-                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every)
+                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every,
+                 run=run_options(args))
     ema = unsharded(ema)
     if master():
         L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, final_loss=float(np.mean(losses[-50:]))),
@@ -1154,8 +1177,7 @@ def train_dmd(args):
     steps = args.steps or DMD_STEPS
     end = min(steps, args.stop_after) if args.stop_after else steps
     if start:
-        check_left("dmd", state, start, end)
-        print(f"dmd: resumed from {state} at step {start}")
+        check_resume("dmd", state, start, end, run_options(args))
     log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
     log_every = args.log_every or DMD_LOG_EVERY
     t0 = time.time()
@@ -1197,7 +1219,7 @@ def train_dmd(args):
                        f"effective batch {np.mean(log['ess'][-n:]):.1f}/{batch} "
                        f"{dt / (step + 1 - start):.2f} s/step elapsed {dt:.0f}s")
         if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
-            save_train_state(state, student, ema, s_opt, step + 1, rng, dev)
+            save_train_state(state, student, ema, s_opt, step + 1, rng, dev, run_options(args))
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
     extra = dit_extra(args, steps, teacher_cfg=args.teacher_cfg, cfg_scale=args.cfg_scale, beta=args.beta,
                       reward_scale=reward_scale, final_reward_sync_c=float(np.mean(log["sync_c"][-50:] or [np.nan])))
