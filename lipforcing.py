@@ -49,6 +49,10 @@ MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP  # 4 mel frames per video frame
 FRAMES_PER_LATENT = 4                    # video frames per latent frame (the autoencoder's 4x in time)
 
 
+UMASK = os.umask(0)   # this process's umask, for atomic_path (reading it means setting it: set back at once)
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a hidden temp path beside `path`; it replaces `path` only if the block succeeds.
@@ -62,9 +66,7 @@ def atomic_path(path):
     tmp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)     # what open() makes: some writers (safetensors) make their files 0600
+        os.chmod(tmp, 0o666 & ~UMASK)    # what open() makes: some writers (safetensors) make their files 0600
         os.replace(tmp, path)
         made = []
     finally:
@@ -228,7 +230,8 @@ def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
             raise CheckpointError(f"{path} is not a model checkpoint (no config inside): "
                                   + ("it is a run's training state; pass the checkpoint beside it, without .state"
                                      if state else "pass one that train.py wrote"))
-        raise CheckpointError(f"{path} holds {meta['config_class'].removesuffix('Config')} weights, not {config_class.__name__.removesuffix('Config')} ones")
+        kind = lambda name: name.removesuffix("Config")
+        raise CheckpointError(f"{path} holds {kind(meta['config_class'])} weights, not {kind(config_class.__name__)} ones")
     trained = json.loads(meta.get("extra", "{}")).get("size")
     if size is not None and trained is not None and trained != size:
         raise CheckpointError(f"{path} was trained on {trained} px frames, not {size}: pass --size {trained}")

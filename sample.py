@@ -124,7 +124,8 @@ def get_args(argv=None):
     p.add_argument("--syncnet", help=f"eval SyncNet for Sync-C (demo, --long-stream; default {MODE_DEFAULTS['syncnet']})")
     p.add_argument("--teacher", help=f"teacher checkpoint (--benchmark; default {MODE_DEFAULTS['teacher']})")
     p.add_argument("--steps", type=int, default=len(L.STUDENT_STEPS), help="denoising steps per chunk: 1 or 2")
-    p.add_argument("--size", type=L.frame_size, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE}): "
+    p.add_argument("--size", type=L.frame_size, help=f"the model's frame size (square; a multiple of {L.FRAME_MULTIPLE} "
+                   f"from {L.MIN_FRAME_SIZE}): "
                    f"the one the student trained at, the default; another only with --benchmark (default where "
                    f"the checkpoint does not record its size: {L.FRAME_SIZE})")
     p.add_argument("--reference", type=L.seed_int, metavar="FRAME",
@@ -324,9 +325,10 @@ def warm_up_frames(ae, cfg):
 
 
 def load_student(args):
-    """(student, autoencoder, student path); sets args.size (student_size). With --compile the student's blocks are compiled and
-    run once through a throwaway stream of blank input that passes every cache state, so compiling
-    is over before the first real frame (a live stream's TTFF, the FPS printed), not inside it."""
+    """(student, autoencoder, student path); sets args.size (student_size). With --compile the
+    student's blocks are compiled and run once through a throwaway stream of blank input that
+    passes every cache state, so compiling is over before the first real frame (a live stream's
+    TTFF, the FPS printed), not inside it."""
     path = student_path(args)
     model, extra = load_dit(path, args.device)
     args.size = student_size(args, path, extra)

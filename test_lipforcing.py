@@ -483,6 +483,9 @@ def test_dit_stages_leave_out_clips_too_short_for_a_window_and_its_reference(mon
         with pytest.raises(SystemExit):
             train.main(argv)
         assert words in capsys.readouterr().err, argv
+    with pytest.raises(pytest.fail.Exception, match="clips made"):
+        train.main(["vae", "--seconds", "0.36"])                         # exactly 9 frames: made
+    capsys.readouterr()
     monkeypatch.setattr(L, "synthtalk_pool", lambda *a, **kw: [clip(20) for _ in range(3)])   # the eval role: 1 clip
     with pytest.raises(SystemExit):
         train.main(["syncnet", "--role", "eval", "--clips", "3"])
@@ -736,6 +739,12 @@ def test_bad_inputs_raise_media_error_with_path(tmp_path, silent_mp4):
         msg = str(e.value)
         assert str(path) in msg and what in msg and "\n" not in msg, (fn.__name__, msg)
     assert not has_audio(silent_mp4) and not has_audio(corrupt) and has_audio(wav)
+    with pytest.raises(L.NoAudioTrack):                          # a reader that knows why it wanted sound words it:
+        read_audio(silent_mp4)
+    (tmp_path / "data").mkdir()
+    write_video(tmp_path / "data" / "clip.mp4", synthetic_frames(20))    # long enough, no sound
+    with pytest.raises(MediaError, match="has no audio track: a --data clip carries the speech its mouth follows"):
+        L.folder_pool(tmp_path / "data", 32, progress=False)    # training data
     assert L.check_file(zero, pipe_ok=True) == zero             # a stream's raw PCM file may start empty
     with pytest.raises(MediaError, match="uint8"):
         write_video(tmp_path / "f.mp4", np.zeros((5, 16, 16, 3), np.float32))
@@ -1711,6 +1720,10 @@ def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_b
                         *ckpt, "--size", "48"], capsys)
     assert_one_line_error(code, err, "--size 48", "trained on 32 px frames")
     assert sample.recorded_extra(tmp_path / "broken.mp4") == {} == sample.recorded_extra(tmp_path / "none")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"extra": "{not json"})
+    assert sample.recorded_extra(tmp_path / "odd.safetensors") == {}
+    assert L.read_safetensors(tmp_path / "odd.safetensors", tensors=False) == ({}, {"extra": "{not json"})
 
 
 def test_the_output_carries_the_driving_audio_at_its_own_rate_and_channels(tmp_path, capsys, ckpt):
@@ -2662,8 +2675,9 @@ def test_a_non_finite_loss_stops_training():
     model = torch.nn.Linear(2, 1)
     before = model.weight.detach().clone()
     step = lambda i: (model(torch.tensor([[1.0, float("nan") if i == 1 else 0.0]])).sum(), 1)
-    with pytest.raises(SystemExit, match="the loss is nan"):
+    with pytest.raises(SystemExit, match="the loss is nan") as e:
         train.fit(model, step, 3, 1e-2, "nan")
+    assert e.value.code == 2
     assert not torch.equal(model.weight, before) and model.weight.isfinite().all()    # step 0 ran, step 1 did not
 
 
@@ -3014,8 +3028,8 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["vae", "--device", "tpu"], "--device tpu: not a device"),
     (["vae", "--init", "gone.safetensors"], "--init gone.safetensors: not found"),
     (["eval-teacher", "--ckpt", "."], "--ckpt .: a folder"),
-    (["eval-teacher", "--cfg-scale", "2"], "--cfg-scale writes over results/teacher.json"),
-    (["eval-teacher", "--ckpt", "README.md"], "--ckpt writes over results/teacher.json"),
+    (["eval-teacher", "--cfg-scale", "2"], "with --cfg-scale writes over results/teacher.json"),
+    (["eval-teacher", "--ckpt", "README.md"], "with another teacher writes over results/teacher.json"),
     (["df", "--latent-frames", "10"], "trains on whole chunks; pass a multiple of 3"),
     (["teacher", "--out", "t.mp4"], "--out t.mp4: pass a checkpoint path ending in .safetensors"),
     (["teacher", "--out", "."], "--out .: pass a checkpoint path ending in .safetensors"),
@@ -3026,6 +3040,19 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["df", "--depth", "2"], "--depth does nothing in df"),
     (["teacher", "--data", "d", "--clips", "4"], "--clips sizes a SynthTalk pool; --data d trains on every clip"),
     (["vae", "--state", "."], "--state . is a folder"),
+    (["vae", "--state", "checkpoints/vae.safetensors"], "is a model checkpoint, which a run deletes as it starts"),
+    (["vae", "--state", "/proc/lipforcing-test/s.state.safetensors"], "s.state.safetensors: cannot write in /proc"),
+    (["export", "--out", "/proc/lipforcing-test"], "cannot write in /proc/lipforcing-test"),
+    (["foundation", "--results", "/proc/lipforcing-test"], "--results /proc/lipforcing-test: cannot write"),
+    (["teacher", "--out", "checkpoints/vae.safetensors"], "is a file this stage reads"),
+    (["dmd", "--out", "checkpoints/syncnet_reward.safetensors"], "is a file this stage reads"),
+    (["teacher", "--data", "d", "--seconds", "2"], "--seconds sizes a SynthTalk pool"),
+    (["eval", "--batch", "2"], "--batch does nothing in eval"),
+    (["eval-teacher", "--log-every", "3"], "--log-every does nothing in eval-teacher"),
+    (["df", "--patch", "1"], "--patch does nothing in df"),
+    (["eval-teacher", "--results", "./results", "--cfg-scale", "2"], "with --cfg-scale writes over ./results/teacher.json"),
+    (["eval-teacher", "--test-clips", "3"], "with --test-clips writes over"),
+    (["eval-teacher", "--ckpt-dir", "/tmp"], "with another teacher writes over"),
     (["df", "--out", "checkpoints/vae.safetensors"], "--out checkpoints/vae.safetensors is a file this stage reads"),
     (["df", "--init", "checkpoints/student_df.safetensors", "--out", "./checkpoints/student_df.safetensors"],
      "is a file this stage reads"),
@@ -3046,6 +3073,78 @@ def test_options_a_stage_would_ignore_and_bad_values_are_refused_before_any_work
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
+
+
+@pytest.fixture(scope="module")
+def wrong_kinds(tmp_path_factory):
+    """A --ckpt-dir of tiny foundation models with a teacher and a student, and a second one whose
+    student_df is a teacher."""
+    d = tmp_path_factory.mktemp("kinds")
+    for name, cfg, cls in (("vae", L.AEConfig(width=8), L.VideoAE), ("syncnet_eval", L.SyncNetConfig(width=4), L.SyncNet),
+                           ("syncnet_reward", L.SyncNetConfig(width=4), L.SyncNet),
+                           ("mouthnet", L.MouthNetConfig(width=4), L.MouthNet),
+                           ("teacher", L.DiTConfig(**TINY), L.DiT), ("student_df", L.DiTConfig(**TINY, causal=True), L.DiT)):
+        L.save_checkpoint(d / f"{name}.safetensors", cls(cfg), cfg)
+    (d / "swapped").mkdir()
+    for name in ("vae", "syncnet_eval", "syncnet_reward", "mouthnet"):
+        shutil.copy(d / f"{name}.safetensors", d / "swapped" / f"{name}.safetensors")
+    shutil.copy(d / "teacher.safetensors", d / "swapped" / "student_df.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval-teacher", "--ckpt", "{d}/student_df.safetensors"], "causal student; eval-teacher takes a bidirectional"),
+    (["heldout", "--ckpt", "{d}/student_df.safetensors"], "causal student; heldout takes a bidirectional"),
+    (["eval-student", "--ckpt", "{d}/teacher.safetensors"], "bidirectional teacher; eval-student takes a causal"),
+    (["dmd", "--teacher", "{d}/student_df.safetensors"], "causal student; dmd's --teacher takes a bidirectional"),
+    (["ablation", "--ckpt-dir", "{d}/swapped", "--test-clips", "1"], "bidirectional teacher; ablation takes a causal"),
+])
+def test_each_stage_refuses_a_dit_of_the_other_kind(wrong_kinds, tmp_path, capsys, argv, words):
+    """Every stage that reads a DiT checks that it is the kind it samples or trains (load_dit):
+    a student graded as a teacher would be sampled with a causal mask, silently. (ablation draws
+    its test clip first, with a progress bar: the error is the last line.)"""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--ckpt-dir", str(wrong_kinds), "--results", str(tmp_path)] + [a.format(d=wrong_kinds) for a in argv])
+    assert_one_line_error(e.value.code, capsys.readouterr().err.strip().splitlines()[-1], words, prog="train.py")
+
+
+@pytest.mark.parametrize("argv", [
+    ["vae", "--init", "checkpoints/vae.safetensors"],                          # fine-tunes in place
+    ["dmd", "--init", "checkpoints/student.safetensors", "--out", "checkpoints/student_df.safetensors"],   # not read
+    ["eval-teacher", "--cfg-scale", "4.5"],
+    ["eval-teacher", "--split", "val", "--cfg-scale", "2"],                     # teacher_val.json
+    ["eval-teacher", "--cfg-scale", "2", "--results", "out/cfg2"],
+])
+def test_what_the_path_checks_let_through(argv):
+    """The documented command lines that write near what they read pass check_options and
+    check_paths: the autoencoder fine-tuned in place, a dmd --init that leaves student_df unread,
+    eval-teacher gradings that do not write over results/teacher.json."""
+    args = train.get_args(argv)
+    train.check_options(args)
+    train.check_paths(args)
+
+
+def test_an_output_that_is_an_input_by_another_name_is_refused_and_only_rank_0_tests_folders(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """--out as a link to a checkpoint the stage reads is refused (os.path.samefile), and under
+    torchrun only rank 0 makes and removes the test folders (the others would race it)."""
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    os.symlink(tmp_path / "vae.safetensors", tmp_path / "link.safetensors")
+    with pytest.raises(SystemExit):
+        train.main(["teacher", "--ckpt-dir", str(tmp_path), "--out", str(tmp_path / "link.safetensors")])
+    assert "link.safetensors is a file this stage reads" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    train.check_paths(train.get_args(["export", "--out", "/proc/lipforcing-test"]))    # rank 0 says no, not rank 1
+    monkeypatch.setattr(L, "folder_problem", lambda folder: pytest.fail("rank 1 tested a folder"))
+    train.check_paths(train.get_args(["vae", "--ckpt-dir", str(tmp_path / "new")]))
+
+
+def test_pipeline_passes_cfg_dropout_and_threads_to_the_stages_that_read_them(monkeypatch):
+    """--cfg-drop, --drop-mode and --threads given to pipeline reach the teacher (run_stage)."""
+    seen = {}
+    monkeypatch.setitem(train.STAGES, "teacher", lambda args: seen.update(vars(args)))
+    train.run_stage(train.get_args(["pipeline", "--cfg-drop", "0.2", "--drop-mode", "all", "--threads", "1"]), "teacher")
+    assert (seen["cfg_drop"], seen["drop_mode"], seen["threads"]) == (0.2, "all", 1)
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_any_work(monkeypatch):
@@ -3094,7 +3193,7 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
     with pytest.raises(L.CheckpointError, match="not a model checkpoint .* training state; pass the checkpoint beside"):
         L.load_checkpoint(tmp_path / "x.state.safetensors", L.DiTConfig, L.DiT)
     with pytest.raises(SystemExit) as e:
-        train.main(["eval-teacher", "--ckpt-dir", str(tmp_path / "empty")])
+        train.main(["eval-teacher", "--ckpt-dir", str(tmp_path / "empty"), "--results", str(tmp_path)])
     assert_one_line_error(e.value.code, capsys.readouterr().err, "vae.safetensors: checkpoint not found", prog="train.py")
     student = L.DiT(L.DiTConfig(**TINY, causal=True))
     L.save_checkpoint(tmp_path / "student.safetensors", student, student.cfg)
@@ -3117,12 +3216,16 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
     assert_one_line_error(e.value.code, capsys.readouterr().err, "t32.safetensors was trained on 32 px frames, not 64",
                           "pass --size 32", prog="train.py")
     assert not (tmp_path / "df.safetensors").exists()
+    with pytest.raises(SystemExit) as e:
+        A.main(["--teacher", str(tmp_path / "t32.safetensors"), "--ckpt-dir", str(tmp_path), "--vae",
+                str(tmp_path / "vae.safetensors"), "--clips", "1", "--size", "48", "--out", str(tmp_path / "a")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "trained on 32 px frames, not 48", prog="analyze.py")
     with pytest.raises(SystemExit) as e:                   # a student where a teacher is read, and the other way
         train.main(["df", "--init", str(tmp_path / "student.safetensors"), "--ckpt-dir", str(tmp_path),
                     "--out", str(tmp_path / "df.safetensors")])
-    assert_one_line_error(e.value.code, capsys.readouterr().err, "student.safetensors is a causal student; df reads a "
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "student.safetensors is a causal student; df takes a "
                           "bidirectional teacher", prog="train.py")
-    with pytest.raises(L.CheckpointError, match="t32.safetensors is a bidirectional teacher; eval-student reads a causal"):
+    with pytest.raises(L.CheckpointError, match="t32.safetensors is a bidirectional teacher; eval-student takes a causal"):
         train.load_dit(train.get_args(["eval-student", "--size", "32"]), tmp_path / "t32.safetensors", True, "eval-student")
 
 

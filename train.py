@@ -56,6 +56,23 @@ import lipforcing as L
 # shared plumbing
 
 RESULTS = "results"       # --results: where the tables' JSON goes (the committed ones are here)
+CKPT_DIR = "checkpoints"  # --ckpt-dir: where checkpoints are read and written
+STAGE_OUT = {"vae": "vae", "syncnet": "syncnet_{role}", "mouthnet": "mouthnet", "teacher": "teacher", "df": "student_df",
+             "dmd": "student"}     # each training stage's checkpoint in --ckpt-dir, unless --out names another
+
+
+def out_path(args):
+    """The checkpoint a training stage writes: --out, else its STAGE_OUT name in --ckpt-dir."""
+    return args.out or os.path.join(args.ckpt_dir, STAGE_OUT[args.stage].format(role=args.role) + ".safetensors")
+
+
+def stage_reads(args):
+    """The checkpoints a training stage reads, which it must not write over (vae --init, which
+    fine-tunes in place, excepted)."""
+    ckpt = lambda name: os.path.join(args.ckpt_dir, f"{name}.safetensors")
+    return {"teacher": [ckpt("vae")], "df": [ckpt("vae"), args.init or ckpt("teacher")],
+            "dmd": [ckpt("vae"), ckpt("syncnet_reward"), args.teacher or ckpt("teacher"),
+                    args.init or ckpt("student_df")]}.get(args.stage, [])
 
 
 def get_args(argv=None):
@@ -64,7 +81,7 @@ def get_args(argv=None):
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
     p.add_argument("--size", type=L.frame_size, default=L.FRAME_SIZE, help=f"frame size (square face crops, a multiple of "
-                   f"{L.FRAME_MULTIPLE}; the DiT checkpoints record it, and sample.py samples a student at its own)")
+                   f"{L.FRAME_MULTIPLE} from {L.MIN_FRAME_SIZE}; the DiT checkpoints record it, and sample.py samples a student at its own)")
     p.add_argument("--clips", type=L.positive_int, default=None, help="training clips in the pool")
     p.add_argument("--seconds", type=L.positive_float, default=None, help="seconds per SynthTalk training clip")
     p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
@@ -72,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=L.positive_float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=L.seed_int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
-    p.add_argument("--ckpt-dir", default="checkpoints", help="where checkpoints are read and written")
+    p.add_argument("--ckpt-dir", default=CKPT_DIR, help="where checkpoints are read and written")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights and config (vae: fine-tuning; "
                                                 "df: the teacher it starts from; dmd: the student it starts from)")
     p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors; "
@@ -171,20 +188,21 @@ def conv_memory(args, net):
     return net.to(memory_format=torch.channels_last) if args.channels_last else net
 
 
-def train_pool(args, n_default, seconds_default, stage, need=1, what="a frame"):
+def train_pool(args, n_default, seconds_default, stage, need=1, what="a frame", or_else=""):
     """The training clips: SynthTalk's train split, or a folder given by --data; every clip at least
     `need` frames long, what `stage` draws from one (`what`). SynthTalk clips too short are refused
-    before they are made; a --data folder's are left out with a note, and refused if none is left."""
+    before they are made; a --data folder's are left out with a note, and refused if none is left
+    (`or_else`: another way out, added to the advice)."""
     why = f"shorter than {need} frames ({need / L.FPS:.2f} s at {L.FPS} fps), what {what} takes"
     if not args.data:
         seconds = args.seconds or seconds_default
         if round(seconds * L.FPS) < need:
-            fail(f"{stage}: --seconds {seconds:g} makes clips {why}; pass --seconds {need / L.FPS:g} or more")
+            fail(f"{stage}: --seconds {seconds:g} makes clips {why}; pass --seconds {need / L.FPS:g} or more{or_else}")
         return L.synthtalk_pool("train", args.clips or n_default, seconds, args.size, workers=pool_workers(args))
     clips = L.folder_pool(args.data, args.size)
     keep = [c for c in clips if len(c.frames) >= need]
     if not keep:
-        fail(f"{stage}: every clip in {args.data} is {why}; use longer clips")
+        fail(f"{stage}: every clip in {args.data} is {why}; use longer clips{or_else}")
     if len(keep) < len(clips):
         print(f"{stage}: {len(clips) - len(keep)} of {len(clips)} clips are {why}; left out")
     return keep
@@ -209,7 +227,7 @@ def load_dit(args, path, causal, who, device="cpu"):
     either) or was trained at another --size."""
     model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, device, args.size)
     if causal is not None and cfg.causal != causal:
-        raise L.CheckpointError(f"{path} is {DIT_KINDS[cfg.causal]}; {who} reads {DIT_KINDS[causal]}")
+        raise L.CheckpointError(f"{path} is {DIT_KINDS[cfg.causal]}; {who} takes {DIT_KINDS[causal]}")
     return model, cfg, extra
 
 
@@ -638,7 +656,7 @@ def train_vae(args):
         loss = F.mse_loss(y, x) + F.mse_loss(L.mouth_crop(y), L.mouth_crop(x))
         return loss, len(x) * n_frames
 
-    out = args.out or os.path.join(args.ckpt_dir, "vae.safetensors")
+    out = out_path(args)
     losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every, run=run_options(args))
@@ -715,7 +733,8 @@ def train_syncnet(args):
                                    what=f"a {cfg.frames}-frame window at {SYNC_SPAN + 1} starts"), args.role)
     if len(clips) < 2:                  # the loss needs windows of other clips (easy negatives)
         fail(f"syncnet --role {args.role}: trains on every other clip of the pool (the {args.role} SyncNet's "
-             f"identities), {len(clips)} here; it needs two or more: pass --clips 4 or more, or more --data clips")
+             f"identities), {len(clips)} here; it needs two or more: "
+             + ("put more clips in --data" if args.data else "pass --clips 4 or more"))
     net = conv_memory(args, global_batchnorm(L.SyncNet(cfg).to(args.device).train()))
     print(cfg, f"\nSyncNet ({args.role}): {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
           f"{len(clips)} training clips")
@@ -746,7 +765,7 @@ def train_syncnet(args):
             ae = gather_rows(net.embed_audio(shard(torch.stack(audio)).to(args.device)).float())
         return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), local_batch(batch)
 
-    out = args.out or os.path.join(args.ckpt_dir, f"syncnet_{args.role}.safetensors")
+    out = out_path(args)
     losses = fit(net, step, args.steps or SYNCNET_STEPS, args.lr or SYNCNET_LR[args.role], f"syncnet-{args.role}",
                  weight_decay=1e-4, unit="windows", state=fresh_state(args, out), stop_after=args.stop_after, rng=rng,
                  device=args.device, log_every=args.log_every, run=run_options(args))
@@ -830,7 +849,7 @@ def train_mouthnet(args):
             pred = net(x).float()
         return F.mse_loss(pred, y), len(idx)
 
-    out = args.out or os.path.join(args.ckpt_dir, "mouthnet.safetensors")
+    out = out_path(args)
     losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every, run=run_options(args))
@@ -856,7 +875,7 @@ def dit_pool(args, n_latent, stage):
     latent frames plus a reference frame outside it on the 4-frame grid: 4 n_latent + 1 frames.
     A --data folder may hold such clips; they are left out with a note."""
     return train_pool(args, DIT_CLIPS, 4.0, stage, need=L.FRAMES_PER_LATENT * n_latent + 1,
-                      what=f"a {n_latent}-latent window and its reference frame (or pass a smaller --latent-frames)")
+                      what=f"a {n_latent}-latent window and its reference frame", or_else=", or a smaller --latent-frames")
 
 
 def random_ref(rng, T, start, length):
@@ -952,7 +971,7 @@ def train_teacher(args):
             bins[:] = 0
         return per_sample.mean(), len(x0) * tokens, text
 
-    out = args.out or os.path.join(args.ckpt_dir, "teacher.safetensors")
+    out = out_path(args)
     state = fresh_state(args, out)
     steps = args.steps or TEACHER_STEPS
     losses = fit(model, step, steps, args.lr or TEACHER_LR, "teacher", unit="tokens", ema=ema,
@@ -1053,7 +1072,7 @@ def train_df(args):
         text = "loss by chunk " + " ".join(f"{v:.3f}" for v in gather_rows(per_chunk.detach()).mean(0).tolist())
         return per_chunk.mean(), len(x0) * tokens, text
 
-    out = args.out or os.path.join(args.ckpt_dir, "student_df.safetensors")
+    out = out_path(args)
     state = fresh_state(args, out)
     steps = args.steps or DF_STEPS
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
@@ -1116,7 +1135,7 @@ def train_dmd(args):
     sync_net, _, sync_meta = L.load_checkpoint(ckpt("syncnet_reward"), L.SyncNetConfig, L.SyncNet, dev)
     # the DiTs are loaded on the CPU and placed (or sharded) a pair at a time, so a process's host
     # memory peaks at about three whole models and its device holds only what place_dit puts there
-    teacher, tcfg, _ = load_dit(args, args.teacher or ckpt("teacher"), False, "dmd's teacher")
+    teacher, tcfg, _ = load_dit(args, args.teacher or ckpt("teacher"), False, "dmd's --teacher")
     critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
     critic.checkpointing = args.grad_ckpt        # the student rolls out with a KV cache: never checkpointed
     teacher, critic = place_dit(dev, teacher.requires_grad_(False), critic)
@@ -1164,7 +1183,7 @@ def train_dmd(args):
     s_opt = torch.optim.Adam(student.parameters(), lr=args.lr or DMD_LR, betas=(0.0, 0.999))
     c_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or DMD_LR, betas=(0.0, 0.999))
     critic_state = lambda state: os.path.join(os.path.dirname(state), "critic-" + os.path.basename(state))
-    out = args.out or ckpt("student")
+    out = out_path(args)
     state = fresh_state(args, out, lambda st: [critic_state(st)])
     c_state = state and critic_state(state)
     start = 0
@@ -1756,8 +1775,6 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
-STAGE_READS = {"teacher": ("vae",), "df": ("vae", "teacher"), "heldout": ("vae", "teacher"),   # in --ckpt-dir
-               "dmd": ("vae", "syncnet_reward", "teacher", "student_df")}
 TRAINERS = (*TRAINING_STAGES, "audio-probe")                  # the stages that run an optimiser (fit)
 STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS,
                  **{name: (*TRAINERS, "foundation", "pipeline") for name in ("steps", "batch", "log_every")},
@@ -1828,37 +1845,54 @@ def check_options(args):
             fail(f"--out {args.out} is a file; export writes a folder of clips")
         if args.stage != "export" and (os.path.isdir(args.out) or not args.out.endswith(".safetensors")):
             fail(f"--out {args.out}: pass a checkpoint path ending in .safetensors")
-    if args.state not in (None, "none") and os.path.isdir(args.state):
-        fail(f"--state {args.state} is a folder: pass a file path (or none)")
-    # an output must not replace what the stage reads (but vae --init, which fine-tunes in place)
-    reads = [os.path.join(args.ckpt_dir, f"{name}.safetensors") for name in STAGE_READS.get(args.stage, ())]
-    reads += [p for p in (args.teacher, args.ckpt, args.init if args.stage != "vae" else None) if p]
-    for name, path, others in (("--out", args.out, reads), ("--state", args.state, reads + [args.out])):
-        if path not in (None, "none") and any(other and same_file(path, other) for other in others):
-            fail(f"{name} {path} is a file this stage reads or writes: write it to another path")
-    # the folders the stage writes into take a file: found now, not when a trained model is saved
-    writes = {"export": [("--out", args.out or EXPORT_DIR)]}.get(args.stage, [])
-    if args.stage in (*TRAINING_STAGES, "foundation", "pipeline"):
-        writes = [("--out", os.path.dirname(args.out) or ".") if args.out else ("--ckpt-dir", args.ckpt_dir)]
-        writes += [("--state", os.path.dirname(args.state) or ".")] if args.state not in (None, "none") else []
-    elif args.stage != "export":
-        writes = [("--results", args.results)]                  # the evaluations' JSON
-    for name, folder in writes:
-        if why := L.folder_problem(folder):
-            fail(f"{name} {getattr(args, name[2:].replace('-', '_'))}: {why}")
     chunk = L.DiTConfig.chunk
     if args.latent_frames and args.stage in ("df", "dmd") and args.latent_frames % chunk:
         fail(f"--latent-frames {args.latent_frames}: {args.stage} trains on whole chunks; pass a multiple of {chunk}")
-    other_scale = args.cfg_scale is not None and args.cfg_scale != L.CFG_SCALE
-    if args.stage == "eval-teacher" and args.results == RESULTS and (args.ckpt or other_scale):
-        fail(f"eval-teacher {'--cfg-scale' if other_scale else '--ckpt'} writes over {RESULTS}/teacher.json, the table "
-             f"of the --ckpt-dir teacher at CFG {L.CFG_SCALE:g} that ablation reads: pass --results DIR")
     if args.state == "none" and (args.resume or args.stop_after):
         fail(f"{'--resume' if args.resume else '--stop-after'} needs a training-state file; --state none writes none")
     for name in ("resume", "state", "stop_after"):
         if args.fsdp and given(args, name):
             fail(f"{option(name)} does nothing under --fsdp: training-state files hold whole tensors and are "
                  "not written there")
+
+
+def check_paths(args):
+    """Refuse, before any work, an output that would replace what the stage reads or a committed
+    table, or that cannot be written where it goes."""
+    if args.state not in (None, "none") and os.path.isdir(args.state):
+        fail(f"--state {args.state} is a folder: pass a file path (or none)")
+    if args.state not in (None, "none") and os.path.isfile(args.state) and "config_class" in \
+            L.read_safetensors(args.state, tensors=False)[1]:
+        fail(f"--state {args.state} is a model checkpoint, which a run deletes as it starts: pass another path")
+    if args.stage in TRAINING_STAGES:
+        reads, out = stage_reads(args), out_path(args)
+        for name, path, others in (("--out", args.out, reads), ("--state", args.state, reads + [out])):
+            if path not in (None, "none") and any(same_file(path, other) for other in others):
+                fail(f"{name} {path} is a file this stage reads or writes: write it to another path")
+    if args.stage == "eval-teacher":             # the committed table: the committed teacher, graded as the README says
+        other = [why for why, on in (("--cfg-scale", args.cfg_scale not in (None, L.CFG_SCALE)),
+                                     ("--test-clips", args.test_clips != L.TEST_CLIPS),
+                                     ("another teacher", not same_file(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"),
+                                                                       os.path.join(CKPT_DIR, "teacher.safetensors"))))
+                 if on]
+        table = results_json(args, "teacher", args.split or "test")
+        if other and same_file(table, os.path.join(RESULTS, "teacher.json")):
+            fail(f"eval-teacher with {' and '.join(other)} writes over {table}, the table of the default teacher "
+                 f"at CFG {L.CFG_SCALE:g} that ablation reads: pass --results DIR")
+    if int(os.environ.get("RANK", 0)):          # under torchrun rank 0 alone makes and removes the test folders
+        return
+    # the folders the stage writes into take a file: found now, not when a trained model is saved
+    if args.stage == "export":
+        writes = [("--out", args.out or EXPORT_DIR)]
+    elif args.stage in (*TRAINING_STAGES, "foundation", "pipeline"):
+        writes = [("--out", os.path.dirname(args.out) or ".") if args.out else ("--ckpt-dir", args.ckpt_dir)]
+        writes += [("--state", os.path.dirname(args.state) or ".")] if args.state not in (None, "none") else []
+        writes += [("--results", args.results)] if args.stage == "foundation" else []    # its eval's table
+    else:
+        writes = [("--results", args.results)]                  # the evaluations' JSON
+    for name, folder in writes:
+        if why := L.folder_problem(folder):
+            fail(f"{name} {getattr(args, name[2:].replace('-', '_'))}: {why}")
 
 
 def main(argv=None):
@@ -1872,6 +1906,7 @@ def main(argv=None):
     if args.fsdp and args.stage not in FSDP_STAGES:
         fail(f"--fsdp shards the DiT stages ({', '.join(FSDP_STAGES)})")
     check_options(args)
+    check_paths(args)
     init_distributed(args)
     try:
         return STAGES[args.stage](args)
