@@ -200,8 +200,6 @@ def analyze_teacher(path, label, ae, sync_net, clips, args):
     """Parts (a)-(c) for one teacher -> {"trajectory": rows, "factorial": rows, "endpoints": rows},
     every row tagged with the teacher's label and drop_mode."""
     model, cfg, _ = L.load_checkpoint(path, L.DiTConfig, L.DiT, args.device, args.size)
-    if cfg.causal:
-        raise L.CheckpointError(f"{path} is a causal student; the analysis reads a bidirectional teacher")
     tag = {"teacher": label, "drop_mode": cfg.drop_mode}
     b = make_batch(model, ae, clips, args.device)
     steps, last = args.steps, args.steps - 1
@@ -391,6 +389,9 @@ def main(argv=None):
 def analyze(args):
     """Every teacher of --teacher through parts (a)-(c); the CSVs, plots and summary in --out."""
     t_start = time.time()
+    for path in args.teacher:                   # every teacher checked from its header before the first one's work
+        if L.checkpoint_header(path, L.DiTConfig, args.size)[0].get("causal"):
+            raise L.CheckpointError(f"{path} is a causal student; the analysis reads a bidirectional teacher")
     ae = L.load_checkpoint(args.vae, L.AEConfig, L.VideoAE, args.device)[0]
     sync_net = L.load_checkpoint(os.path.join(args.ckpt_dir, "syncnet_eval.safetensors"), L.SyncNetConfig, L.SyncNet,
                                  args.device)[0]

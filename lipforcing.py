@@ -218,12 +218,12 @@ def first_line(e):
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
-    """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
-    Returns (model in eval mode, config, extra dict). CheckpointError when the file cannot give one,
-    or when `size` (the frame size the caller runs at) is not the "size" the checkpoint's extra
-    records: a DiT sees faces only at the scale it trained at."""
-    tensors, meta = read_safetensors(path)
+def checkpoint_header(path, config_class, size=None):
+    """(the stored config's fields, extra dict) of a checkpoint written by save_checkpoint, from its
+    header alone. CheckpointError when it is not a checkpoint of `config_class`, or when `size` (the
+    frame size the caller runs at) is not the "size" its extra records: a DiT sees faces only at
+    the scale it trained at."""
+    meta = read_safetensors(path, tensors=False)[1]
     if meta.get("config_class") != config_class.__name__:
         if "config_class" not in meta:             # a training-state file, or another program's safetensors
             state = str(path).endswith(".state.safetensors")
@@ -232,9 +232,22 @@ def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
                                      if state else "pass one that train.py wrote"))
         kind = lambda name: name.removesuffix("Config")
         raise CheckpointError(f"{path} holds {kind(meta['config_class'])} weights, not {kind(config_class.__name__)} ones")
-    trained = json.loads(meta.get("extra", "{}")).get("size")
+    try:
+        stored, extra = json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: its header's config cannot be read ({first_line(e)})") from None
+    trained = extra.get("size")
     if size is not None and trained is not None and trained != size:
         raise CheckpointError(f"{path} was trained on {trained} px frames, not {size}: pass --size {trained}")
+    return stored, extra
+
+
+def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
+    """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
+    Returns (model in eval mode, config, extra dict). CheckpointError when the file cannot give one,
+    or when it was recorded at another frame size than `size` (checkpoint_header)."""
+    stored, extra = checkpoint_header(path, config_class, size)
+    tensors = read_safetensors(path)[0]
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]} and {len(bad) - 1} more tensors): "
@@ -244,12 +257,12 @@ def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
     known = {f.name for f in fields(config_class)}
     try:
         config = config_class(**{k: tuple(v) if isinstance(v, list) else v        # json turns tuples into lists
-                                 for k, v in json.loads(meta["config"]).items() if k in known})
+                                 for k, v in stored.items() if k in known})
         model = model_class(config)
         model.load_state_dict(tensors)
     except Exception as e:                         # a config or weights this version cannot rebuild
         raise CheckpointError(f"{path}: cannot rebuild its {config_class.__name__} model ({first_line(e)})") from None
-    return model.to(device).eval(), config, json.loads(meta.get("extra", "{}"))
+    return model.to(device).eval(), config, extra
 
 
 def seeded_rng(*keys):

@@ -39,7 +39,6 @@ TTFF (time to first frame), as the benchmark reports it:
 import argparse
 import dataclasses
 import itertools
-import json
 import math
 import os
 import resource
@@ -297,8 +296,8 @@ def recorded_extra(path):
     """The extra info a checkpoint records (its "size", its steps), read from the file's header
     alone; {} when there is none to read (loading the checkpoint says why, later)."""
     try:
-        return json.loads(L.read_safetensors(path, tensors=False)[1].get("extra", "{}"))
-    except (L.CheckpointError, ValueError):
+        return L.checkpoint_header(path, L.DiTConfig)[1]
+    except L.CheckpointError:
         return {}
 
 

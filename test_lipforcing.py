@@ -1178,7 +1178,9 @@ def test_training_resumes_identically(tmp_path, monkeypatch, capsys):
     # finished checkpoint stays. Other options may change, with a note
     for more, words in (([], "is at step 6, and this run ends at step 6: nothing to train"),
                         (["--depth", "2", "--steps", "9"], "holds a run of another model")):
-        with pytest.raises(SystemExit, match=words) as e:
+        with pytest.raises(SystemExit, match=words) as e, monkeypatch.context() as m:
+            if not more:                                            # known from the state's header: no pool made
+                m.setattr(train, "dit_pool", lambda *a: pytest.fail("the pool was made first"))
             train.main(base + more + ["--resume", "--out", str(tmp_path / "b.safetensors")])
         assert e.value.code == 2
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
@@ -1721,9 +1723,12 @@ def test_the_frame_size_is_the_students_own_and_another_is_refused_outside_the_b
     assert_one_line_error(code, err, "--size 48", "trained on 32 px frames")
     assert sample.recorded_extra(tmp_path / "broken.mp4") == {} == sample.recorded_extra(tmp_path / "none")
     from safetensors.torch import save_file
-    save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"extra": "{not json"})
+    odd = {"config_class": "DiTConfig", "config": "{}", "extra": "{not json"}
+    save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata=odd)
     assert sample.recorded_extra(tmp_path / "odd.safetensors") == {}
-    assert L.read_safetensors(tmp_path / "odd.safetensors", tensors=False) == ({}, {"extra": "{not json"})
+    assert L.read_safetensors(tmp_path / "odd.safetensors", tensors=False) == ({}, odd)
+    with pytest.raises(L.CheckpointError, match="its header's config cannot be read"):
+        L.checkpoint_header(tmp_path / "odd.safetensors", L.DiTConfig)
 
 
 def test_the_output_carries_the_driving_audio_at_its_own_rate_and_channels(tmp_path, capsys, ckpt):
@@ -3168,7 +3173,7 @@ def test_an_interrupted_or_out_of_memory_stage_ends_in_one_line(capsys, monkeypa
     assert e.value.code == code and len(err) == 1 and err[0].startswith("train.py: ") and words in err[0], err
 
 
-def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys):
+def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
     """load_checkpoint raises CheckpointError, one line, for a missing file, a folder, a truncated
     file, another model's checkpoint and NaN weights; train.py and analyze.py turn it into their
     one-line error with exit 2 (here: a --ckpt-dir without the autoencoder; a student handed to
@@ -3220,6 +3225,12 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
         A.main(["--teacher", str(tmp_path / "t32.safetensors"), "--ckpt-dir", str(tmp_path), "--vae",
                 str(tmp_path / "vae.safetensors"), "--clips", "1", "--size", "48", "--out", str(tmp_path / "a")])
     assert_one_line_error(e.value.code, capsys.readouterr().err, "trained on 32 px frames, not 48", prog="analyze.py")
+    monkeypatch.setattr(A, "analyze_teacher", lambda *a: pytest.fail("a teacher analysed before all were checked"))
+    with pytest.raises(SystemExit) as e:                  # the second teacher is refused before the first's work
+        A.main(["--teacher", str(tmp_path / "t32.safetensors"), "--teacher", str(tmp_path / "student.safetensors"),
+                "--ckpt-dir", str(tmp_path), "--vae", str(tmp_path / "vae.safetensors"), "--clips", "1", "--size", "32",
+                "--out", str(tmp_path / "a")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "student.safetensors is a causal student", prog="analyze.py")
     with pytest.raises(SystemExit) as e:                   # a student where a teacher is read, and the other way
         train.main(["df", "--init", str(tmp_path / "student.safetensors"), "--ckpt-dir", str(tmp_path),
                     "--out", str(tmp_path / "df.safetensors")])

@@ -451,7 +451,8 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     start = load_train_state(state, model, ema, opt, rng, device) if resumes_from(state, device) else 0
     end = min(steps, stop_after) if stop_after else steps
     if start:
-        check_resume(desc, state, start, end, run)
+        check_resume(desc, state, end, run)
+        print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
     t_log, seen_log, step_log = t0, 0, start                     # at the previous log line
     bar = progress(range(start, end), desc=desc, initial=start, total=steps)
@@ -488,22 +489,29 @@ def run_options(args):
     return {name: getattr(args, name) for name in RUN_OPTIONS}
 
 
-def check_resume(desc, state, start, end, run):
-    """A resumed run must have steps left (its training state is at `start`, it ends at `end`) and
-    the frame size it started with; other options it started with (`run`, as the state keeps them)
-    may change, with a note that the run is no longer the one it would have been."""
+def resume_changes(desc, state, end, run):
+    """The options `run` changes from those the run in the training-state file `state` started
+    with ({name: (then, now)}). A resumed run must have steps left before `end` and the frame size
+    it started with (else one line and exit 2); other options may change."""
+    meta = L.read_safetensors(state, "training state", tensors=False)[1]
+    start, kept = int(meta.get("step", 0)), json.loads(meta.get("run", "null")) or {}
     if start >= end:
         fail(f"{desc}: {state} is at step {start}, and this run ends at step {end}: nothing to train; "
              "raise --steps (or --stop-after) to go on, or leave out --resume to start over")
-    kept = json.loads(L.read_safetensors(state, "training state", tensors=False)[1].get("run", "null")) or {}
-    changed = {k: v for k, v in (run or {}).items() if k in kept and kept[k] != v}
+    changed = {k: (kept[k], v) for k, v in (run or {}).items() if k in kept and kept[k] != v}
     if "size" in changed:
         fail(f"{desc}: {state} is a run on {kept['size']} px frames: resume it with --size {kept['size']}")
+    return changed
+
+
+def check_resume(desc, state, end, run):
+    """resume_changes, said: a note for the options that changed, then where the run resumes."""
+    changed = resume_changes(desc, state, end, run)
     if changed:
         was = lambda v: "the default" if v is None else v
-        print(f"{desc}: resuming with " + ", ".join(f"{option(k)} {was(v)} (it started with {was(kept[k])})"
-                                                   for k, v in changed.items()) + ": not the run it would have been")
-    print(f"{desc}: resumed from {state} at step {start}")
+        print(f"{desc}: resuming with " + ", ".join(f"{option(k)} {was(now)} (it started with {was(then)})"
+                                                   for k, (then, now) in changed.items())
+              + ": not the run it would have been")
 
 
 def optimizer_step(model, opt, loss, clip):
@@ -531,6 +539,13 @@ def ema_update(ema, model, step, decay):
         pe.lerp_(p, 1 - d)
 
 
+def state_path(args, out):
+    """The training-state file of the run that saves `out` (fresh_state says which), or None."""
+    if DIST.fsdp or args.state == "none":
+        return None
+    return args.state or os.path.splitext(out)[0] + ".state.safetensors"
+
+
 def fresh_state(args, out, derived=lambda state: []):
     """The training-state file of the run that saves `out`: --state, else out's name with
     .state.safetensors (teacher.safetensors -> teacher.state.safetensors), so runs with different
@@ -540,9 +555,9 @@ def fresh_state(args, out, derived=lambda state: []):
     Every rank deletes them (on nodes that share no filesystem each has its own stale copy; where
     they share one, a file another rank removed first is no error), and the barrier keeps a rank
     from finding a stale file in fit before it is gone."""
-    if DIST.fsdp or args.state == "none":
+    state = state_path(args, out)
+    if state is None:
         return None
-    state = args.state or os.path.splitext(out)[0] + ".state.safetensors"
     if args.resume and not os.path.isfile(state) and master():
         print(f"--resume: no training state at {state}; this run starts from scratch")
     if not args.resume:
@@ -657,7 +672,7 @@ def train_vae(args):
         return loss, len(x) * n_frames
 
     out = out_path(args)
-    losses = fit(ae, step, args.steps if args.steps is not None else 5000, args.lr or 2e-3, "vae", unit="frames",
+    losses = fit(ae, step, args.steps or STAGE_STEPS["vae"], args.lr or 2e-3, "vae", unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every, run=run_options(args))
     if not master():
@@ -766,7 +781,8 @@ def train_syncnet(args):
         return L.contrastive_loss(L.pairwise_dist(ve, ae), same, cfg.margin, weight), local_batch(batch)
 
     out = out_path(args)
-    losses = fit(net, step, args.steps or SYNCNET_STEPS, args.lr or SYNCNET_LR[args.role], f"syncnet-{args.role}",
+    losses = fit(net, step, args.steps or STAGE_STEPS["syncnet"], args.lr or SYNCNET_LR[args.role],
+                 f"syncnet-{args.role}",
                  weight_decay=1e-4, unit="windows", state=fresh_state(args, out), stop_after=args.stop_after, rng=rng,
                  device=args.device, log_every=args.log_every, run=run_options(args))
     if not master():
@@ -850,7 +866,8 @@ def train_mouthnet(args):
         return F.mse_loss(pred, y), len(idx)
 
     out = out_path(args)
-    losses = fit(net, step, args.steps or 1500, args.lr or 1e-3, "mouthnet", weight_decay=1e-4, unit="frames",
+    losses = fit(net, step, args.steps or STAGE_STEPS["mouthnet"], args.lr or 1e-3, "mouthnet", weight_decay=1e-4,
+                 unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every, run=run_options(args))
     if not master():
@@ -973,7 +990,7 @@ def train_teacher(args):
 
     out = out_path(args)
     state = fresh_state(args, out)
-    steps = args.steps or TEACHER_STEPS
+    steps = args.steps or STAGE_STEPS["teacher"]
     losses = fit(model, step, steps, args.lr or TEACHER_LR, "teacher", unit="tokens", ema=ema,
                  state=state, stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99),
                  flops_per_unit=dit_train_flops_per_token(cfg, tokens), device=args.device, log_every=log_every,
@@ -1074,7 +1091,7 @@ def train_df(args):
 
     out = out_path(args)
     state = fresh_state(args, out)
-    steps = args.steps or DF_STEPS
+    steps = args.steps or STAGE_STEPS["df"]
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every,
                  run=run_options(args))
@@ -1193,10 +1210,11 @@ def train_dmd(args):
             # two files, written one after the other: a run killed between the writes leaves them apart
             fail(f"{c_state} is missing or not at step {start} as {state} is (the run stopped while saving): "
                  f"delete both and start over without --resume")
-    steps = args.steps or DMD_STEPS
+    steps = args.steps or STAGE_STEPS["dmd"]
     end = min(steps, args.stop_after) if args.stop_after else steps
     if start:
-        check_resume("dmd", state, start, end, run_options(args))
+        check_resume("dmd", state, end, run_options(args))
+        print(f"dmd: resumed from {state} at step {start}")
     log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
     log_every = args.log_every or DMD_LOG_EVERY
     t0 = time.time()
@@ -1775,6 +1793,8 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
+STAGE_STEPS = {"vae": 5000, "syncnet": SYNCNET_STEPS, "mouthnet": 1500, "teacher": TEACHER_STEPS, "df": DF_STEPS,
+               "dmd": DMD_STEPS}                    # each training stage's length, unless --steps
 TRAINERS = (*TRAINING_STAGES, "audio-probe")                  # the stages that run an optimiser (fit)
 STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS,
                  **{name: (*TRAINERS, "foundation", "pipeline") for name in ("steps", "batch", "log_every")},
@@ -1866,6 +1886,10 @@ def check_paths(args):
         fail(f"--state {args.state} is a model checkpoint, which a run deletes as it starts: pass another path")
     if args.stage in TRAINING_STAGES:
         reads, out = stage_reads(args), out_path(args)
+        state = state_path(args, out)
+        if args.resume and state and os.path.isfile(state):       # found now, not after the pool is made
+            steps = args.steps or STAGE_STEPS[args.stage]
+            resume_changes(args.stage, state, min(steps, args.stop_after or steps), run_options(args))
         for name, path, others in (("--out", args.out, reads), ("--state", args.state, reads + [out])):
             if path not in (None, "none") and any(same_file(path, other) for other in others):
                 fail(f"{name} {path} is a file this stage reads or writes: write it to another path")
