@@ -3159,6 +3159,9 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_any_wo
     with pytest.raises(SystemExit, match=r"--batch 3 must be a multiple of the number of processes \(2\)"):
         train.check_options(train.get_args(["vae", "--batch", "3"]))
     train.check_options(train.get_args(["vae", "--batch", "4"]))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match=r"--batch 16 \(the default\) must be a multiple of the number of processes"):
+        train.check_options(train.get_args(["vae"]))
 
 
 @pytest.mark.parametrize("error, code, words", [(KeyboardInterrupt, 130, "interrupted"), (MemoryError, 2, "out of memory")])

@@ -661,7 +661,7 @@ def train_vae(args):
         ae = L.VideoAE(cfg).to(args.device)
     ae = conv_memory(args, ae)
     print(cfg, f"\nVideoAE: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M parameters")
-    batch = args.batch or 16
+    batch = args.batch or STAGE_BATCH["vae"]
 
     def step(_):
         x = shard(L.sample_windows(clips, batch, n_frames, rng)).to(args.device)
@@ -736,7 +736,7 @@ SYNCNET_LR = {"reward": 3e-4, "eval": 1e-3}
 def train_syncnet(args):
     seed = args.seed if args.seed is not None else {"reward": 1, "eval": 2}[args.role]
     group = 8                                                               # windows per clip in a batch
-    batch = args.batch or 64
+    batch = args.batch or STAGE_BATCH["syncnet"]
     if batch % group or batch < 2 * group:       # the loss needs windows of other clips (easy negatives)
         fail(f"--batch {batch}: a SyncNet batch is groups of {group} windows from one clip, at least "
              f"two of them; pass a multiple of {group} from {2 * group} up")
@@ -853,7 +853,7 @@ def train_mouthnet(args):
     cfg = L.MouthNetConfig(seed=seed)
     net = conv_memory(args, global_batchnorm(L.MouthNet(cfg).to(args.device).train()))
     print(cfg, f"\nMouthNet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
-    batch = args.batch or 128
+    batch = args.batch or STAGE_BATCH["mouthnet"]
 
     def step(_):
         idx = [(rng.integers(len(clips)), None) for _ in range(batch)]
@@ -955,7 +955,7 @@ def train_teacher(args):
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     cfg = L.preset_config(args.preset, args.depth, args.patch, drop_mode=args.drop_mode, cfg_drop=args.cfg_drop,
                           audio_adaln=args.audio_adaln, seed=seed)
-    n_latent, batch = args.latent_frames or 9, args.batch or 16
+    n_latent, batch = args.latent_frames or 9, args.batch or STAGE_BATCH["teacher"]
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
     model = L.DiT(cfg)
     model.checkpointing = args.grad_ckpt
@@ -1074,7 +1074,7 @@ def train_df(args):
     del teacher
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
-    n_latent, batch = args.latent_frames or 12, args.batch or 16
+    n_latent, batch = args.latent_frames or 12, args.batch or STAGE_BATCH["df"]
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "df"), cfg.audio_context, progress=master())
     tokens = n_latent * (args.size // ae.cfg.space_down // cfg.patch) ** 2
@@ -1176,7 +1176,7 @@ def train_dmd(args):
     print(f"reward SyncNet: ground-truth Sync-C {f'{gt:.2f}' if gt else 'not in its metadata'}; "
           f"R = Sync-C / {reward_scale:.3f}")
 
-    n_latent, batch = args.latent_frames or 12, args.batch or DMD_BATCH
+    n_latent, batch = args.latent_frames or 12, args.batch or STAGE_BATCH["dmd"]
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
     clips = dit_pool(args, n_latent, "dmd")
     encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
@@ -1795,6 +1795,7 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
 STAGE_STEPS = {"vae": 5000, "syncnet": SYNCNET_STEPS, "mouthnet": 1500, "teacher": TEACHER_STEPS, "df": DF_STEPS,
                "dmd": DMD_STEPS}                    # each training stage's length, unless --steps
+STAGE_BATCH = {"vae": 16, "syncnet": 64, "mouthnet": 128, "teacher": 16, "df": 16, "dmd": DMD_BATCH}   # unless --batch
 TRAINERS = (*TRAINING_STAGES, "audio-probe")                  # the stages that run an optimiser (fit)
 STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS,
                  **{name: (*TRAINERS, "foundation", "pipeline") for name in ("steps", "batch", "log_every")},
@@ -1849,8 +1850,10 @@ def check_options(args):
             note = f" ({OPTION_NOTES[name]})" if name in OPTION_NOTES else ""
             fail(f"{option(name)} does nothing in {args.stage}; {', '.join(stages)} read it, no other stage{note}")
     world = int(os.environ.get("WORLD_SIZE", 1))                     # torchrun's processes
-    if args.batch and args.batch % world:
-        fail(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
+    batch = args.batch or STAGE_BATCH.get(args.stage)
+    if batch and batch % world:
+        fail(f"--batch {batch}{'' if args.batch else ' (the default)'} must be a multiple of the number of processes "
+             f"({world}): pass another --batch")
     if args.data and args.stage not in ("foundation", "pipeline") and (args.clips or args.seconds):
         fail(f"{'--clips' if args.clips else '--seconds'} sizes a SynthTalk pool; --data {args.data} trains on "
              "every clip of the folder, as long as it is: leave it out")
