@@ -230,8 +230,9 @@ def checkpoint_header(path, config_class, size=None):
             raise CheckpointError(f"{path} is not a model checkpoint (no config inside): "
                                   + ("it is a run's training state; pass the checkpoint beside it, without .state"
                                      if state else "pass one that train.py wrote"))
-        kind = lambda name: name.removesuffix("Config")
-        raise CheckpointError(f"{path} holds {kind(meta['config_class'])} weights, not {kind(config_class.__name__)} ones")
+        kind = lambda name: name.removesuffix("Config")      # AEConfig -> AE
+        raise CheckpointError(f"{path} holds {kind(meta['config_class'])} weights, "
+                              f"not {kind(config_class.__name__)} ones")
     try:
         stored, extra = json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError) as e:

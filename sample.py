@@ -235,7 +235,7 @@ def check_args(args):
     if m in MODE_OPTIONS["results"]:
         check_folder(args.results, "--results", args.results)
     if args.size is not None and not args.benchmark and (path := student_path(args, required=False)):
-        student_size(args, path, recorded_extra(path))      # a size the student never saw: refused before any media is read
+        student_size(args, path, recorded_extra(path))      # a size it never saw: refused before the media is read
 
 
 # -----------------------------------------------------------------------------

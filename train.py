@@ -80,8 +80,9 @@ def get_args(argv=None):
     p.error = lambda msg: fail(f"{msg} (see python train.py --help)")       # one line, not usage + error
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--data", default=None, help="folder of real clips instead of SynthTalk")
-    p.add_argument("--size", type=L.frame_size, default=L.FRAME_SIZE, help=f"frame size (square face crops, a multiple of "
-                   f"{L.FRAME_MULTIPLE} from {L.MIN_FRAME_SIZE}; the DiT checkpoints record it, and sample.py samples a student at its own)")
+    p.add_argument("--size", type=L.frame_size, default=L.FRAME_SIZE,
+                   help=f"frame size (square face crops, a multiple of {L.FRAME_MULTIPLE} from {L.MIN_FRAME_SIZE}; "
+                        "the DiT checkpoints record it, and sample.py samples a student at its own)")
     p.add_argument("--clips", type=L.positive_int, default=None, help="training clips in the pool")
     p.add_argument("--seconds", type=L.positive_float, default=None, help="seconds per SynthTalk training clip")
     p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
@@ -892,7 +893,8 @@ def dit_pool(args, n_latent, stage):
     latent frames plus a reference frame outside it on the 4-frame grid: 4 n_latent + 1 frames.
     A --data folder may hold such clips; they are left out with a note."""
     return train_pool(args, DIT_CLIPS, 4.0, stage, need=L.FRAMES_PER_LATENT * n_latent + 1,
-                      what=f"a {n_latent}-latent window and its reference frame", or_else=", or a smaller --latent-frames")
+                      what=f"a {n_latent}-latent window and its reference frame",
+                      or_else=", or a smaller --latent-frames")
 
 
 def random_ref(rng, T, start, length):
@@ -1896,11 +1898,11 @@ def check_paths(args):
         for name, path, others in (("--out", args.out, reads), ("--state", args.state, reads + [out])):
             if path not in (None, "none") and any(same_file(path, other) for other in others):
                 fail(f"{name} {path} is a file this stage reads or writes: write it to another path")
-    if args.stage == "eval-teacher":             # the committed table: the committed teacher, graded as the README says
+    if args.stage == "eval-teacher":             # the committed table: the default teacher, graded as the README says
+        teacher = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
         other = [why for why, on in (("--cfg-scale", args.cfg_scale not in (None, L.CFG_SCALE)),
                                      ("--test-clips", args.test_clips != L.TEST_CLIPS),
-                                     ("another teacher", not same_file(args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"),
-                                                                       os.path.join(CKPT_DIR, "teacher.safetensors"))))
+                                     ("another teacher", not same_file(teacher, os.path.join(CKPT_DIR, "teacher.safetensors"))))
                  if on]
         table = results_json(args, "teacher", args.split or "test")
         if other and same_file(table, os.path.join(RESULTS, "teacher.json")):
