@@ -53,7 +53,7 @@ LABELS = {"sync_c": "Sync-C (higher = better)", "sync_d": "Sync-D (lower = bette
 WINDOW_FRAC = 0.5    # CFG window: steps where CFG's Sync-C advantage is >= this fraction of its max
 GAP_FLOOR = 0.5      # landing step: only where the CFG sync gap is >= this fraction of its max
                      # (where the gap is small, the share of it that a schedule recovers is noise)
-PAPER_WINDOW, PAPER_LANDING = (20, 40), 30   # the paper's choices, steps of the 50-step ODE
+PAPER_WINDOW, PAPER_LANDING = L.SYNC_WINDOW_STEPS, L.LANDING_STEP   # the paper's choices, steps of the 50-step ODE
 TWO_STEP = "two-step (t = " + ", ".join(f"{t:.3f}" for t in L.STUDENT_STEPS) + ")"
 
 
@@ -85,14 +85,22 @@ def get_args(argv=None):
                                     ("teacher.safetensors", "teacher_all.safetensors")
                                     if name == "teacher.safetensors" or os.path.isfile(os.path.join(args.ckpt_dir, name))]
     args.vae = args.vae or os.path.join(args.ckpt_dir, "vae.safetensors")
+    if args.steps < 2:
+        p.error(f"--steps {args.steps}: the factorial lands between the ODE's first and last step; pass 2 or more")
     last = args.steps - 1
-    args.landing_steps = args.landing_steps or sorted({1, last, *range(2, last, 2)})
+    args.landing_steps = sorted(set(args.landing_steps or {1, last, *range(2, last, 2)}))
     if not all(1 <= j <= last for j in args.landing_steps):
         p.error(f"landing steps must lie in 1..{last} (the ODE has {args.steps} steps)")
     if round(args.seconds * L.FPS) < L.TEACHER_HOP + 1:
         p.error(f"--seconds must hold one {L.TEACHER_HOP + 1}-frame window: at least {(L.TEACHER_HOP + 1) / L.FPS:g} s")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; pass a folder for the CSVs, plots and summary")
+    if why := L.folder_problem(args.out):               # found now, not after the analysis
+        p.error(f"--out {args.out}: {why}")
+    same = [(a, b) for i, a in enumerate(args.teacher) for b in args.teacher[i + 1:]
+            if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)]
+    if same:
+        p.error(f"--teacher {same[0][1]} is {same[0][0]} again: pass each teacher once")
     if why := L.device_problem(args.device):
         p.error(why)
     return args
@@ -112,8 +120,9 @@ class Batch:
 
 
 def make_batch(model, ae, clips, device):
-    """Windows of 33 frames (9 latent frames), hop 32, reference half a clip away, as
-    train.teacher_generate; noise seed i for clip i (the same noise eval-teacher uses)."""
+    """Windows of 33 frames (9 latent frames), hop 32, each with its reference frame outside it
+    (train.window_ref), as train.teacher_generate; noise seed i for clip i (the same noise
+    eval-teacher uses)."""
     context = model.cfg.audio_context
     cond, audio, noise, fresh = [], [], [], []
     for i, c in enumerate(clips):
@@ -187,7 +196,7 @@ def two_step(model, b):
 
 
 def mean_se(per_clip):
-    """Per-clip metric dicts -> {metric: mean, metric_se: SE over clips (nan for one clip)}, n."""
+    """Per-clip metric dicts -> {"n": clips, metric: mean, metric_se: SE over clips (nan for one clip)}."""
     n = len(per_clip)
     row = {"n": n}
     for m in METRICS:
@@ -204,7 +213,9 @@ def analyze_teacher(path, label, ae, sync_net, clips, args):
     b = make_batch(model, ae, clips, args.device)
     steps, last = args.steps, args.steps - 1
     rows = {"trajectory": [], "factorial": [], "endpoints": []}
-    print(f"\n{path}: drop_mode {cfg.drop_mode}, {len(clips)} clips x {len(b.noise) // len(clips)} windows")
+    S = len(b.noise) // len(clips)
+    print(f"\n{path}: drop_mode {cfg.drop_mode}, {len(clips)} clip{'s' * (len(clips) > 1)} x {S} "
+          f"window{'s' * (S > 1)}")
 
     t0 = time.time()
     with L.autocast(args.device):
@@ -299,6 +310,11 @@ def suggestions(rows, steps):
     land = best_landing(rows["factorial"])
     if land is None:
         lines.append("landing step: none (full CFG never syncs better than no CFG at any landing step)")
+    elif land[3] <= 0:
+        j1, s0, s1, share, gap = land
+        lines.append(f"landing step: none (no mixed schedule recovers any of the CFG Sync-C gap where the gap is >= "
+                     f"{GAP_FLOOR:.0%} of its max; the best, s0 = {s0:g} -> s1 = {s1:g} at j1 = {j1}, recovers "
+                     f"{share:.0%} of it)")
     else:
         j1, s0, s1, share, gap = land
         lines.append(f"landing step: j1 = {j1} of {steps}, t = {L.ode_t(j1, steps):.3f} "
@@ -377,12 +393,16 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.writing = False                        # set once the outputs start to be written
     try:
         return analyze(args)
     except L.CheckpointError as e:
         fail(str(e))
+    except OSError as e:                        # the disk or --out: full, gone, not permitted
+        fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
     except KeyboardInterrupt:
-        print("analyze.py: interrupted; the CSVs, plots and summary written so far are complete files", file=sys.stderr)
+        print("analyze.py: interrupted " + ("while writing: each file in --out is whole, from this run or an earlier one"
+                                            if args.writing else "before writing: --out is as it was"), file=sys.stderr)
         raise SystemExit(130)
 
 
@@ -396,7 +416,9 @@ def analyze(args):
     sync_net = L.load_checkpoint(os.path.join(args.ckpt_dir, "syncnet_eval.safetensors"), L.SyncNetConfig, L.SyncNet,
                                  args.device)[0]
     clips = [L.synthtalk_clip("test", i, args.seconds, args.size) for i in range(args.clips)]
-    print(f"{args.clips} test clips x {args.seconds:g} s, {args.steps}-step ODE, landing steps {args.landing_steps}")
+    used = 1 + T.segment_starts(len(clips[0].frames))[-1] + L.TEACHER_HOP   # whole 33-frame windows
+    print(f"{args.clips} test clip{'s' * (args.clips > 1)} x {used / L.FPS:.2f} s (the whole {L.TEACHER_HOP + 1}-frame "
+          f"windows of {args.seconds:g} s), {args.steps}-step ODE, landing steps {args.landing_steps}")
     print("fidelity: mouth SSIM and L1 to the source frames; LPIPS skipped (no pretrained perceptual network offline)")
 
     tables = {"trajectory": [], "factorial": [], "endpoints": []}
@@ -417,13 +439,15 @@ def analyze(args):
     missing = [m for m in ("audio", "all") if m not in modes]
     summary.append(f"drop modes analysed: {', '.join(modes)}" +
                    (f"; not analysed: {', '.join(missing)} (no teacher given was trained with it: python train.py "
-                    f"teacher --drop-mode {missing[0]} --out {args.ckpt_dir}/teacher_{missing[0]}.safetensors)"
-                    if missing else ""))
+                    f"teacher --drop-mode {missing[0]} --size {args.size} --out {args.ckpt_dir}/teacher_{missing[0]}"
+                    ".safetensors, then pass it to analyze.py with --teacher too)" if missing else ""))
 
+    args.writing = True
     for part, rows in tables.items():
         write_csv(os.path.join(args.out, f"{part}.csv"), rows)
     if not plot(args.out, tables, labels):
-        summary.append("plots skipped: matplotlib is not installed (pip install matplotlib, then rerun)")
+        summary.append("plots skipped: matplotlib is not installed (pip install matplotlib, then rerun); "
+                       "PNGs in --out, if any, are from an earlier run")
     with L.atomic_path(os.path.join(args.out, "summary.txt")) as tmp:
         with open(tmp, "w") as f:
             f.write("\n".join(summary) + "\n")

@@ -1238,8 +1238,10 @@ def sample_ode(model, cond, audio, noise, steps=ODE_STEPS, cfg=CFG_SCALE, cfg_sc
     return x + (ode_t(steps, steps) - t) * v
 
 
-# The student's two-step schedule: t = 0.999 (just below ODE step 0, t = 1) and 0.769 (step 30 of 50).
-STUDENT_STEPS = (0.999, ode_t(30))
+# The student's two-step schedule: t = 0.999 (just below ODE step 0, t = 1) and 0.769 (step 30 of 50,
+# the landing step the paper's trajectory analysis chose: analyze.py reruns it).
+LANDING_STEP = 30
+STUDENT_STEPS = (0.999, ode_t(LANDING_STEP))
 
 
 @torch.no_grad()
@@ -2185,7 +2187,8 @@ def self_forcing_rollout(model, cond, audio, noises, exit_step, steps=STUDENT_ST
 
 
 DMD_T_RANGE = (0.02, 0.98)                 # re-noise times: shift_t of a uniform in this range
-SYNC_WINDOW = (ode_t(40), ode_t(20))        # the teacher's ODE steps 20..40: t in [0.556, 0.882]
+SYNC_WINDOW_STEPS = (20, 40)                # the paper's CFG window, steps of the teacher's 50-step ODE (analyze.py)
+SYNC_WINDOW = (ode_t(SYNC_WINDOW_STEPS[1]), ode_t(SYNC_WINDOW_STEPS[0]))   # as times: t in [0.556, 0.882]
 
 
 def dmd_timesteps(batch, device=None):

@@ -2183,6 +2183,32 @@ def test_analysed_predictions_are_the_samplers():
         assert_close(A.two_step(model, b), ref, 1e-5, f"{mode}: two-step operating point")
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--out", os.path.join(os.path.abspath(__file__), "a")], "is a file, not a folder"),
+    (["--out", "/proc/lipforcing-test"], "cannot write in /proc/lipforcing-test"),
+    (["--steps", "1"], "--steps 1: the factorial lands between the ODE's first and last step"),
+    (["--teacher", "checkpoints/vae.safetensors", "--teacher", "./checkpoints/vae.safetensors"], "pass each teacher once"),
+])
+def test_analysis_refuses_bad_arguments_before_any_work(capsys, argv, words):
+    """analyze.py refuses an --out it cannot write, a one-step ODE and a teacher given twice in one
+    line, before any model is loaded; landing steps are sorted and counted once."""
+    with pytest.raises(SystemExit) as e:
+        A.get_args(argv)
+    assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="analyze.py")
+    assert A.get_args(["--landing-steps", "4", "2", "4", "--out", "/tmp/lipforcing-test-a"]).landing_steps == [2, 4]
+
+
+def test_analysis_interrupted_says_whether_it_wrote(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the outputs are written leaves --out as it was, and says so."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(A, "analyze", interrupted)
+    with pytest.raises(SystemExit) as e:
+        A.main(["--out", str(tmp_path / "a")])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == "analyze.py: interrupted before writing: --out is as it was"
+
+
 def test_window_and_landing_rules():
     """The CFG window is the contiguous run around the largest Sync-C advantage that stays >= half of
     it (none if CFG never helps); the landing step maximises a mixed schedule's share of the CFG
@@ -2199,6 +2225,14 @@ def test_window_and_landing_rules():
     A.add_gap_shares(rows)
     j1, s0, s1, share, gap = A.best_landing(rows)
     assert (j1, s0, s1) == (30, 1.0, 4.5) and math.isclose(share, 0.9) and math.isclose(gap, 2.0)
+    tr = [{"step": j, "scale": sc, "sync_c": 1.0 + (sc > 1)} for j in range(3) for sc in (1.0, 4.5)]
+    assert "landing step: j1 = 30 of 50" in A.suggestions({"trajectory": tr, "factorial": rows}, 50)[1]
+    for r in rows:                          # mixed schedules that sync worse than no CFG: no landing step
+        if r["s0"] != r["s1"]:
+            r["sync_c"] = 0.5
+    A.add_gap_shares(rows)
+    assert A.best_landing(rows)[3] < 0
+    assert A.suggestions({"trajectory": tr, "factorial": rows}, 50)[1].startswith("landing step: none (no mixed")
 
 
 def test_analysis_writes_tidy_finite_csvs(tmp_path, monkeypatch):
