@@ -3089,6 +3089,8 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["eval", "--batch", "2"], "--batch does nothing in eval"),
     (["eval-teacher", "--log-every", "3"], "--log-every does nothing in eval-teacher"),
     (["df", "--patch", "1"], "--patch does nothing in df"),
+    (["dmd", "--teacher-cfg", "none", "--cfg-scale", "3"], "--cfg-scale does nothing with --teacher-cfg none"),
+    (["dmd", "--beta", "0", "--reward-scale", "2"], "--reward-scale does nothing with --beta 0"),
     (["eval-teacher", "--results", "./results", "--cfg-scale", "2"], "with --cfg-scale writes over ./results/teacher.json"),
     (["eval-teacher", "--test-clips", "3"], "with --test-clips writes over"),
     (["eval-teacher", "--ckpt-dir", "/tmp"], "with another teacher writes over"),

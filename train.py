@@ -1870,6 +1870,10 @@ def check_options(args):
             fail(f"--out {args.out} is a file; export writes a folder of clips")
         if args.stage != "export" and (os.path.isdir(args.out) or not args.out.endswith(".safetensors")):
             fail(f"--out {args.out}: pass a checkpoint path ending in .safetensors")
+    if args.stage == "dmd" and args.teacher_cfg == "none" and args.cfg_scale is not None:
+        fail("--cfg-scale does nothing with --teacher-cfg none: that teacher is sampled without CFG")
+    if args.stage == "dmd" and args.beta == 0 and args.reward_scale is not None:
+        fail("--reward-scale does nothing with --beta 0: the SyncNet reward is off")
     chunk = L.DiTConfig.chunk
     if args.latent_frames and args.stage in ("df", "dmd") and args.latent_frames % chunk:
         fail(f"--latent-frames {args.latent_frames}: {args.stage} trains on whole chunks; pass a multiple of {chunk}")
