@@ -187,7 +187,7 @@ def factorial(model, b, landing_steps, steps):
 @torch.no_grad()
 def two_step(model, b):
     """The student's operating point on the teacher, no CFG: x0 at t = 0.999, re-noised with fresh
-    noise to t = 0.769 (ODE step 30 of 50), x0 again (L.sample_chunk without a cache)."""
+    noise to t = 0.769 (ODE step L.LANDING_STEP of 50), x0 again (L.sample_chunk without a cache)."""
     return L.sample_chunk(model, b.cond, b.audio, torch.stack([b.noise, b.fresh]))
 
 
@@ -401,8 +401,9 @@ def main(argv=None):
     except OSError as e:                        # the disk or --out: full, gone, not permitted
         fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
     except KeyboardInterrupt:
-        print("analyze.py: interrupted " + ("while writing: each file in --out is whole, from this run or an earlier one"
-                                            if args.writing else "before writing: --out is as it was"), file=sys.stderr)
+        when = ("while writing: each file in --out is whole, from this run or an earlier one" if args.writing
+                else "before writing: --out is as it was")
+        print(f"analyze.py: interrupted {when}", file=sys.stderr)
         raise SystemExit(130)
 
 

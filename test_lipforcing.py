@@ -1177,7 +1177,8 @@ def test_training_resumes_identically(tmp_path, monkeypatch, capsys):
     # resuming a finished run, a run of another shape or another frame size is one line; the
     # finished checkpoint stays. Other options may change, with a note
     for more, words in (([], "is at step 6, and this run ends at step 6: nothing to train"),
-                        (["--depth", "2", "--steps", "9"], "holds a run of another model")):
+                        (["--depth", "2", "--steps", "9"], "holds a run started with no --depth: it cannot go on with "
+                                                           "--depth 2")):
         with pytest.raises(SystemExit, match=words) as e, monkeypatch.context() as m:
             if not more:                                            # known from the state's header: no pool made
                 m.setattr(train, "dit_pool", lambda *a: pytest.fail("the pool was made first"))
@@ -1185,7 +1186,7 @@ def test_training_resumes_identically(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2
     b = L.load_checkpoint(tmp_path / "b.safetensors", L.DiTConfig, L.DiT)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    with pytest.raises(SystemExit, match="is a run on 64 px frames: resume it with --size 64"):
+    with pytest.raises(SystemExit, match="started with --size 64: it cannot go on with --size 48"):
         train.main(base + ["--size", "48", "--steps", "9", "--resume", "--out", str(tmp_path / "b.safetensors")])
     capsys.readouterr()
     assert len(train.main(base + ["--steps", "8", "--lr", "1e-3", "--resume", "--out", str(tmp_path / "b.safetensors")])[1]) == 2
@@ -2198,15 +2199,23 @@ def test_analysis_refuses_bad_arguments_before_any_work(capsys, argv, words):
     assert A.get_args(["--landing-steps", "4", "2", "4", "--out", "/tmp/lipforcing-test-a"]).landing_steps == [2, 4]
 
 
-def test_analysis_interrupted_says_whether_it_wrote(tmp_path, capsys, monkeypatch):
-    """Ctrl-C before the outputs are written leaves --out as it was, and says so."""
-    def interrupted(args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(A, "analyze", interrupted)
+@pytest.mark.parametrize("writing, error, code, said", [
+    (False, KeyboardInterrupt(), 130, "analyze.py: interrupted before writing: --out is as it was"),
+    (True, KeyboardInterrupt(), 130, "analyze.py: interrupted while writing: each file in --out is whole"),
+    (True, OSError(28, "No space left on device", "a/summary.txt"), 2,
+     "analyze.py: error: No space left on device: a/summary.txt"),
+])
+def test_analysis_interrupted_or_out_of_disk_says_what_it_wrote(tmp_path, capsys, monkeypatch, writing, error, code,
+                                                                said):
+    """Ctrl-C says whether --out was touched; a disk error is one line (exit 2), not a traceback."""
+    def stopped(args):
+        args.writing = writing
+        raise error
+    monkeypatch.setattr(A, "analyze", stopped)
     with pytest.raises(SystemExit) as e:
         A.main(["--out", str(tmp_path / "a")])
-    assert e.value.code == 130
-    assert capsys.readouterr().err.strip() == "analyze.py: interrupted before writing: --out is as it was"
+    assert e.value.code == code
+    assert capsys.readouterr().err.strip().startswith(said)
 
 
 def test_window_and_landing_rules():
@@ -3079,7 +3088,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["df", "--depth", "2"], "--depth does nothing in df"),
     (["teacher", "--data", "d", "--clips", "4"], "--clips sizes a SynthTalk pool; --data d trains on every clip"),
     (["vae", "--state", "."], "--state . is a folder"),
-    (["vae", "--state", "checkpoints/vae.safetensors"], "is a model checkpoint, which a run deletes as it starts"),
+    (["vae", "--state", "checkpoints/vae.safetensors"], "is a model checkpoint, which a run would overwrite"),
     (["vae", "--state", "/proc/lipforcing-test/s.state.safetensors"], "s.state.safetensors: cannot write in /proc"),
     (["export", "--out", "/proc/lipforcing-test"], "cannot write in /proc/lipforcing-test"),
     (["foundation", "--results", "/proc/lipforcing-test"], "--results /proc/lipforcing-test: cannot write"),
@@ -3091,9 +3100,11 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["df", "--patch", "1"], "--patch does nothing in df"),
     (["dmd", "--teacher-cfg", "none", "--cfg-scale", "3"], "--cfg-scale does nothing with --teacher-cfg none"),
     (["dmd", "--beta", "0", "--reward-scale", "2"], "--reward-scale does nothing with --beta 0"),
+    (["vae", "--state", "README.md", "--resume"], "README.md is not a readable safetensors"),
+    (["dmd", "--init", "checkpoints/student.safetensors"], "--out checkpoints/student.safetensors (the default) is a file"),
     (["eval-teacher", "--results", "./results", "--cfg-scale", "2"], "with --cfg-scale writes over ./results/teacher.json"),
     (["eval-teacher", "--test-clips", "3"], "with --test-clips writes over"),
-    (["eval-teacher", "--ckpt-dir", "/tmp"], "with another teacher writes over"),
+    (["eval-teacher", "--ckpt-dir", "/tmp"], "with another --ckpt-dir and another teacher writes over"),
     (["df", "--out", "checkpoints/vae.safetensors"], "--out checkpoints/vae.safetensors is a file this stage reads"),
     (["df", "--init", "checkpoints/student_df.safetensors", "--out", "./checkpoints/student_df.safetensors"],
      "is a file this stage reads"),
@@ -3155,6 +3166,7 @@ def test_each_stage_refuses_a_dit_of_the_other_kind(wrong_kinds, tmp_path, capsy
     ["eval-teacher", "--cfg-scale", "4.5"],
     ["eval-teacher", "--split", "val", "--cfg-scale", "2"],                     # teacher_val.json
     ["eval-teacher", "--cfg-scale", "2", "--results", "out/cfg2"],
+    ["dmd", "--reward-scale", "2"], ["dmd", "--teacher-cfg", "fixed", "--cfg-scale", "3"],
 ])
 def test_what_the_path_checks_let_through(argv):
     """The documented command lines that write near what they read pass check_options and
@@ -3171,6 +3183,7 @@ def test_an_output_that_is_an_input_by_another_name_is_refused_and_only_rank_0_t
     torchrun only rank 0 makes and removes the test folders (the others would race it)."""
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
     os.symlink(tmp_path / "vae.safetensors", tmp_path / "link.safetensors")
+    monkeypatch.setattr(train, "dit_pool", lambda *a: pytest.fail("the teacher started"))
     with pytest.raises(SystemExit):
         train.main(["teacher", "--ckpt-dir", str(tmp_path), "--out", str(tmp_path / "link.safetensors")])
     assert "link.safetensors is a file this stage reads" in capsys.readouterr().err

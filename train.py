@@ -57,8 +57,8 @@ import lipforcing as L
 
 RESULTS = "results"       # --results: where the tables' JSON goes (the committed ones are here)
 CKPT_DIR = "checkpoints"  # --ckpt-dir: where checkpoints are read and written
-STAGE_OUT = {"vae": "vae", "syncnet": "syncnet_{role}", "mouthnet": "mouthnet", "teacher": "teacher", "df": "student_df",
-             "dmd": "student"}     # each training stage's checkpoint in --ckpt-dir, unless --out names another
+STAGE_OUT = {"vae": "vae", "syncnet": "syncnet_{role}", "mouthnet": "mouthnet", "teacher": "teacher",
+             "df": "student_df", "dmd": "student"}   # each training stage's checkpoint in --ckpt-dir, unless --out
 
 
 def out_path(args):
@@ -453,7 +453,8 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     end = min(steps, stop_after) if stop_after else steps
     if start:
         check_resume(desc, state, end, run)
-        print(f"{desc}: resumed from {state} at step {start}")
+        if master():
+            print(f"{desc}: resumed from {state} at step {start}")
     t0, seen, run_loss, losses = time.time(), 0, None, []
     t_log, seen_log, step_log = t0, 0, start                     # at the previous log line
     bar = progress(range(start, end), desc=desc, initial=start, total=steps)
@@ -482,33 +483,40 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     return losses
 
 
-RUN_OPTIONS = ("size", "data", "clips", "seconds", "batch", "latent_frames", "mouth_weight", "steps", "lr", "seed")
+RUN_SHAPE = ("size", "preset", "depth", "patch", "audio_adaln")       # a resumed run must keep these
+RUN_OPTIONS = (*RUN_SHAPE, "data", "clips", "seconds", "batch", "latent_frames", "mouth_weight", "steps", "lr", "seed",
+               "init", "teacher", "drop_mode", "cfg_drop", "teacher_cfg", "cfg_scale", "beta", "reward_scale",
+               "critic_lr", "critic_steps")
 
 
 def run_options(args):
-    """The options that make a training run what it is, as a training-state file keeps them."""
-    return {name: getattr(args, name) for name in RUN_OPTIONS}
+    """The options that make a training run what it is, as a training-state file keeps them: as
+    given on the command line (None: not given), but steps and batch as used."""
+    return {name: getattr(args, name) for name in RUN_OPTIONS} | {
+        "steps": args.steps or STAGE_STEPS[args.stage], "batch": args.batch or STAGE_BATCH[args.stage]}
 
 
 def resume_changes(desc, state, end, run):
-    """The options `run` changes from those the run in the training-state file `state` started
-    with ({name: (then, now)}). A resumed run must have steps left before `end` and the frame size
-    it started with (else one line and exit 2); other options may change."""
+    """Check that the run in the training-state file `state` can resume: it must have steps left
+    before `end` and keep its shape (RUN_SHAPE), else one line and exit 2. Returns the other options
+    `run` changes from those it started with ({name: (then, now)}): they may change."""
     meta = L.read_safetensors(state, "training state", tensors=False)[1]
     start, kept = int(meta.get("step", 0)), json.loads(meta.get("run", "null")) or {}
     if start >= end:
         fail(f"{desc}: {state} is at step {start}, and this run ends at step {end}: nothing to train; "
              "raise --steps (or --stop-after) to go on, or leave out --resume to start over")
     changed = {k: (kept[k], v) for k, v in (run or {}).items() if k in kept and kept[k] != v}
-    if "size" in changed:
-        fail(f"{desc}: {state} is a run on {kept['size']} px frames: resume it with --size {kept['size']}")
+    for k in (k for k in RUN_SHAPE if k in changed):             # its model or its frames would change
+        given = lambda v: f"{option(k)} {v}" if v is not None else f"no {option(k)}"
+        fail(f"{desc}: {state} holds a run started with {given(changed[k][0])}: it cannot go on with "
+             f"{given(changed[k][1])}; resume it with the options it started with")
     return changed
 
 
 def check_resume(desc, state, end, run):
-    """resume_changes, said: a note for the options that changed, then where the run resumes."""
+    """resume_changes, said (by rank 0): a note for the options that changed."""
     changed = resume_changes(desc, state, end, run)
-    if changed:
+    if changed and master():
         was = lambda v: "the default" if v is None else v
         print(f"{desc}: resuming with " + ", ".join(f"{option(k)} {was(now)} (it started with {was(then)})"
                                                    for k, (then, now) in changed.items())
@@ -647,6 +655,9 @@ def load_train_state(path, model, ema, opt, rng, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # stage: video autoencoder
+
+
+VAE_STEPS = 5000         # then 2000 more at a lower rate (foundation: the committed autoencoder's recipe)
 
 
 def train_vae(args):
@@ -846,6 +857,9 @@ def eval_syncnet(net, test, val):
 # stage: MouthNet
 
 
+MOUTHNET_STEPS = 1500
+
+
 def train_mouthnet(args):
     seed = args.seed if args.seed is not None else 3
     torch.manual_seed(seed)
@@ -894,7 +908,7 @@ def dit_pool(args, n_latent, stage):
     A --data folder may hold such clips; they are left out with a note."""
     return train_pool(args, DIT_CLIPS, 4.0, stage, need=L.FRAMES_PER_LATENT * n_latent + 1,
                       what=f"a {n_latent}-latent window and its reference frame",
-                      or_else=", or a smaller --latent-frames")
+                      or_else=", or a smaller --latent-frames" if stage in STAGE_OPTIONS["latent_frames"] else "")
 
 
 def random_ref(rng, T, start, length):
@@ -1216,7 +1230,8 @@ def train_dmd(args):
     end = min(steps, args.stop_after) if args.stop_after else steps
     if start:
         check_resume("dmd", state, end, run_options(args))
-        print(f"dmd: resumed from {state} at step {start}")
+        if master():
+            print(f"dmd: resumed from {state} at step {start}")
     log = {"dmd": [], "critic": [], "sync_c": [], "ess": []}
     log_every = args.log_every or DMD_LOG_EVERY
     t0 = time.time()
@@ -1795,11 +1810,11 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
 # foundation and pipeline take the FLAGS of the stages they run, and pass each on where it acts.
-STAGE_STEPS = {"vae": 5000, "syncnet": SYNCNET_STEPS, "mouthnet": 1500, "teacher": TEACHER_STEPS, "df": DF_STEPS,
-               "dmd": DMD_STEPS}                    # each training stage's length, unless --steps
+STAGE_STEPS = {"vae": VAE_STEPS, "syncnet": SYNCNET_STEPS, "mouthnet": MOUTHNET_STEPS, "teacher": TEACHER_STEPS,
+               "df": DF_STEPS, "dmd": DMD_STEPS}    # each training stage's length, unless --steps
 STAGE_BATCH = {"vae": 16, "syncnet": 64, "mouthnet": 128, "teacher": 16, "df": 16, "dmd": DMD_BATCH}   # unless --batch
 TRAINERS = (*TRAINING_STAGES, "audio-probe")                  # the stages that run an optimiser (fit)
-STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS,
+STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS, "out": (*TRAINING_STAGES, "export"),
                  **{name: (*TRAINERS, "foundation", "pipeline") for name in ("steps", "batch", "log_every")},
                  **{name: ("teacher", "pipeline") for name in ("depth", "patch")},
                  "init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-teacher", "eval-student"),
@@ -1887,25 +1902,28 @@ def check_options(args):
 
 def check_paths(args):
     """Refuse, before any work, an output that would replace what the stage reads or a committed
-    table, or that cannot be written where it goes."""
+    table, or that cannot be written where it goes, and a --resume of a finished run or of one of
+    another shape (resume_changes, from the state file's header)."""
     if args.state not in (None, "none") and os.path.isdir(args.state):
         fail(f"--state {args.state} is a folder: pass a file path (or none)")
     if args.state not in (None, "none") and os.path.isfile(args.state) and "config_class" in \
             L.read_safetensors(args.state, tensors=False)[1]:
-        fail(f"--state {args.state} is a model checkpoint, which a run deletes as it starts: pass another path")
+        fail(f"--state {args.state} is a model checkpoint, which a run would overwrite: pass another path")
     if args.stage in TRAINING_STAGES:
         reads, out = stage_reads(args), out_path(args)
         state = state_path(args, out)
         if args.resume and state and os.path.isfile(state):       # found now, not after the pool is made
             steps = args.steps or STAGE_STEPS[args.stage]
             resume_changes(args.stage, state, min(steps, args.stop_after or steps), run_options(args))
-        for name, path, others in (("--out", args.out, reads), ("--state", args.state, reads + [out])):
+        for name, path, others in (("--out", out, reads), ("--state", args.state, reads + [out])):
             if path not in (None, "none") and any(same_file(path, other) for other in others):
-                fail(f"{name} {path} is a file this stage reads or writes: write it to another path")
+                fail(f"{name} {path}{'' if name == '--state' or args.out else ' (the default)'} is a file this "
+                     "stage reads or writes: write it to another path")
     if args.stage == "eval-teacher":             # the committed table: the default teacher, graded as the README says
         teacher = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
         other = [why for why, on in (("--cfg-scale", args.cfg_scale not in (None, L.CFG_SCALE)),
                                      ("--test-clips", args.test_clips != L.TEST_CLIPS),
+                                     ("another --ckpt-dir", not same_file(args.ckpt_dir, CKPT_DIR)),
                                      ("another teacher", not same_file(teacher, os.path.join(CKPT_DIR, "teacher.safetensors"))))
                  if on]
         table = results_json(args, "teacher", args.split or "test")
@@ -1939,7 +1957,10 @@ def main(argv=None):
     if args.fsdp and args.stage not in FSDP_STAGES:
         fail(f"--fsdp shards the DiT stages ({', '.join(FSDP_STAGES)})")
     check_options(args)
-    check_paths(args)
+    try:
+        check_paths(args)
+    except L.CheckpointError as e:              # a --state file that cannot be read
+        fail(str(e))
     init_distributed(args)
     try:
         return STAGES[args.stage](args)
