@@ -98,7 +98,7 @@ def get_args(argv=None):
     if why := L.folder_problem(args.out):               # found now, not after the analysis
         p.error(f"--out {args.out}: {why}")
     same = [(a, b) for i, a in enumerate(args.teacher) for b in args.teacher[i + 1:]
-            if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)]
+            if os.path.exists(a) and L.same_file(a, b)]
     if same:
         p.error(f"--teacher {same[0][1]} is {same[0][0]} again: pass each teacher once")
     if why := L.device_problem(args.device):
@@ -411,8 +411,8 @@ def analyze(args):
     """Every teacher of --teacher through parts (a)-(c); the CSVs, plots and summary in --out."""
     t_start = time.time()
     for path in args.teacher:                   # every teacher checked from its header before the first one's work
-        if L.checkpoint_header(path, L.DiTConfig, args.size)[0].get("causal"):
-            raise L.CheckpointError(f"{path} is a causal student; the analysis reads a bidirectional teacher")
+        stored = L.checkpoint_header(path, L.DiTConfig, args.size)[0]
+        L.check_dit_kind(path, stored.get("causal"), False, "the analysis")
     ae = L.load_checkpoint(args.vae, L.AEConfig, L.VideoAE, args.device)[0]
     sync_net = L.load_checkpoint(os.path.join(args.ckpt_dir, "syncnet_eval.safetensors"), L.SyncNetConfig, L.SyncNet,
                                  args.device)[0]

@@ -213,17 +213,24 @@ def folder_problem(folder):
     return None
 
 
+def same_file(a, b):
+    """Whether two paths name one file: the same path, or (both there) one file by two names
+    (links, a case-insensitive disk)."""
+    return os.path.abspath(a) == os.path.abspath(b) or (os.path.exists(a) and os.path.exists(b)
+                                                          and os.path.samefile(a, b))
+
+
 def first_line(e):
     """An exception's message, first line only (its type's name if it has none)."""
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def checkpoint_header(path, config_class, size=None):
+def checkpoint_header(path, config_class, size=None, meta=None):
     """(the stored config's fields, extra dict) of a checkpoint written by save_checkpoint, from its
-    header alone. CheckpointError when it is not a checkpoint of `config_class`, or when `size` (the
-    frame size the caller runs at) is not the "size" its extra records: a DiT sees faces only at
-    the scale it trained at."""
-    meta = read_safetensors(path, tensors=False)[1]
+    header alone (`meta`, when the caller has read it already). CheckpointError when it is not a
+    checkpoint of `config_class`, or when `size` (the frame size the caller runs at) is not the
+    "size" its extra records: a DiT sees faces only at the scale it trained at."""
+    meta = read_safetensors(path, tensors=False)[1] if meta is None else meta
     if meta.get("config_class") != config_class.__name__:
         if "config_class" not in meta:             # a training-state file, or another program's safetensors
             state = str(path).endswith(".state.safetensors")
@@ -247,8 +254,8 @@ def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
     """Rebuild `model_class(config)` from a safetensors checkpoint written by save_checkpoint.
     Returns (model in eval mode, config, extra dict). CheckpointError when the file cannot give one,
     or when it was recorded at another frame size than `size` (checkpoint_header)."""
-    stored, extra = checkpoint_header(path, config_class, size)
-    tensors = read_safetensors(path)[0]
+    tensors, meta = read_safetensors(path)
+    stored, extra = checkpoint_header(path, config_class, size, meta)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]} and {len(bad) - 1} more tensors): "
@@ -264,6 +271,16 @@ def load_checkpoint(path, config_class, model_class, device="cpu", size=None):
     except Exception as e:                         # a config or weights this version cannot rebuild
         raise CheckpointError(f"{path}: cannot rebuild its {config_class.__name__} model ({first_line(e)})") from None
     return model.to(device).eval(), config, extra
+
+
+DIT_KINDS = {True: "a causal student", False: "a bidirectional teacher"}   # DiTConfig.causal, in words
+
+
+def check_dit_kind(path, causal, wanted, who):
+    """CheckpointError unless the DiT at `path` (causal or not) is the kind `who` takes (`wanted`;
+    None: either)."""
+    if wanted is not None and bool(causal) != wanted:
+        raise CheckpointError(f"{path} is {DIT_KINDS[bool(causal)]}; {who} takes {DIT_KINDS[wanted]}")
 
 
 def seeded_rng(*keys):

@@ -223,8 +223,7 @@ def check_args(args):
             fail(f"--out {args.out}: write an {' / '.join(OUT_EXTS)} file (H.264 + AAC)")
         for name in ("video", "audio"):                    # the output would replace the input it was made from
             given = getattr(args, name)
-            if given not in (None, "-") and os.path.exists(args.out) and os.path.exists(given) \
-                    and os.path.samefile(given, args.out):
+            if given not in (None, "-") and os.path.exists(given) and L.same_file(given, args.out):
                 fail(f"--out {args.out} is the --{name} file: write the output to another path")
     if args.out == "-" and not args.stream:
         fail("--out - (raw frames on stdout) is only for --stream; pass an .mp4 path")
@@ -274,7 +273,7 @@ def student_path(args, required=True):
     return found[0] if found else None
 
 
-DIT_KINDS = {   # causal: (how to make one, what a checkpoint of the other kind is told)
+DIT_HINTS = {   # causal: (how to make one, what a checkpoint of the other kind is told)
     True: ("train a student with `python train.py df`",
            "{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors"),
     False: ("train it with `python train.py teacher`",
@@ -285,7 +284,7 @@ DIT_KINDS = {   # causal: (how to make one, what a checkpoint of the other kind 
 def load_dit(path, device, causal=True):
     """A student checkpoint (causal) or a teacher's (causal=False), refused in one line if it holds
     the other kind: (model, extra)."""
-    how, other_kind = DIT_KINDS[causal]
+    how, other_kind = DIT_HINTS[causal]
     model, extra = load(path, L.DiTConfig, L.DiT, device, how)
     if model.cfg.causal != causal:
         fail(other_kind.format(path=path))

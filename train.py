@@ -219,16 +219,12 @@ def test_pool(args, dub_truth=False):
     return clips
 
 
-DIT_KINDS = {True: "a causal student", False: "a bidirectional teacher"}
-
-
 def load_dit(args, path, causal, who, device="cpu"):
     """(model, config, extra) of the DiT checkpoint at `path` for `who`, the stage or role that reads
     it: refused in one line (CheckpointError) when it is not the kind `causal` asks for (None:
     either) or was trained at another --size."""
     model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, device, args.size)
-    if causal is not None and cfg.causal != causal:
-        raise L.CheckpointError(f"{path} is {DIT_KINDS[cfg.causal]}; {who} takes {DIT_KINDS[causal]}")
+    L.check_dit_kind(path, cfg.causal, causal, who)
     return model, cfg, extra
 
 
@@ -1854,12 +1850,6 @@ def given(args, name):
     return value is not None and value is not False
 
 
-def same_file(a, b):
-    """Whether two paths name one file: the same path, or (both there) one file by two names."""
-    return os.path.abspath(a) == os.path.abspath(b) or (os.path.exists(a) and os.path.exists(b)
-                                                          and os.path.samefile(a, b))
-
-
 def check_options(args):
     """Refuse, before any work, an option the stage would silently ignore."""
     for name, stages in STAGE_OPTIONS.items():
@@ -1916,18 +1906,19 @@ def check_paths(args):
             steps = args.steps or STAGE_STEPS[args.stage]
             resume_changes(args.stage, state, min(steps, args.stop_after or steps), run_options(args))
         for name, path, others in (("--out", out, reads), ("--state", args.state, reads + [out])):
-            if path not in (None, "none") and any(same_file(path, other) for other in others):
+            if path not in (None, "none") and any(L.same_file(path, other) for other in others):
                 fail(f"{name} {path}{'' if name == '--state' or args.out else ' (the default)'} is a file this "
                      "stage reads or writes: write it to another path")
     if args.stage == "eval-teacher":             # the committed table: the default teacher, graded as the README says
-        teacher = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
+        teacher, committed = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), \
+            os.path.join(CKPT_DIR, "teacher.safetensors")
         other = [why for why, on in (("--cfg-scale", args.cfg_scale not in (None, L.CFG_SCALE)),
                                      ("--test-clips", args.test_clips != L.TEST_CLIPS),
-                                     ("another --ckpt-dir", not same_file(args.ckpt_dir, CKPT_DIR)),
-                                     ("another teacher", not same_file(teacher, os.path.join(CKPT_DIR, "teacher.safetensors"))))
+                                     ("another --ckpt-dir", not L.same_file(args.ckpt_dir, CKPT_DIR)),
+                                     ("another teacher", not L.same_file(teacher, committed)))
                  if on]
         table = results_json(args, "teacher", args.split or "test")
-        if other and same_file(table, os.path.join(RESULTS, "teacher.json")):
+        if other and L.same_file(table, os.path.join(RESULTS, "teacher.json")):
             fail(f"eval-teacher with {' and '.join(other)} writes over {table}, the table of the default teacher "
                  f"at CFG {L.CFG_SCALE:g} that ablation reads: pass --results DIR")
     if int(os.environ.get("RANK", 0)):          # under torchrun rank 0 alone makes and removes the test folders
