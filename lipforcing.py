@@ -1936,16 +1936,26 @@ def resize_frames(frames, size):
     return out
 
 
+def folder_clips(folder):
+    """The video files under `folder`, its subfolders too (datasets keep clips per speaker or per
+    source video: speaker/video/00001.mp4), sorted. Hidden files and folders are not clips: macOS's
+    ._name.mp4 resource forks, a write's .name.tmp-*.mp4 left over, a .cache or .git folder."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def folder_pool(folder, size=FRAME_SIZE, min_frames=16, progress=True):
-    """Every video in `folder` (aligned face crops with an audio track) as a Clip at 25 fps, 16 kHz
-    and size x size. The audio is cut or zero-padded to 640 samples per frame."""
+    """Every video under `folder` (aligned face crops with an audio track; folder_clips) as a Clip
+    at 25 fps, 16 kHz and size x size, named by its path in the folder without the extension
+    (speaker/video/00001). The audio is cut or zero-padded to 640 samples per frame."""
     from tqdm import tqdm
     if not os.path.isdir(folder):
         raise MediaError(f"{folder} is not a folder: --data takes a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} clips")
-    # hidden files are not clips: macOS's ._name.mp4 resource forks, a write's .name.tmp-*.mp4 left over
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
+    paths = folder_clips(folder)
     if not paths:
-        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files: put aligned face-crop clips with audio there")
+        raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files, nor do its subfolders: put aligned face-crop "
+                         "clips with audio there")
     clips = []
     for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
         frames, _ = read_video(p)
@@ -1958,7 +1968,7 @@ def folder_pool(folder, size=FRAME_SIZE, min_frames=16, progress=True):
                              "mux it in (ffmpeg -i clip -i speech -map 0:v -map 1:a) or move the clip out") from None
         n = len(frames) * SAMPLES_PER_FRAME
         audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
-        clips.append(Clip(resize_frames(frames, size), audio, name=p.stem))
+        clips.append(Clip(resize_frames(frames, size), audio, name=p.relative_to(folder).with_suffix("").as_posix()))
     return clips
 
 

@@ -3780,12 +3780,19 @@ def test_a_signal_while_torch_loads_is_one_line_and_exit_130(tmp_path, name):
     assert err.decode().strip().splitlines() == ["sample.py: interrupted; no output file was written"]
 
 
-def test_folder_pool_skips_hidden_files(tmp_path):
-    """--data reads the clips of a folder, not its hidden files: macOS's ._clip.mp4 resource forks
-    and a write's leftover .clip.tmp-*.mp4 are left out, not read as (broken) clips."""
+def test_folder_pool_reads_subfolders_and_skips_hidden_files(tmp_path):
+    """--data reads the clips of a folder and of its subfolders (a dataset's speaker/video/00001.mp4),
+    each named by its path there, in sorted order; not its hidden files or folders: macOS's
+    ._clip.mp4 resource forks, a write's leftover .clip.tmp-*.mp4 and a .cache folder's videos are
+    left out, not read as (broken) clips, and a folder named like a video is not one."""
     c = L.synthtalk_clip("train", 0, 0.8, size=32)                      # 20 frames
-    write_video(tmp_path / "clip.mp4", c.frames, c.audio)
-    (tmp_path / "._clip.mp4").write_bytes(b"\x00\x05\x16\x07" + bytes(4000))       # an AppleDouble header
+    for name in ("clip.mp4", "spk2/vid/00001.mp4", "spk1/00002.MOV", ".cache/old.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(tmp_path / name, c.frames, c.audio)
+    (tmp_path / "spk1" / "._00002.mp4").write_bytes(b"\x00\x05\x16\x07" + bytes(4000))   # an AppleDouble header
     data = (tmp_path / "clip.mp4").read_bytes()
     (tmp_path / ".clip.tmp-1a2b3c4d.mp4").write_bytes(data[:len(data) // 2])
-    assert [clip.name for clip in L.folder_pool(tmp_path, 32, progress=False)] == ["clip"]
+    (tmp_path / "takes.mp4").mkdir()
+    pool = L.folder_pool(tmp_path, 32, progress=False)
+    assert [clip.name for clip in pool] == ["clip", "spk1/00002", "spk2/vid/00001"]
+    assert all(np.array_equal(clip.frames, pool[0].frames) for clip in pool)
