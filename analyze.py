@@ -205,6 +205,13 @@ def mean_se(per_clip):
     return row
 
 
+def endpoint_line(r):
+    """The summary's line for an endpoint row (mean_se's keys): Sync-C with its SE where there is one."""
+    se = f" +- {r['sync_c_se']:.2f}" if r["n"] > 1 else " (one clip: no SE)"
+    return (f"endpoint {r['schedule']} CFG {r['scale']:g} ({r['nfe']} NFE): Sync-C {r['sync_c']:.2f}{se}, "
+            f"Sync-D {r['sync_d']:.2f}, mouth SSIM {r['mouth_ssim']:.3f}, mouth L1 {r['mouth_l1']:.4f}")
+
+
 def analyze_teacher(path, label, ae, sync_net, clips, args):
     """Parts (a)-(c) for one teacher -> {"trajectory": rows, "factorial": rows, "endpoints": rows},
     every row tagged with the teacher's label and drop_mode."""
@@ -433,9 +440,7 @@ def analyze(args):
             tables[part] += rows[part]
         mode = rows["trajectory"][0]["drop_mode"]
         summary += [f"{label} (drop_mode {mode}, {path}):"] + [f"  {s}" for s in suggestions(rows, args.steps)]
-        summary += [f"  endpoint {r['schedule']} CFG {r['scale']:g} ({r['nfe']} NFE): Sync-C {r['sync_c']:.2f} "
-                    f"+- {r['sync_c_se']:.2f}, Sync-D {r['sync_d']:.2f}, mouth SSIM {r['mouth_ssim']:.3f}, "
-                    f"mouth L1 {r['mouth_l1']:.4f}" for r in rows["endpoints"]]
+        summary += [f"  {endpoint_line(r)}" for r in rows["endpoints"]]
     modes = sorted({r["drop_mode"] for r in tables["endpoints"]})
     missing = [m for m in ("audio", "all") if m not in modes]
     summary.append(f"drop modes analysed: {', '.join(modes)}" +

@@ -2274,7 +2274,13 @@ def test_analysis_writes_tidy_finite_csvs(tmp_path, monkeypatch):
         assert all(r["n"] == "2" and all(math.isfinite(float(r[c])) for c in metrics) for r in rows), part
     traj = list(csv.DictReader(open(out / "trajectory.csv")))
     assert sorted({int(r["step"]) for r in traj}) == list(range(steps))
-    assert "drop modes analysed: all, audio" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "drop modes analysed: all, audio" in summary
+    ends = list(csv.DictReader(open(out / "endpoints.csv")))
+    assert f"Sync-C {float(ends[0]['sync_c']):.2f} +- {float(ends[0]['sync_c_se']):.2f}, " in summary
+    one = A.mean_se([{m: 1.0 for m in A.METRICS}])                    # one clip: its SE is nan, not printed
+    line = A.endpoint_line({**one, "schedule": "ode", "scale": 4.5, "nfe": 100})
+    assert "Sync-C 1.00 (one clip: no SE), Sync-D 1.00" in line and "nan" not in line
     monkeypatch.setitem(sys.modules, "matplotlib", None)       # `import matplotlib` now raises ImportError
     assert A.plot(str(tmp_path / "no_plots"), {}, []) is False and not (tmp_path / "no_plots").exists()
 
