@@ -1056,7 +1056,9 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
     The paper's stage 1 is one block-causal pass with per-chunk noise levels, in which later chunks
     attend the earlier chunks at their own noise levels. Here they attend the clean ground truth,
     as the streaming cache holds clean keys (the KV refresh), and the cache's rolling and sink are
-    trained as they run."""
+    trained as they run. At t = 0.999 the input is add_noise's 0.001 x0 + 0.999 eps, where the
+    sampler starts from eps alone: a signal 1000x below the noise, kept so that every level is
+    the same flow-matching pair."""
     n, chunk = x0.shape[1], model.cfg.chunk
     cache = L.KVCache(model.cfg.depth, sink, window, chunk)
     steps = torch.tensor(L.STUDENT_STEPS, device=x0.device)
@@ -1121,9 +1123,9 @@ def train_df(args):
 GT_SYNC_C_PAPER = 7.95      # syncnet_python's ground-truth Sync-C on HDTF (the paper's table)
 DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forcing
 DMD_EMA = 0.99              # the student's EMA decay cap (Self Forcing's); at 50 steps the warm-up's 0.85 holds (ema_update)
-DMD_STEPS, DMD_BATCH = 50, 8    # 2.5-3.9 s per step on 2 CPU cores; sync peaks by step 25-75 and falls after (README, "Why 50 steps")
+DMD_STEPS, DMD_BATCH = 50, 8    # paper: 600 at 16; 2.5-3.9 s per step on 2 CPU cores; sync peaks by step 25-75 and falls after (README, "Why 50 steps")
 DMD_LOG_EVERY = 10          # a log line every 10 student steps
-DMD_LR = 2e-5               # paper: 2e-6, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
+DMD_LR = 2e-5               # student and critic; paper: 2e-6 for both, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
 # the dmd options' defaults (--cfg-scale's for eval-teacher too), filled in by the stages that read
 # them, so that any other stage can refuse them (STAGE_OPTIONS)
@@ -1137,8 +1139,10 @@ def with_dmd_defaults(args):
 
 @torch.no_grad()
 def sync_rewards(net, ae, x, raw_audio):
-    """R = Sync-C of each decoded clip against its audio, exactly as the evaluation measures it
-    (uint8 frames, syncnet_python's algorithm): x (B, F, 16, h, w) latents, raw_audio (B, T * 640) -> (B,)."""
+    """R = Sync-C of each decoded clip against its audio, as the evaluation measures it (uint8 frames,
+    syncnet_python's algorithm), on the whole decoded frame: the evaluation scores the lower face
+    pasted into the source frames (composite), which the encoded pool does not keep.
+    x (B, F, 16, h, w) latents, raw_audio (B, T * 640) -> (B,)."""
     frames = L.tensor_to_frames(ae.decode(x.detach().float())[0])             # (B, T, H, W, 3)
     return torch.tensor([L.evaluate_sync(net, [f], [a.numpy()])["sync_c"] for f, a in zip(frames, raw_audio)],
                         dtype=torch.float64)
