@@ -221,8 +221,13 @@ def same_file(a, b):
 
 
 def first_line(e):
-    """An exception's message, first line only (its type's name if it has none)."""
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    """An exception's message, first line only (its type's name if it has none), and the line after
+    it where the first only introduces a list (load_state_dict's "Error(s) in loading state_dict
+    for DiT:" then its first "size mismatch for ...")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
 
 
 def checkpoint_header(path, config_class, size=None, meta=None):
@@ -888,6 +893,10 @@ class DiTConfig:
     def cond_channels(self):       # reference latent + mask + masked source latent
         return 2 * self.latent_channels + 1
 
+    @property
+    def audio_channels(self):      # one latent frame's packed audio (pack_audio): its 4 video frames and the context's
+        return (FRAMES_PER_LATENT + 2 * self.audio_context) * MELS_PER_FRAME * N_MELS
+
 
 DIT_PRESETS = {
     "tiny": dict(dim=192, depth=6, heads=6, ffn=512),                # CPU
@@ -903,14 +912,15 @@ def preset_config(name, depth=None, patch=None, **kw):
     (--depth, --patch), other fields from kw."""
     preset = DIT_PRESETS[name]
     return DiTConfig(**{**preset, "depth": depth or preset["depth"]}, patch=patch or DiTConfig.patch, **kw)
+
+
 FRAME_MULTIPLE = AEConfig.space_down * max(DIT_PATCHES)   # 16: frame sizes the autoencoder and every patch tile
-MIN_FRAME_SIZE = 2 * FRAME_MULTIPLE   # 32: the mouth box (MOUTH_BOX) of a 16 px frame's 2x2 latent is empty
 FRAME_SIZE = 64           # SynthTalk's frame size: the default of every --size and of the corpus functions
 
 
 def frame_size(text):
     """argparse type of --size: square frames, a multiple of FRAME_MULTIPLE pixels from
-    MIN_FRAME_SIZE up."""
+    MIN_FRAME_SIZE up (set beside MOUTH_BOX, from it)."""
     n = int(text) if text.isdigit() else 0
     if n < MIN_FRAME_SIZE or n % FRAME_MULTIPLE:
         raise argparse.ArgumentTypeError(f"{text}: must be a multiple of {FRAME_MULTIPLE} ({AEConfig.space_down}x "
@@ -1079,8 +1089,7 @@ class DiT(nn.Module):
         d, p, zc = cfg.dim, cfg.patch, cfg.latent_channels
         self.patch_in = nn.Linear((zc + cfg.cond_channels) * p * p, d)
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        audio_in = (MELS_PER_FRAME * N_MELS) * (FRAMES_PER_LATENT + 2 * cfg.audio_context)
-        self.audio_embed = nn.Sequential(nn.Linear(audio_in, d), nn.SiLU(), nn.Linear(d, d))
+        self.audio_embed = nn.Sequential(nn.Linear(cfg.audio_channels, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg, audio=(i % cfg.audio_every == 0)) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -1385,7 +1394,9 @@ def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encodin
     """encode_clip of every clip, cached on disk. The cache file is named by a hash of the
     autoencoder's weights and config, the audio context and every clip's frames and audio, so it is found
     only for exactly this input (SynthTalk or a folder of real clips) and a retrained autoencoder
-    never reads stale latents. The DiT stages all train on one pool: only the first encodes it."""
+    never reads stale latents. The code that encodes is not in the name: a cache is used only when
+    its first clip equals that clip encoded afresh, so a changed mask, condition or audio feature
+    (a fork's) encodes the pool again. The DiT stages all train on one pool: only the first encodes it."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
     h = hashlib.sha1(f"{context} {ae.cfg}".encode())      # the config holds the latent statistics
@@ -1397,7 +1408,12 @@ def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encodin
     names = [f.name for f in fields(EncodedClip)]
     if os.path.isfile(path):
         t = load_file(path)
-        return [EncodedClip(*(t[f"{i}.{k}"] for k in names)) for i in range(len(clips))]
+        first = encode_clip(ae, clips[0].frames, clips[0].audio, context)
+        cached = [t.get(f"0.{k}") for k in names]
+        if all(c is not None and c.shape == getattr(first, k).shape and torch.allclose(c, getattr(first, k), 1e-4, 1e-4)
+               for c, k in zip(cached, names)):
+            return [EncodedClip(*(t[f"{i}.{k}"] for k in names)) for i in range(len(clips))]
+        print(f"{path} holds latents of other encoding code; encoding the clips again")
     encoded = [encode_clip(ae, c.frames, c.audio, context)
                for c in tqdm(clips, desc=desc, disable=not progress)]
     with atomic_path(path) as tmp:
@@ -1984,6 +2000,13 @@ def mouth_crop(x):
         return x[..., int(t * H):int(b * H), int(l * W):int(r * W), :]
     H, W = x.shape[-2:]
     return x[..., int(t * H):int(b * H), int(l * W):int(r * W)]
+
+
+# The smallest frame size (frame_size refuses less) whose latent grid holds a row and a column of
+# the mouth box, which the DiT's loss counts again: 32 for this box; at 16 px the 2x2 latent's box
+# is empty and that loss is nan.
+MIN_FRAME_SIZE = next(s for s in range(FRAME_MULTIPLE, 1 << 16, FRAME_MULTIPLE)
+                      if mouth_crop(torch.empty(s // AEConfig.space_down, s // AEConfig.space_down)).numel())
 
 
 def _forked(fn, jobs, workers, desc, progress):

@@ -337,6 +337,18 @@ def test_a_checkpoint_older_than_a_config_field_loads_with_the_behaviour_it_was_
     assert torch.equal(old(x, t, cond, audio), model(x, t, cond, audio))
 
 
+def test_a_checkpoint_of_other_feature_widths_names_the_mismatch(tmp_path, monkeypatch):
+    """A DiT saved by code with other audio features (a fork's N_MELS) cannot be rebuilt: the one
+    line says which weight does not fit, not only load_state_dict's "Error(s) in loading ..." head."""
+    model = L.DiT(L.DiTConfig(**TINY))
+    p = tmp_path / "dit.safetensors"
+    L.save_checkpoint(p, model, model.cfg)
+    monkeypatch.setattr(L, "N_MELS", 2 * L.N_MELS)
+    with pytest.raises(L.CheckpointError, match=r"cannot rebuild its DiTConfig model \(Error\(s\) in loading state_dict "
+                                                r"for DiT: size mismatch for audio_embed\.0\.weight: .*\)$"):
+        L.load_checkpoint(p, L.DiTConfig, L.DiT)
+
+
 # -----------------------------------------------------------------------------
 # sync metrics
 
@@ -832,7 +844,7 @@ def tiny_dit(**kw):
 def dit_inputs(B=2, Fr=3, hw=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     cfg = L.DiTConfig()
-    A = (4 + 2 * cfg.audio_context) * L.MELS_PER_FRAME * L.N_MELS
+    A = cfg.audio_channels
     return (torch.randn(B, Fr, 16, hw, hw, generator=g), torch.rand(B, Fr, generator=g),
             torch.randn(B, Fr, cfg.cond_channels, hw, hw, generator=g), torch.randn(B, Fr, A, generator=g))
 
@@ -2141,7 +2153,7 @@ def tiny_teacher(drop_mode="audio", seed=0):
 
 def tiny_batch(model, B=2, Fr=3, hw=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    A_dim = (4 + 2 * model.cfg.audio_context) * L.MELS_PER_FRAME * L.N_MELS
+    A_dim = model.cfg.audio_channels
     return A.Batch(cond=torch.randn(B, Fr, model.cfg.cond_channels, hw, hw, generator=g),
                    audio=torch.randn(B, Fr, A_dim, generator=g),
                    noise=torch.randn(B, Fr, 16, hw, hw, generator=g), fresh=torch.randn(B, Fr, 16, hw, hw, generator=g))
@@ -2302,7 +2314,7 @@ def dmd_dit(seed=0, **kw):
 
 def dmd_inputs(B, Fr, hw=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    A = (4 + 2 * L.DiTConfig().audio_context) * L.MELS_PER_FRAME * L.N_MELS
+    A = L.DiTConfig().audio_channels
     cond = torch.randn(B, Fr, L.DiTConfig().cond_channels, hw, hw, generator=g)
     noises = torch.randn(len(L.STUDENT_STEPS), B, Fr, 16, hw, hw, generator=g)
     return cond, torch.randn(B, Fr, A, generator=g), noises
@@ -2453,6 +2465,32 @@ def test_encoded_pool_is_cached_for_exactly_its_inputs(tmp_path):
     stats.load_state_dict(ae.state_dict())
     shifted = L.encode_pool(stats, clips, c, tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 5 and not torch.equal(shifted[0].groups, first[0].groups)
+
+
+def test_encoded_pool_cache_of_other_encoding_code_is_encoded_again(tmp_path, monkeypatch, capsys):
+    """The cache's name does not hold the code that encodes: a fork that regenerates another region
+    (lower_face_mask) or writes other EncodedClip fields would read the old task's latents from it.
+    A cache whose first clip differs from that clip encoded afresh is encoded again, said, and
+    replaced; the next run reads the new one without a word."""
+    torch.manual_seed(0)
+    ae = L.VideoAE(L.AEConfig(width=8)).eval()
+    clips = [L.synthtalk_clip("train", i, 1.4, size=32) for i in range(2)]
+    c = L.DiTConfig().audio_context
+    lower = L.encode_pool(ae, clips, c, tmp_path, progress=False)
+    lower_mask = L.lower_face_mask
+    monkeypatch.setattr(L, "lower_face_mask", lambda h, w, device=None: lower_mask(h, w, device).flip(0))  # the upper face
+    capsys.readouterr()
+    upper = L.encode_pool(ae, clips, c, tmp_path, progress=False)
+    assert "encoding the clips again" in capsys.readouterr().out
+    fresh = L.encode_clip(ae, clips[1].frames, clips[1].audio, c)
+    assert torch.equal(upper[1].m_groups, fresh.m_groups) and not torch.equal(upper[1].m_groups, lower[1].m_groups)
+    assert torch.equal(L.encode_pool(ae, clips, c, tmp_path, progress=False)[1].m_groups, fresh.m_groups)
+    assert capsys.readouterr().out == "" and len(list(tmp_path.iterdir())) == 1
+    from safetensors.torch import load_file, save_file
+    (path,) = tmp_path.iterdir()                                     # a cache written without one of the fields
+    save_file({k: v for k, v in load_file(path).items() if not k.endswith(".feats")}, path)
+    assert torch.equal(L.encode_pool(ae, clips, c, tmp_path, progress=False)[0].feats, upper[0].feats)
+    assert "encoding the clips again" in capsys.readouterr().out
 
 
 def test_encode_clip_in_batches_equals_one_pass():
@@ -2672,6 +2710,8 @@ def test_dmd_scores_the_teacher_as_real_and_the_critic_as_fake_guided_as_asked(t
     monkeypatch.setattr(L, "predict_x0", spy)
     monkeypatch.setattr(L, "dmd_loss", lambda x, real, fake: scored.append((real, fake)) or dmd_loss(x, real, fake))
     lo, hi = L.SYNC_WINDOW
+    # one re-noise time inside the window and one above it (batch 2), whatever the random draw gives
+    monkeypatch.setattr(L, "dmd_timesteps", lambda batch, device=None: torch.tensor([(lo + hi) / 2, (1 + hi) / 2], device=device))
     for mode in ("none", "fixed", "window"):
         calls.clear(), scored.clear()
         train.main(["dmd", *base, "--teacher-cfg", mode, "--steps", "1", "--out", str(tmp_path / f"{mode}.safetensors")])
