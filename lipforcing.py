@@ -2266,7 +2266,8 @@ def dmd_loss(x, real_x0, fake_x0):
     per sample: grad = (fake - real) / mean|x - real|, L = 0.5 mean (x - stopgrad(x - grad))^2.
     Its gradient in x is grad / numel, so the generator moves its sample along real - fake: toward
     the teacher's x0 prediction and away from the critic's (its own distribution's).
-    x, real_x0, fake_x0 (B, ...); only x carries gradient -> (B,)."""
+    x, real_x0, fake_x0 (B, ...); only x carries gradient -> (B,). A sample at both predictions
+    (0 / 0) gets loss 0, as DMD2's nan_to_num makes it."""
     dims = tuple(range(1, x.ndim))
     real, fake = real_x0.detach().double(), fake_x0.detach().double()
     grad = (fake - real) / (x.detach().double() - real).abs().mean(dims, keepdim=True)

@@ -1513,6 +1513,24 @@ def test_composite_mask_ramps_across_the_middle_row():
     assert m[14:18, 0, 0].tolist() == [0.0, 0.25, 0.75, 1.0]
 
 
+def test_the_regions_are_the_lower_half_and_the_mouth_box():
+    """The lip task's regions, row by row: lower_face_mask (what the DiT regenerates) is 1 from row
+    H // 2 down and 0 above, at odd heights too; lower_face (what the SyncNets and MouthNet read,
+    so every Sync-C, the reward and MouthErr) is that half of the frame, area-resized; mouth_crop's
+    numpy branch (mouth PSNR and SSIM) cuts the frames where its torch branch (the loss) does."""
+    for H in (8, 9, 64):
+        m = L.lower_face_mask(H, 5)
+        assert (m[:H // 2] == 0).all() and (m[H // 2:] == 1).all(), H
+    x = torch.arange(64.0)[:, None].expand(2, 5, 3, 64, 48)                  # each pixel holds its row
+    assert torch.equal(L.lower_face(x, (32, 48)), x[..., 32:, :])
+    assert torch.equal(L.lower_face(x, (16, 24)),
+                       F.interpolate(x[..., 32:, :].reshape(10, 3, 32, 48), size=(16, 24), mode="area").view(2, 5, 3, 16, 24))
+    a = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    crop = L.mouth_crop(a)
+    assert crop.shape == (2, 21, 21, 3)                                      # rows 35..55, columns 13..33
+    assert np.array_equal(crop, L.mouth_crop(torch.from_numpy(a).movedim(-1, -3)).movedim(-3, -1).numpy())
+
+
 def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_training_inputs(monkeypatch):
     """A clip that ends mid-chunk streams as the same clip padded by hand with its last frame; every
     chunk gets the conditions (reference latent | lower-face mask | masked source latent) and packed
@@ -2363,6 +2381,17 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
     loss.sum().backward()
     assert_close(x.grad, grad / 8, 1e-6, "dL/dx")
     assert real.grad is None and fake.grad is None
+
+
+def test_dmd_loss_of_a_sample_already_where_both_scores_agree_is_zero_not_nan():
+    """A sample equal to the teacher's and the critic's x0 prediction (0 / 0 in the normalised
+    score difference) gets loss 0 and a zero gradient, not nan that would poison the batch."""
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    real = x.detach().clone()
+    real[1] += 1
+    loss = L.dmd_loss(x, real, real)
+    loss.sum().backward()
+    assert loss[0] == 0 and torch.isfinite(loss).all() and torch.isfinite(x.grad).all() and not x.grad[0].any()
 
 
 # -----------------------------------------------------------------------------
