@@ -3871,3 +3871,244 @@ def test_folder_pool_reads_subfolders_and_skips_hidden_files(tmp_path):
     pool = L.folder_pool(tmp_path, 32, progress=False)
     assert [clip.name for clip in pool] == ["clip", "spk1/00002", "spk2/vid/00001"]
     assert all(np.array_equal(clip.frames, pool[0].frames) for clip in pool)
+
+
+# -----------------------------------------------------------------------------
+# the training stages: their schedules, draws, and what each loss and table is fed
+
+
+def test_lr_at_warms_up_linearly_then_decays_by_cosine_to_5_percent():
+    """lr_at: a linear warm-up over the first 100 steps (step 0 trains at 1/100 of the peak), then a
+    cosine from the peak down to 5% of it at the last step."""
+    assert train.lr_at(0, 1000, 1.0) == pytest.approx(0.01)              # step 0 trains, at 1/100 of the peak
+    assert train.lr_at(99, 1000, 1.0) == pytest.approx(1.0)
+    assert train.lr_at(100, 1000, 1.0) == pytest.approx(1.0)
+    assert train.lr_at(550, 1000, 1.0) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert train.lr_at(1000, 1000, 1.0) == pytest.approx(0.05)
+
+
+def test_fit_sets_each_steps_lr_from_the_whole_runs_schedule_and_clips_at_1(monkeypatch):
+    """--stop-after ends a run early but keeps the schedule of --steps (what a resume continues)."""
+    seen, optimizer_step = [], train.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda model, opt, loss, clip:
+                        seen.append((opt.param_groups[0]["lr"], clip)) or optimizer_step(model, opt, loss, clip))
+    model = torch.nn.Linear(2, 1)
+    train.fit(model, lambda i: (model(torch.ones(1, 2)).sum(), 1), 6, 1.0, "toy", stop_after=3, warmup=1)
+    assert [lr for lr, _ in seen] == pytest.approx([train.lr_at(i, 6, 1.0, 1) for i in range(3)])
+    assert [clip for _, clip in seen] == [1.0] * 3
+
+
+def test_teacher_batch_windows_start_on_the_grid_reach_every_start_and_take_their_reference_outside(monkeypatch):
+    """The windows a DiT stage trains on start on the 4-frame grid of the latents, every start of a
+    clip is drawn (the last one too), and each reference frame is on the grid and outside its window."""
+    calls, latent_window = [], L.latent_window
+    monkeypatch.setattr(L, "latent_window", lambda enc, start, n, ref, ctx:
+                        calls.append((start, ref)) or latent_window(enc, start, n, ref, ctx))
+    ae = L.VideoAE(L.AEConfig(width=8)).eval()
+    clip = L.synthtalk_clip("train", 0, 2.0, size=32)
+    c = L.DiTConfig().audio_context
+    enc = [L.encode_clip(ae, clip.frames, clip.audio, c)]
+    n_latent, n_frames, T = 6, 21, enc[0].n_frames
+    train.teacher_batch(enc, 64, n_latent, np.random.default_rng(0), c, "cpu")
+    assert {s for s, _ in calls} == set(range(0, T - n_frames + 1, 4))           # every grid start, the last too
+    assert all(r % 4 == 0 and 0 <= r < T and not s <= r < s + n_frames for s, r in calls)
+
+
+def test_teacher_cfg_dropout_in_mode_all_drops_the_spatial_conditions_too(tmp_path, monkeypatch):
+    """CFG dropout follows --drop-mode: with every sample dropped (--cfg-drop 1) the DiT sees zero
+    spatial conditions under "all" and the real ones under "audio"."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    seen, forward = [], L.DiT.forward
+    monkeypatch.setattr(L.DiT, "forward", lambda self, x, t, cond, audio, **kw:
+                        seen.append(cond) or forward(self, x, t, cond, audio, **kw))
+    for mode in ("audio", "all"):
+        seen.clear()
+        train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "1",
+                    "--batch", "2", "--latent-frames", "3", "--cfg-drop", "1", "--drop-mode", mode,
+                    "--out", str(tmp_path / "t.safetensors")])
+        assert len(seen) == 1 and (seen[0].flatten(1).abs().amax(1) == 0).tolist() == [mode == "all"] * 2
+
+
+def test_the_mouth_weight_reaches_every_flow_matching_loss(tmp_path, monkeypatch):
+    """--mouth-weight reaches the flow-matching loss of the teacher, of df and of the DMD critic."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    weights, fml = [], L.flow_matching_loss
+    monkeypatch.setattr(L, "flow_matching_loss", lambda v, x0, eps, mw=None: weights.append(mw) or fml(v, x0, eps, mw))
+    common = ["--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--size", "32", "--steps", "1",
+              "--batch", "2", "--mouth-weight", "3"]
+    for argv in (["teacher", *common, "--latent-frames", "3", "--out", str(tmp_path / "t.safetensors")],
+                 ["df", *common, "--latent-frames", "6", "--init", str(tmp_path / "teacher.safetensors"),
+                  "--out", str(tmp_path / "d.safetensors")],
+                 ["dmd", *base, "--steps", "1", "--mouth-weight", "3", "--out", str(tmp_path / "s.safetensors")]):
+        weights.clear()
+        train.main(argv)
+        assert weights and all(w == 3 for w in weights), (argv[0], weights)
+
+
+def test_teacher_and_df_save_their_ema_and_df_starts_from_the_teacher(tmp_path, monkeypatch):
+    """The teacher and df checkpoints hold the EMA weights, not the trained model's (df's in the
+    student dtype), and df starts from the teacher: at a vanishing lr its student is the teacher,
+    made causal."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    emas, fit = [], train.fit
+    monkeypatch.setattr(train, "fit", lambda *a, **kw: emas.append(kw["ema"]) or fit(*a, **kw))
+    common = ["--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--size", "32", "--batch", "2"]
+    model, _ = train.main(["teacher", *common, "--steps", "2", "--latent-frames", "3", "--out", str(tmp_path / "t.safetensors")])
+    saved = L.load_checkpoint(tmp_path / "t.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in emas[-1].state_dict().items())
+    assert any(not torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    model, _ = train.main(["df", *common, "--steps", "2", "--latent-frames", "6", "--lr", "1e-3",
+                           "--init", str(tmp_path / "teacher.safetensors"), "--out", str(tmp_path / "d.safetensors")])
+    saved = L.load_checkpoint(tmp_path / "d.safetensors", L.DiTConfig, L.DiT)[0].state_dict()
+    half = lambda m: {k: v.to(train.STUDENT_DTYPE).float() for k, v in m.state_dict().items()}
+    assert all(torch.equal(saved[k], v) for k, v in half(emas[-1]).items())
+    assert any(not torch.equal(saved[k], v) for k, v in half(model).items())
+    # with a vanishing lr the student is still the teacher it started from
+    train.main(["df", *common, "--steps", "1", "--latent-frames", "6", "--lr", "1e-12",
+                "--init", str(tmp_path / "teacher.safetensors"), "--out", str(tmp_path / "e.safetensors")])
+    student, cfg, _ = L.load_checkpoint(tmp_path / "e.safetensors", L.DiTConfig, L.DiT)
+    teacher = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)[0]
+    assert cfg.causal
+    for (k, p), q in zip(student.state_dict().items(), half(teacher).values()):
+        assert_close(p, q, 1e-3, k)
+
+
+def test_df_noise_draws_a_level_per_sample_and_chunk():
+    """Diffusion Forcing draws a noise level of the two-step schedule per sample and per chunk:
+    every level occurs, samples differ within each chunk and chunks within a sample."""
+    x0 = torch.zeros(64, 12, 1, 1, 1)
+    levels, eps = train.df_noise(x0, 3, np.random.default_rng(0))
+    assert levels.shape == (64, 4) and eps.shape == x0.shape
+    assert set(levels.unique().tolist()) == set(range(len(L.STUDENT_STEPS)))    # every level of the schedule
+    assert (levels != levels[:1]).any(0).all()                                 # samples differ in every chunk
+    assert (levels != levels[:, :1]).any(1).any()                              # chunks differ within a sample
+
+
+def test_df_draws_its_kv_cache_shape_per_step_from_df_caches(tmp_path, monkeypatch):
+    """Each df step builds its KV cache with the (window, sink) drawn for that step from DF_CACHES,
+    and the draw varies over steps, as the paper trained."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    teacher = dmd_dit()
+    L.save_checkpoint(tmp_path / "teacher.safetensors", teacher, teacher.cfg)
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    asked, made = [], []
+    df_loss, KV = train.df_loss, L.KVCache
+    monkeypatch.setattr(train, "df_loss", lambda *a: asked.append(a[6:8]) or df_loss(*a))
+    monkeypatch.setattr(L, "KVCache", lambda depth, sink, window, chunk: made.append((window, sink)) or KV(depth, sink, window, chunk))
+    train.main(["df", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--size", "32", "--steps", "8",
+                "--batch", "2", "--latent-frames", "6", "--init", str(tmp_path / "teacher.safetensors")])
+    assert made == asked and set(made) <= set(train.DF_CACHES) and len(set(made)) > 1
+
+
+def test_dmd_reward_scale_defaults_to_the_reward_syncnets_gt_sync_c_over_the_papers(tmp_path, monkeypatch):
+    """Without --reward-scale, R = Sync-C / (the reward SyncNet's ground-truth Sync-C / the paper's 7.95),
+    so beta means what it means in the paper; the scale is recorded in the student's checkpoint."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    L.save_checkpoint(tmp_path / "syncnet_reward.safetensors", L.SyncNet(L.SyncNetConfig(width=4)).eval(),
+                      L.SyncNetConfig(width=4), extra={"gt_sync_c": 15.9})
+    train.main(["dmd", *base, "--steps", "1"])
+    extra = L.load_checkpoint(tmp_path / "student.safetensors", L.DiTConfig, L.DiT)[2]
+    assert extra["reward_scale"] == pytest.approx(15.9 / train.GT_SYNC_C_PAPER)
+
+
+def test_dmd_rewards_each_rollout_against_its_own_windows_audio(tmp_path, monkeypatch):
+    """The waveforms dmd hands teacher_batch for the reward are each window's own clip's: their
+    features equal that clip's encoded features."""
+    base = dmd_run_options(tmp_path, monkeypatch)
+    got, teacher_batch = [], train.teacher_batch
+    monkeypatch.setattr(train, "teacher_batch", lambda enc, *a: got.append((enc, a[-1] if len(a) == 6 else None))
+                        or teacher_batch(enc, *a))
+    train.main(["dmd", *base, "--steps", "1"])
+    enc, audios = next((e, a) for e, a in got if a is not None)
+    c = L.DiTConfig().audio_context
+    for e, a in zip(enc, audios):
+        assert_close(L.audio_frame_features(a, c), e.feats, 1e-4, "the waveform is its clip's")
+
+
+def test_sync_rewards_score_each_decoded_clip_against_its_own_audio():
+    """sync_rewards is the evaluation's Sync-C of each decoded clip against its own audio, clip by
+    clip: swapping the audio changes it."""
+    torch.manual_seed(0)
+    ae, net = L.VideoAE(L.AEConfig(width=8)).eval(), L.SyncNet(L.SyncNetConfig(width=4)).eval()
+    clips = [L.synthtalk_clip("train", i, 1.0, 32) for i in range(2)]
+    c = L.DiTConfig().audio_context
+    x, raw = [], []
+    for k in clips:
+        e = L.encode_clip(ae, k.frames, k.audio, c)
+        x0 = L.latent_window(e, 0, 6, 24, c)[0]
+        x.append(x0), raw.append(torch.from_numpy(k.audio[:21 * L.SAMPLES_PER_FRAME]))
+    x, raw = torch.stack(x), torch.stack(raw)
+    R = train.sync_rewards(net, ae, x, raw)
+    frames = L.tensor_to_frames(ae.decode(x)[0])
+    ref = [L.evaluate_sync(net, [f], [a.numpy()])["sync_c"] for f, a in zip(frames, raw)]
+    assert R.tolist() == pytest.approx(ref) and R[0] != R[1]
+    swapped = [L.evaluate_sync(net, [f], [a.numpy()])["sync_c"] for f, a in zip(frames, raw.flip(0))]
+    assert swapped != pytest.approx(ref)
+
+
+def test_eval_teacher_scores_the_composite_driven_by_each_tasks_audio(tmp_path, monkeypatch):
+    """eval-teacher drives each task with its own audio (recon: the clip's; dub: the second
+    speaker's), scores it against that audio and its mouth, and scores the output pasted into the
+    source frames (composite), as the tool writes it."""
+    nets = (L.VideoAE(L.AEConfig(width=8)), L.SyncNet(L.SyncNetConfig(width=4)).eval(), None, L.MouthNet(L.MouthNetConfig()))
+    monkeypatch.setattr(train, "load_foundation", lambda ckpt_dir, device="cpu": nets)
+    teacher = dmd_dit()
+    L.save_checkpoint(tmp_path / "t.safetensors", teacher, teacher.cfg)
+    clip = L.synthtalk_clip("test", 0, 1.4, 32)                                # 35 frames: one window, T = 33
+    clip.dub_frames = L.synthtalk_render("test", 0, clip.dub_mouth, 32)
+    monkeypatch.setattr(train, "graded_clips", lambda args: ([clip], "test", "test clips"))
+    feats, scored = [], []
+    monkeypatch.setattr(train, "teacher_generate", lambda model, ae, enc, T, scale, seed, device, cfg_schedule=None:
+                        feats.append(enc.feats) or np.zeros((33, 32, 32, 3), np.uint8))
+    monkeypatch.setattr(train, "clip_metrics", lambda frames, audio, mouth, gt, *nets:
+                        scored.append((frames, audio, mouth, gt)) or dict(sync_c=1.0, sync_d=1.0, mouth_err=0.1))
+    train.main(["eval-teacher", "--ckpt", str(tmp_path / "t.safetensors"), "--results", str(tmp_path), "--size", "32"])
+    c = teacher.cfg.audio_context
+    for f, audio in zip(feats, [clip.audio] * 2 + [clip.dub_audio] * 2):
+        assert torch.equal(f, L.audio_frame_features(audio, c))
+    gen = scored[-4:]                                                          # after the reference rows
+    assert [s[1] is a and s[2] is m for s, a, m in zip(gen, [clip.audio] * 2 + [clip.dub_audio] * 2,
+                                                        [clip.mouth] * 2 + [clip.dub_mouth] * 2)] == [True] * 4
+    for frames, *_ in gen:                                                     # the source's upper face, pasted
+        assert np.array_equal(frames, L.composite(clip.frames[:33], np.zeros_like(frames)))
+
+
+def test_dub_rows_score_mouth_err_against_the_dubs_mouth(monkeypatch):
+    """The dub rows' MouthErr (a student's and the dub's ground truth) is measured against the dub
+    track's mouth, not the clip's own."""
+    args = train.get_args(["eval-student", "--test-clips", "2", "--size", "32"])
+    monkeypatch.setattr(L, "synthtalk_pool", lambda split, n, seconds, size, workers=None:
+                        [L.synthtalk_clip(split, i, 1.0, size) for i in range(n)])
+    clips = train.test_pool(args, dub_truth=True)
+    monkeypatch.setattr(L, "lipsync", lambda model, ae, frames, audio, seed: next(
+        c.frames if audio is c.audio else c.dub_frames for c in clips if audio is c.audio or audio is c.dub_audio))
+    nets = L.SyncNet(L.SyncNetConfig(width=4)).eval(), L.MouthNet(L.MouthNetConfig()).eval()
+    rows = {}
+    for c in clips:
+        train.reference_rows(rows, L.VideoAE(L.AEConfig(width=8)), c, len(c.frames), *nets, "cpu")
+    train.student_rows(rows, "s", None, None, clips, *nets)
+    res = train.mean_rows(rows, len(clips))
+    ref = np.mean([L.mouth_error(nets[1], c.dub_frames, c.dub_mouth) for c in clips])
+    assert res["s, dub"]["mouth_err"] == pytest.approx(ref) and res["ground truth, dub"]["mouth_err"] == pytest.approx(ref)
+
+
+def test_stitch_keeps_each_windows_first_32_frames_and_the_last_windows_33():
+    """Consecutive 33-frame windows share a frame: stitch keeps frames 0..31 of each and all 33 of the last."""
+    S = 3
+    windows = np.arange(S * 33).reshape(S, 33, 1, 1, 1)                  # frame k of window s holds 33 s + k
+    out = train.stitch(windows)
+    assert out.shape[0] == 1 + 32 * S
+    assert out.ravel().tolist() == [33 * s + k for s in range(S - 1) for k in range(32)] + list(range(66, 99))
+
+
+def test_gt_ratio_se_is_the_delta_method_se_of_the_ratio_of_means():
+    """gt_ratio_se is the delta-method SE of mean(x) / mean(gt) over clips, which differs from the SE
+    of the per-clip ratios where the ground truth varies by clip."""
+    gt, x = np.array([10.0, 20.0, 15.0, 30.0]), np.array([5.0, 14.0, 6.0, 20.0])
+    metrics = lambda c: dict(sync_c=c, sync_d=1.0, mouth_err=0.1)
+    res = train.mean_rows({"ground truth": [metrics(g) for g in gt], "x": [metrics(v) for v in x]}, 4)
+    r = x.mean() / gt.mean()
+    assert res["x"]["gt_ratio_se"] == pytest.approx((x - r * gt).std(ddof=1) / 2 / gt.mean())
+    assert res["x"]["gt_ratio_se"] != pytest.approx((x / gt).std(ddof=1) / 2, rel=1e-3)     # not the per-clip ratio's SE
