@@ -4112,3 +4112,15 @@ def test_gt_ratio_se_is_the_delta_method_se_of_the_ratio_of_means():
     r = x.mean() / gt.mean()
     assert res["x"]["gt_ratio_se"] == pytest.approx((x - r * gt).std(ddof=1) / 2 / gt.mean())
     assert res["x"]["gt_ratio_se"] != pytest.approx((x / gt).std(ddof=1) / 2, rel=1e-3)     # not the per-clip ratio's SE
+
+
+def test_dit_train_flops_are_palms_6n_plus_12_l_n_d():
+    """The FLOPs behind MFU: per token of a training step, 6 N + 12 L n d (PaLM's count; backward is
+    twice the forward), with N the weights every token multiplies in the blocks (attention's qkv and
+    projection, the MLP) counted from the model itself, L its blocks, n the sequence, d the width."""
+    for kw in (TINY, L.DIT_PRESETS["tiny"]):
+        model, n = L.DiT(L.DiTConfig(**kw)), 9 * 16
+        per_token = [m.weight.numel() for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp[0], b.mlp[2])]
+        expected = 6 * sum(per_token) + 12 * model.cfg.depth * n * model.cfg.dim
+        assert train.dit_train_flops_per_token(model.cfg, n) == expected, kw
+
