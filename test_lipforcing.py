@@ -3837,13 +3837,15 @@ def test_hangup_leaves_no_output_and_no_temp_folder(tmp_path, ckpt):
 def test_a_signal_while_torch_loads_is_one_line_and_exit_130(tmp_path, name):
     """sample.py's imports take a second or so; a kill, a closed terminal or Ctrl-C in that second
     ends it as one later does (one line, exit code 130), not with an import traceback or a bare
-    -15. The imports are held still by a tqdm module on PYTHONPATH that waits until signalled."""
+    -15. The imports are held still by a tqdm module on PYTHONPATH that waits until signalled, in
+    10 ms naps: a signal that lands on one of torch's threads interrupts no nap of the main one,
+    which sees it at its next bytecode (a single 60 s sleep would hold it that long)."""
     import signal
     import time
     if not hasattr(signal, name):
         pytest.skip(f"no {name} on this platform")
     (tmp_path / "tqdm.py").write_text("import pathlib, time\n"
-                                     f"pathlib.Path({str(tmp_path / 'importing')!r}).touch()\ntime.sleep(60)\n")
+                                     f"pathlib.Path({str(tmp_path / 'importing')!r}).touch()\nfor _ in range(6000):\n    time.sleep(0.01)\n")
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py")], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     deadline = time.monotonic() + 60
