@@ -2315,6 +2315,115 @@ def test_analysis_writes_tidy_finite_csvs(tmp_path, monkeypatch):
     assert A.plot(str(tmp_path / "no_plots"), {}, []) is False and not (tmp_path / "no_plots").exists()
 
 
+def factorial_rows(j1s, cells):
+    """Factorial rows from {(s0, s1): [sync_c per j1]}."""
+    return [{"j1": j, "s0": s0, "s1": s1, "sync_c": c[k]} for k, j in enumerate(j1s) for (s0, s1), c in cells.items()]
+
+
+def test_landing_rule_weighs_both_mixed_orders():
+    """The landing step is the largest share over BOTH mixed schedules, s0 = 1 -> s1 = 4.5 and
+    s0 = 4.5 -> s1 = 1: when the CFG-jump-then-no-CFG order recovers more of the sync gap, it is the
+    one reported (a rule that only looked at the first order would miss it)."""
+    rows = factorial_rows([10, 20, 30], {(1.0, 1.0): [1.0, 1.0, 1.0], (4.5, 4.5): [3.0, 3.0, 3.0],
+                                (1.0, 4.5): [1.5, 1.6, 1.4], (4.5, 1.0): [1.2, 2.6, 1.8]})
+    A.add_gap_shares(rows)
+    j1, s0, s1, share, gap = A.best_landing(rows)
+    assert (j1, s0, s1) == (20, 4.5, 1.0) and math.isclose(share, 0.8) and math.isclose(gap, 2.0)
+
+
+def test_landing_rule_edges():
+    """Edges of the landing rule: a j1 where CFG syncs worse than no CFG has no share (nan, not a
+    sign-flipped ratio); a landing whose gap is exactly the floor (half its max) counts; a best share
+    of exactly 0 is no landing step; no gap anywhere (full CFG == no CFG) is None, not a crash."""
+    rows = factorial_rows([10, 20, 30], {(1.0, 1.0): [1.0, 1.0, 2.0], (4.5, 4.5): [3.0, 2.0, 1.0],
+                                (1.0, 4.5): [1.2, 1.9, 1.5], (4.5, 1.0): [1.0, 1.0, 1.5]})
+    A.add_gap_shares(rows)
+    assert all(math.isnan(r["sync_gap_share"]) for r in rows if r["j1"] == 30)     # CFG worse: no gap
+    assert A.best_landing(rows)[:3] == (20, 1.0, 4.5)        # gap 1.0 == 0.5 * max 2.0: in the running
+    for r in rows:
+        if r["s0"] != r["s1"]:
+            r["sync_c"] = 1.0 if r["j1"] != 30 else r["sync_c"]   # mixed = no CFG: share exactly 0
+    A.add_gap_shares(rows)
+    tr = [{"step": j, "scale": sc, "sync_c": 1.0} for j in range(3) for sc in (1.0, 4.5)]
+    assert A.best_landing(rows)[3] == 0
+    assert A.suggestions({"trajectory": tr, "factorial": rows}, 50)[1].startswith("landing step: none (no mixed")
+    flat = factorial_rows([10, 20], {(1.0, 1.0): [1.0, 1.0], (4.5, 4.5): [1.0, 1.0], (1.0, 4.5): [1.0, 1.0],
+                            (4.5, 1.0): [1.0, 1.0]})
+    A.add_gap_shares(flat)
+    assert A.best_landing(flat) is None
+
+
+def test_cfg_window_sign_bounds_and_text():
+    """The window is where CFG's Sync-C advantage over no CFG (CFG minus no-CFG, not the reverse) is
+    >= half its max, reaching the first and last step when they qualify (a value exactly at half
+    counts); the summary prints its steps and t range [t(last), t(first)]."""
+    assert A.cfg_window(np.array([2.0, 4.0, 2.0])) == (0, 2)
+    sync = {1.0: [1.0, 1.0, 1.0, 1.0, 1.0], 4.5: [1.0, 2.0, 3.0, 2.5, 1.2]}
+    tr = [{"step": j, "scale": s, "sync_c": sync[s][j]} for j in range(5) for s in (1.0, 4.5)]
+    rows = factorial_rows([10], {(1.0, 1.0): [1.0], (4.5, 4.5): [2.0], (1.0, 4.5): [1.5], (4.5, 1.0): [1.2]})
+    A.add_gap_shares(rows)
+    line = A.suggestions({"trajectory": tr, "factorial": rows}, 50)[0]
+    assert line.startswith("CFG window: ODE steps 1..3 of 50, "), line
+    assert f"t in [{L.ode_t(3, 50):.3f}, {L.ode_t(1, 50):.3f}]" in line, line
+
+
+def test_mean_se_is_the_standard_error_over_clips():
+    """mean_se: the mean over clips and its standard error, sample SD (ddof = 1) over sqrt(n)."""
+    r = A.mean_se([{m: v for m in A.METRICS} for v in (1.0, 2.0, 3.0, 6.0)])
+    assert r["n"] == 4
+    for m in A.METRICS:
+        assert math.isclose(r[m], 3.0)
+        assert math.isclose(r[f"{m}_se"], np.std([1.0, 2.0, 3.0, 6.0], ddof=1) / 2)
+
+
+def test_analysis_batch_noise_and_scores_are_per_clip():
+    """make_batch draws clip i's pure noise first and its re-noising noise second from seed i (the
+    noise eval-teacher samples clip i from); score stitches each clip's own windows (clip-major, S
+    per clip) and scores them alone, with mouth L1 in [0, 1] units."""
+    torch.manual_seed(0)
+    model = tiny_teacher("audio")
+    ae = L.VideoAE(L.AEConfig(width=8)).eval()
+    net = L.SyncNet(L.SyncNetConfig(width=4)).eval()
+    clips = [L.synthtalk_clip("test", i, 2.6) for i in range(2)]
+    b = A.make_batch(model, ae, clips, "cpu")
+    S = len(b.noise) // 2
+    assert S == 2
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        shape = b.noise[i * S:(i + 1) * S].shape
+        assert torch.equal(b.noise[i * S:(i + 1) * S], torch.randn(shape, generator=g))
+        assert torch.equal(b.fresh[i * S:(i + 1) * S], torch.randn(shape, generator=g))
+    z = torch.randn(b.noise.shape, generator=torch.Generator().manual_seed(5))
+    both = A.score(z, ae, net, clips)
+    for i in range(2):
+        alone = A.score(z[i * S:(i + 1) * S], ae, net, [clips[i]])[0]
+        assert both[i] == pytest.approx(alone, rel=1e-5, abs=1e-6), i
+        assert 0 <= both[i]["mouth_l1"] <= 1
+
+
+def test_analysis_csv_labels_t_and_nfe(tmp_path):
+    """The CSVs label each row with the t of its step in the --steps ODE (not the 50-step one), the
+    ODE endpoints with NFE = steps without CFG and 2 steps with it, and the two-step endpoint as the
+    no-CFG (scale 1) 2-NFE schedule; the default landing steps are 1, 2, 4, .., steps - 1."""
+    assert A.get_args(["--out", str(tmp_path / "x"), "--steps", "10"]).landing_steps == [1, 2, 4, 6, 8, 9]
+    torch.manual_seed(0)
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    L.save_checkpoint(tmp_path / "syncnet_eval.safetensors", L.SyncNet(L.SyncNetConfig(width=4)), L.SyncNetConfig(width=4))
+    m = tiny_teacher("audio")
+    L.save_checkpoint(tmp_path / "teacher.safetensors", m, m.cfg)
+    out, steps = tmp_path / "out", 3
+    A.main(["--ckpt-dir", str(tmp_path), "--out", str(out), "--clips", "1", "--seconds", "1.32",
+            "--steps", str(steps), "--landing-steps", "1", "2", "--device", "cpu"])
+    read = lambda part: list(csv.DictReader(open(out / f"{part}.csv")))
+    for r in read("trajectory"):
+        assert math.isclose(float(r["t"]), L.ode_t(int(r["step"]), steps), rel_tol=1e-5)
+    for r in read("factorial"):
+        assert math.isclose(float(r["t"]), L.ode_t(int(r["j1"]), steps), rel_tol=1e-5)
+    ends = {(r["schedule"], float(r["scale"])): int(r["nfe"]) for r in read("endpoints")}
+    assert ends == {**{(f"{steps}-step ODE", s): steps * (1 if s == 1 else 2) for s in A.ENDPOINT_SCALES},
+                    (A.TWO_STEP, 1.0): 2}
+
+
 # -----------------------------------------------------------------------------
 # distillation: Self-Forcing rollout, Sync-Window DMD, SyncNet reward
 
