@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from types import SimpleNamespace
 
 import imageio_ffmpeg
@@ -3982,6 +3984,182 @@ def test_folder_pool_reads_subfolders_and_skips_hidden_files(tmp_path):
     pool = L.folder_pool(tmp_path, 32, progress=False)
     assert [clip.name for clip in pool] == ["clip", "spk1/00002", "spk2/vid/00001"]
     assert all(np.array_equal(clip.frames, pool[0].frames) for clip in pool)
+
+
+# -----------------------------------------------------------------------------
+# sample.py: the numbers it reports and the files it writes
+
+
+def test_stream_mp4_carries_the_streamed_audio_at_an_odd_size(tmp_path, capsysbinary, ckpt, monkeypatch):
+    """--stream to an mp4 muxes the PCM it was driven by (not silence), one frame per 640 samples,
+    and at an odd frame size (a 39x45 still image, padded to even for H.264 as write_video pads)
+    holds the same frames as --out - does, up to H.264: ffmpeg is told the padded size."""
+    ffmpeg("-f", "lavfi", "-i", "color=c=0x806040:s=39x45", "-frames:v", "1", tmp_path / "face.png")   # odd: no mp4 holds it
+    assert L.read_video(tmp_path / "face.png")[0].shape == (1, 45, 39, 3)
+    n = 22 * SAMPLES_PER_FRAME
+    sf.write(tmp_path / "a.wav", tone(n / SAMPLE_RATE, SAMPLE_RATE, 440.0), SAMPLE_RATE, subtype="PCM_16")
+    outs = {}
+    for out in (tmp_path / "live" / "o.mp4", "-"):
+        monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(pcm(tmp_path / "a.wav"))))
+        code, outs[str(out)], err = run(["--stream", "--video", tmp_path / "face.png", "--audio", "-", "--out", out, *ckpt],
+                                        capsysbinary)
+        assert code == 0, err
+    raw = np.frombuffer(outs["-"], np.uint8).reshape(-1, 45, 39, 3)
+    got = L.read_video(tmp_path / "live" / "o.mp4")[0]
+    assert len(raw) == 22 and got.shape == (22, 46, 40, 3)
+    assert np.abs(got[:, :45, :39].astype(int) - raw).mean() < 3
+    heard, muxed = L.read_audio(tmp_path / "a.wav"), L.read_audio(tmp_path / "live" / "o.mp4")
+    assert len(muxed) == n and np.corrcoef(heard, muxed)[0, 1] > 0.99
+
+
+def fake_clock(monkeypatch):
+    """sample.py's clock made to advance only with the models' work: one second per DiT forward
+    pass and one per frame decoded. The timings it reports become exact counts of work."""
+    now = [0.0]
+    monkeypatch.setattr(sample, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=time.monotonic,
+                                                        sleep=time.sleep))
+    forward, decode = L.DiT.forward, L.VideoAE.decode
+
+    def ticked_forward(*a, **kw):
+        now[0] += 1.0
+        return forward(*a, **kw)
+
+    def ticked_decode(*a, **kw):
+        out = decode(*a, **kw)
+        now[0] += out[0].shape[1]                        # (B, frames, 3, H, W)
+        return out
+    monkeypatch.setattr(L.DiT, "forward", ticked_forward)
+    monkeypatch.setattr(L.VideoAE, "decode", ticked_decode)
+
+
+def test_benchmark_arithmetic(tmp_path, capsys, ckpt, monkeypatch):
+    """The benchmark's numbers are the quantities they are named for, checked on a clock that
+    advances only with DiT passes and decoded frames: with 2.6 s (65 frames, two teacher windows)
+    the teacher counts 32 + 33 = 65 frames (not 66); the student's compute TTFF is its first chunk
+    (9 frames, less than the median 12-frame chunk), the teacher's its first window alone (half its
+    time); 'DiT only' excludes decoding (faster than end to end); the throughput ratio is student
+    FPS / teacher FPS; and the teacher waits for 33 - 9 = 24 frames (960 ms) more input than the
+    student."""
+    fake_clock(monkeypatch)
+    monkeypatch.setitem(sample.MODE_DEFAULTS, "teacher", str(tmp_path / "none.safetensors"))
+    code, _, err = run(["--benchmark", *ckpt, "--seconds", "2.6", "--results", tmp_path], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "benchmark.json").read_text())
+    s, t = res["student"], res["teacher"]
+    assert s["frames"] == t["frames"] == 65
+    assert s["ttff_compute_ms"] < s["chunk_p50_ms"]              # the first chunk, 9 frames, not a 12-frame one
+    assert t["ttff_compute_ms"] == pytest.approx(1000 * t["frames"] / t["fps"] / 2)
+    assert s["dit_fps"] > s["fps"] and t["dit_fps"] > t["fps"]
+    assert res["throughput_ratio"] == pytest.approx(s["fps"] / t["fps"])
+    assert t["input_wait_ms"] - s["input_wait_ms"] == pytest.approx(1000 * 24 * SAMPLES_PER_FRAME / SAMPLE_RATE)
+
+
+def test_demo_writes_the_dub_audio_and_scores_each_clip_against_its_own(tmp_path, capsys, ckpt, monkeypatch):
+    """The demo's mp4 carries the dub audio (the voice the lips were made for, not the source's),
+    Sync-C scores the dubbed frames against the dub audio and the source frames against their own
+    audio, and its compute TTFF is the first chunk's time (9 + 12 + 4 frames, the last decoded as 12:
+    under half the run on a clock that advances only with the DiT and the decoder), not the whole run's."""
+    fake_clock(monkeypatch)
+    syncnet = os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors")
+    scored, sync_c = [], sample.sync_c
+    monkeypatch.setattr(sample, "sync_c", lambda net, frames, audio: scored.append(audio) or sync_c(net, frames, audio))
+    code, out, err = run([*ckpt, "--seconds", "1", "--syncnet", syncnet, "--out", tmp_path / "demo.mp4"], capsys)
+    assert code == 0, err
+    clip = L.synthtalk_clip("test", 0, 1.0, 32)
+    muxed = L.read_audio(tmp_path / "demo.mp4")[:len(clip.dub_audio)]
+    assert np.corrcoef(muxed, clip.dub_audio)[0, 1] > 0.9 > np.corrcoef(muxed, clip.audio)[0, 1]
+    assert len(scored) == 2 and np.array_equal(scored[0], clip.dub_audio) and np.array_equal(scored[1], clip.audio)
+    fps = float(out.split(" FPS")[0].split()[-1])
+    ttff = float(out.split("compute TTFF ")[1].split(" ms")[0])
+    assert ttff < 0.5 * 1000 * 25 / fps
+
+
+def test_long_stream_scores_the_first_and_last_30_seconds(tmp_path, capsys, ckpt, monkeypatch):
+    """--long-stream 31 (775 frames) keeps only the first and the last 30 s (750 frames) of output:
+    Sync-C scores frames 0-749 against the dub audio from its start and frames 25-774 against the
+    audio from frame 25 on (in sync with them), and the memory row 'at 20 s' is read at 20 s of
+    output (500 frames, within one 12-frame chunk), not at the first chunk."""
+    syncnet = os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors")
+    made, scored, dub, sync_c = [], [], sample.dub, sample.sync_c
+    monkeypatch.setattr(sample, "dub", lambda *a: (made.append(f) or f for f in dub(*a)))
+    monkeypatch.setattr(sample, "sync_c", lambda net, frames, audio: scored.append((frames, audio)) or 0.0)
+    code, out, err = run(["--long-stream", "31", *ckpt, "--syncnet", syncnet, "--results", tmp_path], capsys)
+    assert code == 0, err
+    made = np.concatenate(made)
+    dub_audio = L.synthtalk_clip("test", 0, 31.0, 32).dub_audio
+    (first, a_first), (last, a_last) = scored
+    assert len(made) == 775 and len(first) == len(last) == 750
+    assert np.array_equal(first, made[:750]) and np.array_equal(last, made[-750:])
+    assert np.array_equal(a_first, dub_audio) and np.array_equal(a_last, dub_audio[25 * SAMPLES_PER_FRAME:])
+    res = json.loads((tmp_path / "long_stream.json").read_text())
+    assert 500 <= res["memory"]["20s"]["frames"] < 512
+
+
+def test_stream_reads_a_file_while_it_grows(tmp_path):
+    """A raw PCM file still being written (a pause of 0.3 s, under GROW_IDLE, between its halves)
+    is read to its end, not ended at the first read that finds nothing new."""
+    path = tmp_path / "grow.pcm"
+    samples = (np.arange(8000) % 2000 - 1000).astype("<i2")
+    path.write_bytes(samples[:4000].tobytes())
+
+    def rest():
+        time.sleep(0.3)
+        with open(path, "ab") as f:
+            f.write(samples[4000:].tobytes())
+    threading.Thread(target=rest).start()
+    got = np.concatenate(list(sample.pcm_pieces(str(path))))
+    assert np.array_equal(got * 32768, samples)
+
+
+def test_the_model_sees_the_source_looped_ping_pong(tmp_path, capsys, ckpt, monkeypatch):
+    """The frames pushed into the student follow the same ping-pong order as the frames its output
+    is pasted into (0 1 2 3 4 3 2 1 0 ...), not a plain loop (0 1 2 3 4 0 1 ...)."""
+    src = face_video(tmp_path / "v.mp4", 5)
+    speech(tmp_path / "a.wav", 13)
+    pushed, push = [], L.LipSyncStream.push
+    monkeypatch.setattr(L.LipSyncStream, "push", lambda self, frames=(), audio=None:
+                        (pushed.extend(frames), push(self, frames, audio))[1])
+    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
+                        *ckpt], capsys)
+    assert code == 0, err
+    level = lambda f: float(f[:f.shape[0] // 4].mean())
+    shown = [int(np.argmin([abs(level(p) - level(s)) for s in src])) for p in pushed]
+    assert shown == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+
+
+class SlowPipe(Trickle):
+    """A pipe whose audio arrives at 2x real time: 320 samples (20 ms) every 10 ms."""
+    def read1(self, n):
+        time.sleep(0.01)
+        b, self.pos = self.data[self.pos:self.pos + 640], self.pos + 640
+        return b
+
+
+def test_stream_ttff_counts_from_the_first_sample(tmp_path, capsysbinary, ckpt, monkeypatch):
+    """--stream's TTFF runs from the first audio sample read to the first frame written: with the
+    audio arriving at 2x real time the first chunk's 7160 samples (9 frames, 2 of context, 120)
+    take 23 reads of 10 ms, so the TTFF it prints is at least 220 ms, whatever the compute."""
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 12)
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=SlowPipe(pcm(tmp_path / "a.wav"))))
+    code, _, err = run(["--stream", "--video", tmp_path / "v.mp4", "--audio", "-", "--out", "-", *ckpt], capsysbinary)
+    assert code == 0, err
+    ttff = int(err.decode().split("TTFF ")[1].split(" ms")[0])
+    assert ttff >= 220, ttff
+
+
+def test_default_output_name_and_upper_case_extension(tmp_path, capsys, ckpt, monkeypatch):
+    """Without --out, files mode writes out/<video name>-lipsync.mp4 in the current folder; an
+    --out with an upper-case extension (X.MP4, as cameras name files) is an mp4 too."""
+    monkeypatch.chdir(tmp_path)
+    face_video(tmp_path / "face.mp4", 3)
+    speech(tmp_path / "a.wav", 3)
+    code, _, err = run(["--video", "face.mp4", "--audio", "a.wav", *ckpt], capsys)
+    assert code == 0, err
+    assert os.listdir(tmp_path / "out") == ["face-lipsync.mp4"]
+    code, _, err = run(["--video", "face.mp4", "--audio", "a.wav", "--out", "X.MP4", *ckpt], capsys)
+    assert code == 0, err
+    assert len(L.read_video(tmp_path / "X.MP4")[0]) == 3
 
 
 # -----------------------------------------------------------------------------
