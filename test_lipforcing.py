@@ -2276,17 +2276,23 @@ def test_window_and_landing_rules():
     assert A.suggestions({"trajectory": tr, "factorial": rows}, 50)[1].startswith("landing step: none (no mixed")
 
 
+def analysis_checkpoints(ckpt_dir, teachers):
+    """What analyze.py reads from --ckpt-dir, tiny: an autoencoder, the eval SyncNet and a teacher
+    per {name: drop mode}, drawn from seed 0."""
+    torch.manual_seed(0)
+    L.save_checkpoint(ckpt_dir / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    L.save_checkpoint(ckpt_dir / "syncnet_eval.safetensors", L.SyncNet(L.SyncNetConfig(width=4)), L.SyncNetConfig(width=4))
+    for name, mode in teachers.items():
+        m = tiny_teacher(mode)
+        L.save_checkpoint(ckpt_dir / f"{name}.safetensors", m, m.cfg)
+
+
 def test_analysis_writes_tidy_finite_csvs(tmp_path, monkeypatch):
     """analyze.main on tiny models (a teacher per drop mode, found by default in --ckpt-dir) writes
     one tidy CSV per part with the documented columns, one row per (teacher, scale, step), per
     (teacher, s0, s1, j1) and per (teacher, endpoint), every mean and SE finite, both modes labelled;
     without matplotlib the plots are skipped, not crashed."""
-    torch.manual_seed(0)
-    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
-    L.save_checkpoint(tmp_path / "syncnet_eval.safetensors", L.SyncNet(L.SyncNetConfig(width=4)), L.SyncNetConfig(width=4))
-    for name, mode in (("teacher", "audio"), ("teacher_all", "all")):
-        m = tiny_teacher(mode)
-        L.save_checkpoint(tmp_path / f"{name}.safetensors", m, m.cfg)
+    analysis_checkpoints(tmp_path, {"teacher": "audio", "teacher_all": "all"})
     out = tmp_path / "out"
     steps, landing = 4, [1, 3]
     A.main(["--ckpt-dir", str(tmp_path), "--out", str(out), "--clips", "2", "--seconds", "1.32",
@@ -2408,11 +2414,7 @@ def test_analysis_csv_labels_t_and_nfe(tmp_path):
     ODE endpoints with NFE = steps without CFG and 2 steps with it, and the two-step endpoint as the
     no-CFG (scale 1) 2-NFE schedule; the default landing steps are 1, 2, 4, .., steps - 1."""
     assert A.get_args(["--out", str(tmp_path / "x"), "--steps", "10"]).landing_steps == [1, 2, 4, 6, 8, 9]
-    torch.manual_seed(0)
-    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
-    L.save_checkpoint(tmp_path / "syncnet_eval.safetensors", L.SyncNet(L.SyncNetConfig(width=4)), L.SyncNetConfig(width=4))
-    m = tiny_teacher("audio")
-    L.save_checkpoint(tmp_path / "teacher.safetensors", m, m.cfg)
+    analysis_checkpoints(tmp_path, {"teacher": "audio"})
     out, steps = tmp_path / "out", 3
     A.main(["--ckpt-dir", str(tmp_path), "--out", str(out), "--clips", "1", "--seconds", "1.32",
             "--steps", str(steps), "--landing-steps", "1", "2", "--device", "cpu"])
@@ -4277,11 +4279,7 @@ def test_df_noise_draws_a_level_per_sample_and_chunk():
 def test_df_draws_its_kv_cache_shape_per_step_from_df_caches(tmp_path, monkeypatch):
     """Each df step builds its KV cache with the (window, sink) drawn for that step from DF_CACHES,
     and the draw varies over steps, as the paper trained."""
-    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    teacher = dmd_dit()
-    L.save_checkpoint(tmp_path / "teacher.safetensors", teacher, teacher.cfg)
-    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig(width=8)), L.AEConfig(width=8))
+    dmd_run_options(tmp_path, monkeypatch)                             # a tiny teacher and autoencoder
     asked, made = [], []
     df_loss, KV = train.df_loss, L.KVCache
     monkeypatch.setattr(train, "df_loss", lambda *a: asked.append(a[6:8]) or df_loss(*a))
