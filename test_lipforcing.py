@@ -4411,3 +4411,55 @@ def test_dit_train_flops_are_palms_6n_plus_12_l_n_d():
         expected = 6 * sum(per_token) + 12 * model.cfg.depth * n * model.cfg.dim
         assert train.dit_train_flops_per_token(model.cfg, n) == expected, kw
 
+
+
+# -----------------------------------------------------------------------------
+# README: its commands name options the scripts take
+
+README_SCRIPTS = {"train": (train.get_args, train.check_options), "sample": (sample.get_args, sample.check_args),
+                  "analyze": (A.get_args, lambda args: None)}     # analyze's get_args checks its own options
+
+
+def readme_commands(text):
+    """Every `python train.py|sample.py|analyze.py ...` (or torchrun ... train.py) in README's bash
+    blocks, as (script, argv, processes): continued lines joined, comments dropped, a block's own
+    VAR="..." expanded, the usage brackets of optional options removed, placeholder values (a lone
+    capital: --seed S) given 1. Lines with "..." stand for commands, not one, and are left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        block = block.replace("\\\n", " ")
+        env = dict(m.groups() for m in re.finditer(r'\b([A-Z_]+)="([^"]*)"', block))
+        for line in block.splitlines():
+            line = re.sub(r"(^|\s)#.*", "", line)
+            for part in re.split(r"&&|\|\||;|\|", line):
+                m = re.search(r"(?:python|torchrun(.*?))\s+(train|sample|analyze)\.py\b(.*)", part)
+                if m is None or "..." in part:
+                    continue
+                rest = re.sub(r"\$(\w+)", lambda v: env[v.group(1)], m.group(3)).replace("[", "").replace("]", "")
+                argv = [re.sub(r"^[A-Z]$", "1", word) for word in rest.split()]
+                procs = re.search(r"--nproc_per_node[= ](\d+)", m.group(1) or "")
+                commands.append((m.group(2), argv, int(procs.group(1)) if procs else 1))
+    return commands
+
+
+def test_every_readme_command_parses_and_passes_its_scripts_option_checks(monkeypatch):
+    """Each command README shows (160-odd: results tables, reproduction, usage) is taken by its script's
+    parser and by the checks it runs before any work (train.py's check_options, sample.py's check_args,
+    analyze.py's get_args), under torchrun with its --nproc_per_node processes: an option renamed,
+    removed or given a new rule fails here, not in a reader's shell. Files, devices and folders are
+    not looked at (the checkpoints many commands name are not committed)."""
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("file_problem", "device_problem", "folder_problem", "check_file"):
+        monkeypatch.setattr(L, name, lambda *a, **k: None)
+    with open("README.md") as f:
+        commands = readme_commands(f.read())
+    assert len(commands) > 150 and {s for s, _, _ in commands} == set(README_SCRIPTS)
+    refused = []
+    for script, argv, procs in commands:
+        monkeypatch.setenv("WORLD_SIZE", str(procs))
+        parse, check = README_SCRIPTS[script]
+        try:
+            check(parse(argv))
+        except SystemExit:
+            refused.append(f"{script}.py {' '.join(argv)}")
+    assert not refused, refused
