@@ -1058,7 +1058,8 @@ class Attention(nn.Module):
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block (DiT): shift/scale/gate for attention and MLP from the frame's timestep
-    embedding; the modulation is zero-initialised, so a fresh block is the identity."""
+    embedding; DiT.initialize_weights zeroes the modulation (and the audio projection), so each
+    block of a fresh DiT is the identity."""
     def __init__(self, cfg, audio):
         super().__init__()
         d = cfg.dim
@@ -1124,7 +1125,7 @@ class DiT(nn.Module):
         p = self.cfg.patch
         h, w = H // p, W // p
         tok = torch.cat([x, cond], 2).view(B, Fr, -1, h, p, w, p)
-        tok = tok.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, h * w, -1)              # (B, F, N, Cpp)
+        tok = tok.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, h * w, -1)              # (B, F, N, (C + cond) p p)
         tok = self.patch_in(tok)                                                      # (B, F, N, D)
         if mask is None and cache is None and self.cfg.causal:
             mask = block_causal_mask(Fr, h * w, self.cfg.chunk, x.device)              # (F N, F N)
@@ -1153,7 +1154,7 @@ class DiT(nn.Module):
             cache.update = False
         with torch.autocast(tok.device.type, enabled=False):     # the output layer in fp32, as Wan's head:
             shift, scale = self.ada_out(c.to(tok.dtype))[:, :, None, :].chunk(2, -1)   # CFG amplifies its rounding
-            out = self.patch_out(modulate(self.norm_out(tok), shift, scale))          # (B, F, N, Cpp)
+            out = self.patch_out(modulate(self.norm_out(tok), shift, scale))          # (B, F, N, C p p)
         out = out.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, Fr, C, H, W)
 
@@ -1439,10 +1440,10 @@ def latent_window(enc, start, n_latent, ref, context):
 # -----------------------------------------------------------------------------
 # 8. SyncNet ("Out of time", Chung & Zisserman 2016), the sync metrics, and MouthNet
 #
-# The metric's algorithm is syncnet_python's (sync_scores); the network reads what the DiT reads,
-# the 40-band log-mel of section 2 (centred 25 ms windows, 4 per video frame), where the published
-# SyncNet reads 13 MFCCs of uncentred windows. Its Sync-C is on its own scale: compare it to the
-# ground truth's (x GT), not to published numbers.
+# The metric's algorithm is syncnet_python's (sync_scores). The network reads the 40-band log-mel
+# of section 2 (centred 25 ms windows, 4 per video frame), as the DiT does, but without the DiT's
+# MEL_MEAN / MEL_STD normalisation; the published SyncNet reads 13 MFCCs of uncentred windows. Its
+# Sync-C is on its own scale: compare it to the ground truth's (x GT), not to published numbers.
 
 
 def lower_face(x, size=(32, 64)):
