@@ -4422,11 +4422,13 @@ README_SCRIPTS = {"train": (train.get_args, train.check_options), "sample": (sam
 
 def readme_commands(text):
     """Every `python train.py|sample.py|analyze.py ...` (or torchrun ... train.py) in README's bash
-    blocks, as (script, argv, processes): continued lines joined, comments dropped, a block's own
-    VAR="..." expanded, the usage brackets of optional options removed, placeholder values (a lone
-    capital: --seed S) given 1. Lines with "..." stand for commands, not one, and are left out."""
+    blocks and inline code, as (script, argv, processes): continued lines joined, comments dropped, a
+    block's own VAR="..." expanded, the usage brackets of optional options removed, placeholder values
+    (a lone capital: --seed S) given 1. Lines with "..." stand for commands, not one, and are left out."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    inline = re.findall(r"`((?:python|torchrun)\s[^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in blocks + [span.replace("\n", " ") for span in inline]:
         block = block.replace("\\\n", " ")
         env = dict(m.groups() for m in re.finditer(r'\b([A-Z_]+)="([^"]*)"', block))
         for line in block.splitlines():
@@ -4443,7 +4445,7 @@ def readme_commands(text):
 
 
 def test_every_readme_command_parses_and_passes_its_scripts_option_checks(monkeypatch):
-    """Each command README shows (160-odd: results tables, reproduction, usage) is taken by its script's
+    """Each command README shows (190-odd: results tables, reproduction, usage) is taken by its script's
     parser and by the checks it runs before any work (train.py's check_options, sample.py's check_args,
     analyze.py's get_args), under torchrun with its --nproc_per_node processes: an option renamed,
     removed or given a new rule fails here, not in a reader's shell. Files, devices and folders are
@@ -4453,7 +4455,7 @@ def test_every_readme_command_parses_and_passes_its_scripts_option_checks(monkey
         monkeypatch.setattr(L, name, lambda *a, **k: None)
     with open("README.md") as f:
         commands = readme_commands(f.read())
-    assert len(commands) > 150 and {s for s, _, _ in commands} == set(README_SCRIPTS)
+    assert len(commands) > 180 and {s for s, _, _ in commands} == set(README_SCRIPTS)
     refused = []
     for script, argv, procs in commands:
         monkeypatch.setenv("WORLD_SIZE", str(procs))
