@@ -907,10 +907,20 @@ DIT_PRESETS = {
 DIT_PATCHES = (1, 2)      # spatial patches a --size that is a multiple of FRAME_MULTIPLE allows (2 is Wan's, the default)
 
 
-def preset_config(name, depth=None, patch=None, **kw):
-    """DiTConfig of the DIT_PRESETS shape `name`, its depth and patch overridden where given
-    (--depth, --patch), other fields from kw."""
-    preset = DIT_PRESETS[name]
+FFN_MULTIPLE = 32         # a --dim's FFN width is rounded up to a multiple of this
+
+
+def preset_config(name, depth=None, patch=None, dim=None, **kw):
+    """DiTConfig of the DIT_PRESETS shape `name`, its depth, patch and width overridden where given
+    (--depth, --patch, --dim), other fields from kw. Another width keeps the preset's head width and
+    FFN ratio (tiny at 256: 8 heads of 32, FFN 704); ValueError if it is not a whole number of heads."""
+    preset = dict(DIT_PRESETS[name])
+    if dim is not None:
+        head = preset["dim"] // preset["heads"]
+        if dim % head:
+            raise ValueError(f"--dim {dim}: the {name} preset's heads are {head} wide; pass a multiple of {head}")
+        ffn = math.ceil(dim * preset["ffn"] / preset["dim"] / FFN_MULTIPLE) * FFN_MULTIPLE
+        preset.update(dim=dim, heads=dim // head, ffn=ffn)
     return DiTConfig(**{**preset, "depth": depth or preset["depth"]}, patch=patch or DiTConfig.patch, **kw)
 
 

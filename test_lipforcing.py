@@ -1229,22 +1229,37 @@ def test_teacher_step_draws_shifted_times_and_drops_the_audio_at_the_cfg_rate(tm
 
 
 def test_teacher_shape_options_reach_its_checkpoint(tmp_path, monkeypatch):
-    """`train.py teacher --patch 1 --depth 2 --cfg-drop 0.25 --audio-adaln` trains and saves a DiT of
-    1x1 patches (64 tokens per 8x8 latent frame) and 2 blocks trained with that CFG dropout and the
-    audio in its modulation, its config in the checkpoint; without them the preset's shape, Wan's
-    2x2 patches, the config's dropout and the audio in the tokens only."""
+    """`train.py teacher --patch 1 --depth 2 --dim 64 --cfg-drop 0.25 --audio-adaln` trains and saves a
+    DiT of 1x1 patches (64 tokens per 8x8 latent frame), 2 blocks and width 64 (2 heads of the preset's
+    32, FFN 192) trained with that CFG dropout and the audio in its modulation, its config in the
+    checkpoint; without them the preset's shape, Wan's 2x2 patches, the config's dropout and the
+    audio in the tokens only."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "1",
-                "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2", "--cfg-drop", "0.25", "--audio-adaln"])
+                "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2", "--dim", "64", "--cfg-drop", "0.25",
+                "--audio-adaln"])
     model, cfg, _ = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)
     assert cfg.patch == 1 and model.patch_in.in_features == cfg.latent_channels + cfg.cond_channels
-    assert cfg.depth == 2 and len(model.blocks) == 2 and cfg.dim == L.DIT_PRESETS["tiny"]["dim"]
+    assert cfg.depth == 2 and len(model.blocks) == 2
+    assert (cfg.dim, cfg.heads, cfg.ffn) == (64, 2, 192) and model.blocks[0].mlp[0].weight.shape == (192, 64)
     assert cfg.cfg_drop == 0.25 and cfg.audio_adaln
     args = train.get_args(["teacher"])
-    assert args.patch is None and L.DiTConfig().patch == 2 and args.depth is None
+    assert args.patch is None and L.DiTConfig().patch == 2 and args.depth is None and args.dim is None
     assert args.cfg_drop == L.DiTConfig().cfg_drop == 0.1
     assert not args.audio_adaln and not L.DiTConfig().audio_adaln
+
+
+def test_preset_config_dim_keeps_the_presets_head_width_and_ffn_ratio():
+    """--dim changes a preset's width only: heads of the preset's width (tiny 32, wan1.3b 128) and its
+    FFN ratio rounded up to a multiple of 32; the preset's own width gives the preset."""
+    shape = lambda cfg: (cfg.dim, cfg.heads, cfg.ffn, cfg.depth)
+    assert shape(L.preset_config("tiny", dim=192)) == shape(L.preset_config("tiny")) == (192, 6, 512, 6)
+    assert shape(L.preset_config("tiny", dim=256)) == (256, 8, 704, 6)           # 256 x 512 / 192 = 682.7
+    assert shape(L.preset_config("tiny", dim=320, depth=3)) == (320, 10, 864, 3)
+    assert shape(L.preset_config("wan1.3b", dim=1024)) == (1024, 8, 5984, 30)    # 1024 x 8960 / 1536 = 5973.3
+    with pytest.raises(ValueError, match="heads are 128 wide"):
+        L.preset_config("wan1.3b", dim=1000)
 
 
 def test_ssim_matches_a_direct_computation():
@@ -3274,6 +3289,8 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["export", "--lr", "1"], "--lr does nothing in export"),
     (["pipeline", "--seed", "3"], "--seed does nothing in pipeline"),
     (["df", "--depth", "2"], "--depth does nothing in df"),
+    (["dmd", "--dim", "256"], "--dim does nothing in dmd"),
+    (["teacher", "--dim", "100"], "--dim 100: the tiny preset's heads are 32 wide; pass a multiple of 32"),
     (["teacher", "--data", "d", "--clips", "4"], "--clips sizes a SynthTalk pool; --data d trains on every clip"),
     (["vae", "--state", "."], "--state . is a folder"),
     (["vae", "--state", "checkpoints/vae.safetensors"], "is a model checkpoint, which a run would overwrite"),

@@ -110,6 +110,9 @@ def get_args(argv=None):
                    help=f"the DiT's spatial patch (teacher; df and dmd inherit it; default {L.DiTConfig.patch})")
     p.add_argument("--depth", type=L.positive_int, default=None,
                    help="the DiT's blocks, over the preset's (teacher; df and dmd inherit it)")
+    p.add_argument("--dim", type=L.positive_int, default=None,
+                   help="the DiT's width, over the preset's, with its head width and FFN ratio "
+                        "(teacher; df and dmd inherit it)")
     p.add_argument("--mouth-weight", type=L.nonnegative_float, default=MOUTH_WEIGHT,
                    help="the flow-matching losses (teacher, df, the dmd critic) add this times their error over "
                         f"the mouth box (default {MOUTH_WEIGHT:g}; 0: the plain loss)")
@@ -479,7 +482,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     return losses
 
 
-RUN_SHAPE = ("size", "preset", "depth", "patch", "audio_adaln")       # a resumed run must keep these
+RUN_SHAPE = ("size", "preset", "depth", "dim", "patch", "audio_adaln")       # a resumed run must keep these
 RUN_OPTIONS = (*RUN_SHAPE, "data", "clips", "seconds", "batch", "latent_frames", "mouth_weight", "steps", "lr", "seed",
                "init", "teacher", "drop_mode", "cfg_drop", "teacher_cfg", "cfg_scale", "beta", "reward_scale",
                "critic_lr", "critic_steps")
@@ -628,7 +631,7 @@ def load_train_state(path, model, ema, opt, rng, device="cpu"):
         model.load_state_dict(sub("model."))
         if ema is not None:
             ema.load_state_dict(sub("ema."))
-    except RuntimeError as e:                      # another --preset, --depth, --patch, ..., or another stage's file
+    except RuntimeError as e:                      # another --preset, --depth, --dim, ..., or another stage's file
         raise L.CheckpointError(f"{path} holds a run of another model ({L.first_line(e)}): resume with the options "
                                 "it started with, or leave out --resume to start over") from None
     for i, p in enumerate(model.parameters()):
@@ -965,7 +968,7 @@ def train_teacher(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    cfg = L.preset_config(args.preset, args.depth, args.patch, drop_mode=args.drop_mode, cfg_drop=args.cfg_drop,
+    cfg = L.preset_config(args.preset, args.depth, args.patch, args.dim, drop_mode=args.drop_mode, cfg_drop=args.cfg_drop,
                           audio_adaln=args.audio_adaln, seed=seed)
     n_latent, batch = args.latent_frames or 9, args.batch or STAGE_BATCH["teacher"]
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
@@ -1709,8 +1712,8 @@ def print_foundation_table(r):
 
 
 # what foundation and pipeline pass on to every stage they run
-SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "depth", "clips", "seconds",
-                  "steps", "batch", "test_clips", "mouth_weight", "log_every", "cfg_drop", "drop_mode", "threads")
+SHARED_OPTIONS = ("ckpt_dir", "results", "device", "size", "data", "preset", "patch", "depth", "dim", "clips",
+                  "seconds", "steps", "batch", "test_clips", "mouth_weight", "log_every", "cfg_drop", "drop_mode", "threads")
 
 
 def option(name):
@@ -1805,7 +1808,7 @@ TRAINING_STAGES = DISTRIBUTED_STAGES                                            
 # (Not --role, --drop-mode, --cfg-drop, --mouth-weight, --preset and --test-clips: they have values
 # by default, pipeline passes --mouth-weight to every stage, and the stages that do not read them ignore them.)
 # --seed and --lr are each stage's own: pipeline and foundation, which run stages of different seeds and
-# rates, refuse them. A DiT's shape (--depth, --patch) is the teacher's to choose: df and dmd copy it.
+# rates, refuse them. A DiT's shape (--depth, --dim, --patch) is the teacher's to choose: df and dmd copy it.
 # The teacher trains from scratch (--resume continues a stopped run: a teacher --init would have to
 # say which of its shape and CFG-dropout options the checkpoint's config overrides); the SyncNets
 # and MouthNet are short runs that nothing fine-tunes; torch.compile is wired into the teacher only.
@@ -1816,7 +1819,7 @@ STAGE_BATCH = {"vae": 16, "syncnet": 64, "mouthnet": 128, "teacher": 16, "df": 1
 TRAINERS = (*TRAINING_STAGES, "audio-probe")                  # the stages that run an optimiser (fit)
 STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS, "out": (*TRAINING_STAGES, "export"),
                  **{name: (*TRAINERS, "foundation", "pipeline") for name in ("steps", "batch", "log_every")},
-                 **{name: ("teacher", "pipeline") for name in ("depth", "patch")},
+                 **{name: ("teacher", "pipeline") for name in ("depth", "dim", "patch")},
                  "init": ("vae", "df", "dmd"), "compile": ("teacher", "pipeline"), "split": ("eval-teacher", "eval-student"),
                  "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
                  "latent_frames": ("teacher", "df", "dmd"), "cfg_scale": ("dmd", "eval-teacher"),
@@ -1883,6 +1886,11 @@ def check_options(args):
         fail("--cfg-scale does nothing with --teacher-cfg none: that teacher is sampled without CFG")
     if args.stage == "dmd" and args.beta == 0 and args.reward_scale is not None:
         fail("--reward-scale does nothing with --beta 0: the SyncNet reward is off")
+    if args.dim is not None:
+        try:
+            L.preset_config(args.preset, dim=args.dim)
+        except ValueError as e:
+            fail(str(e))
     chunk = L.DiTConfig.chunk
     if args.latent_frames and args.stage in ("df", "dmd") and args.latent_frames % chunk:
         fail(f"--latent-frames {args.latent_frames}: {args.stage} trains on whole chunks; pass a multiple of {chunk}")
