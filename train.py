@@ -482,7 +482,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     return losses
 
 
-RUN_SHAPE = ("size", "preset", "depth", "dim", "patch", "audio_adaln")       # a resumed run must keep these
+RUN_SHAPE = ("size", "preset", "depth", "dim", "patch", "audio_adaln")   # a resumed run must keep these
 RUN_OPTIONS = (*RUN_SHAPE, "data", "clips", "seconds", "batch", "latent_frames", "mouth_weight", "steps", "lr", "seed",
                "init", "teacher", "drop_mode", "cfg_drop", "teacher_cfg", "cfg_scale", "beta", "reward_scale",
                "critic_lr", "critic_steps")
