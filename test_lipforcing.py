@@ -4467,7 +4467,7 @@ def test_every_readme_command_parses_and_passes_its_scripts_option_checks(monkey
     analyze.py's get_args), under torchrun with its --nproc_per_node processes: an option renamed,
     removed or given a new rule fails here, not in a reader's shell. Files, devices and folders are
     not looked at (the checkpoints many commands name are not committed)."""
-    monkeypatch.chdir(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(HERE)
     for name in ("file_problem", "device_problem", "folder_problem", "check_file"):
         monkeypatch.setattr(L, name, lambda *a, **k: None)
     with open("README.md") as f:
@@ -4488,13 +4488,12 @@ def test_readme_headline_tables_are_the_committed_results_as_train_py_prints_the
     """README's foundation, teacher, DF-init student and distillation tables are, header to last row,
     what train.py prints from the JSON beside them in results/ (print_foundation_table, print_table):
     a number edited by hand, or a result rewritten without its table, fails here."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "README.md")) as f:
+    with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
     rows = lambda res: train.print_table(res, "", 0)          # its title line is not part of the table
     for name, render in (("foundation", train.print_foundation_table), ("teacher", rows), ("student_df", rows),
                          ("ablation", rows)):
-        with open(os.path.join(here, "results", f"{name}.json")) as f:
+        with open(os.path.join(HERE, "results", f"{name}.json")) as f:
             render(json.load(f))
         table = "\n".join(line for line in capsys.readouterr().out.splitlines() if line.startswith("|"))
         assert table.count("\n") >= 5 and readme.count(table) == 1, f"results/{name}.json's table is not in README"

@@ -968,8 +968,8 @@ def train_teacher(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    cfg = L.preset_config(args.preset, args.depth, args.patch, args.dim, drop_mode=args.drop_mode, cfg_drop=args.cfg_drop,
-                          audio_adaln=args.audio_adaln, seed=seed)
+    cfg = L.preset_config(args.preset, args.depth, args.patch, args.dim, drop_mode=args.drop_mode,
+                          cfg_drop=args.cfg_drop, audio_adaln=args.audio_adaln, seed=seed)
     n_latent, batch = args.latent_frames or 9, args.batch or STAGE_BATCH["teacher"]
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
     model = L.DiT(cfg)
