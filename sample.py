@@ -137,6 +137,7 @@ def get_args(argv=None):
     p.add_argument("--patch", type=int, choices=L.DIT_PATCHES,
                    help=f"with --shape: the DiTs' spatial patch (default {L.DiTConfig.patch})")
     p.add_argument("--depth", type=L.positive_int, help="with --shape: the DiTs' number of blocks (default: the preset's)")
+    p.add_argument("--dim", type=L.positive_int, help="with --shape: the DiTs' width, in whole heads (default: the preset's)")
     p.add_argument("--seconds", type=float, help=f"SynthTalk clip length (demo, --benchmark; default {MODE_DEFAULTS['seconds']:g})")
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
     p.add_argument("--results", help=f"folder for the JSON of --benchmark and --long-stream (default {MODE_DEFAULTS['results']})")
@@ -194,9 +195,14 @@ def check_args(args):
     if args.benchmark and n_frames(args.seconds) < 1 + L.TEACHER_HOP:
         fail(f"--seconds {args.seconds:g}: the benchmark's teacher needs one {1 + L.TEACHER_HOP}-frame window; "
              f"pass --seconds {(1 + L.TEACHER_HOP) / L.FPS:g} or more")
-    for name in ("patch", "depth"):
+    for name in ("patch", "depth", "dim"):
         if getattr(args, name) is not None and not (args.benchmark and args.shape):
             fail(f"--{name} sets the random-init models of --benchmark --shape; a checkpoint keeps its own {name}")
+    if args.dim is not None and args.benchmark and args.shape:
+        try:
+            L.preset_config(args.shape, dim=args.dim)      # its one rule: whole heads of the preset's width
+        except ValueError as e:
+            fail(str(e))
     if why := L.device_problem(args.device):
         fail(why)
     if (args.benchmark or args.long_stream) and (args.video is not None or args.audio is not None):
@@ -797,7 +803,7 @@ def benchmark(args):
         check_latents(ae, student, path, args.vae)
         weights += f", student {path}"
     else:
-        student = L.DiT(L.preset_config(args.shape or "tiny", args.depth, args.patch, causal=True,
+        student = L.DiT(L.preset_config(args.shape or "tiny", args.depth, args.patch, args.dim, causal=True,
                                         latent_channels=ae.cfg.latent_channels)).eval()
         weights += (f", student random init (preset {args.shape or 'tiny'}, patch {student.cfg.patch}, "
                     f"depth {student.cfg.depth})")

@@ -1738,6 +1738,7 @@ def test_bad_media_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, ckpt
     (["--stream", "--out", "-", "--benchmark"], ("pick one",)),
     (["--patch", "1"], ("--patch", "--benchmark --shape")),
     (["--depth", "30"], ("--depth", "--benchmark --shape")),
+    (["--dim", "64"], ("--dim", "--benchmark --shape")),
     (["--device", "bogus"], ("--device bogus", "not a device")),
     (["--device", "meta"], ("--device meta", "cpu or cuda")),
 ])
@@ -1841,6 +1842,7 @@ def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckp
     (["--benchmark", "--teacher", "{tmp}/gone.safetensors"], ("--teacher", "gone.safetensors: not found")),
     (["--benchmark", "--vae", "{tmp}"], ("--vae", "a folder")),
     (["--benchmark", "--shape", "tiny", "--ckpt", "s.safetensors"], ("--shape times random-init models",)),
+    (["--benchmark", "--shape", "tiny", "--dim", "100"], ("--dim 100", "heads are 32 wide", "multiple of 32")),
 ])
 def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path, capsys, argv, words):
     """Every mode refuses the options it would ignore, and a path under a file (--out, --results),
@@ -2142,14 +2144,14 @@ def test_benchmark_smoke(tmp_path, capsys, ckpt, monkeypatch):
 def test_the_benchmark_and_training_need_no_media_libraries(tmp_path):
     """The GPU machines this is benchmarked on may lack soundfile and imageio-ffmpeg: lipforcing,
     sample and train import them only where media is read or written, so `--benchmark` (here at
-    random init, one block) and the teacher's training on SynthTalk (`--state none`, as README's
+    random init, one block 64 wide) and the teacher's training on SynthTalk (`--state none`, as README's
     GPU command) run in a process where importing either fails."""
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     code = f"""
 import sys
 sys.modules["soundfile"] = sys.modules["imageio_ffmpeg"] = None      # import fails, as if not installed
 import lipforcing, train, sample
-sample.main(["--benchmark", "--shape", "tiny", "--depth", "1", "--seconds", "1.4", "--results", {str(tmp_path)!r}])
+sample.main(["--benchmark", "--shape", "tiny", "--depth", "1", "--dim", "64", "--seconds", "1.4", "--results", {str(tmp_path)!r}])
 train.main(["teacher", "--ckpt-dir", {str(tmp_path)!r}, "--depth", "1", "--clips", "2", "--seconds", "1.4", "--steps", "2",
             "--batch", "2", "--latent-frames", "3", "--state", "none", "--out", {str(tmp_path / "t.safetensors")!r}])
 """
@@ -2159,6 +2161,7 @@ train.main(["teacher", "--ckpt-dir", {str(tmp_path)!r}, "--depth", "1", "--clips
     assert (tmp_path / "t.safetensors").is_file() and not list(tmp_path.glob("t.state*"))
     res = json.loads((tmp_path / "benchmark.json").read_text())
     assert res["setup"]["dit"]["depth"] == 1 and not res["setup"]["compile"] and "depth 1" in res["setup"]["weights"]
+    assert (res["setup"]["dit"]["dim"], res["setup"]["dit"]["heads"]) == (64, 2) and "DiT dim 64," in p.stdout
     assert res["student"]["warm_up_s"] > 0 and "| warm-up, untimed (s) |" in p.stdout
 
 
@@ -4485,14 +4488,15 @@ def test_every_readme_command_parses_and_passes_its_scripts_option_checks(monkey
 
 
 def test_readme_headline_tables_are_the_committed_results_as_train_py_prints_them(capsys):
-    """README's foundation, teacher, DF-init student and distillation tables are, header to last row,
-    what train.py prints from the JSON beside them in results/ (print_foundation_table, print_table):
-    a number edited by hand, or a result rewritten without its table, fails here."""
+    """README's foundation, teacher, DF-init student, distillation and speed tables are, header to
+    last row, what train.py and sample.py print from the JSON beside them in results/
+    (print_foundation_table, print_table, print_benchmark): a number edited by hand, or a result
+    rewritten without its table, fails here."""
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
     rows = lambda res: train.print_table(res, "", 0)          # its title line is not part of the table
     for name, render in (("foundation", train.print_foundation_table), ("teacher", rows), ("student_df", rows),
-                         ("ablation", rows)):
+                         ("ablation", rows), ("benchmark", sample.print_benchmark)):
         with open(os.path.join(HERE, "results", f"{name}.json")) as f:
             render(json.load(f))
         table = "\n".join(line for line in capsys.readouterr().out.splitlines() if line.startswith("|"))
