@@ -77,6 +77,7 @@ except KeyboardInterrupt:
     raise SystemExit(130)
 
 SPF = L.SAMPLES_PER_FRAME
+REPO = os.path.dirname(os.path.abspath(__file__))   # the committed checkpoints/ are beside this script
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
 CONTAINER_MAGIC = {"a wav": (0, b"RIFF"), "an mp3": (0, b"ID3"), "a flac": (0, b"fLaC"),   # (offset, bytes)
@@ -97,6 +98,7 @@ MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-
 VAE_CKPT = "checkpoints/vae.safetensors"
 MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
                  "teacher": "checkpoints/teacher.safetensors", "results": "results", "seed": 0}
+DEFAULT_CKPTS = {"vae": VAE_CKPT, "syncnet": MODE_DEFAULTS["syncnet"], "teacher": MODE_DEFAULTS["teacher"]}
 
 
 def log(args, msg):
@@ -117,8 +119,9 @@ def get_args(argv=None):
     p.add_argument("--audio", help="driving audio (any format, or a video's track); with --stream: - for "
                                    "stdin, a named pipe or a growing file of raw s16le 16 kHz mono PCM")
     p.add_argument("--out", help="output mp4 (default out/demo.mp4, or out/<video>-lipsync.mp4); "
-                                 "with --stream also - for raw rgb24 frames on stdout")
-    p.add_argument("--ckpt", help="student checkpoint (default: checkpoints/student.safetensors, else student_df)")
+                                 "--stream needs one: FILE.mp4, or - for raw rgb24 frames on stdout")
+    p.add_argument("--ckpt", help="student checkpoint (default: checkpoints/student.safetensors, else student_df; "
+                                  "each default checkpoint is looked for from the current folder, then beside sample.py)")
     p.add_argument("--vae", default=VAE_CKPT, help="autoencoder checkpoint")
     p.add_argument("--syncnet", help=f"eval SyncNet for Sync-C (demo, --long-stream; default {MODE_DEFAULTS['syncnet']})")
     p.add_argument("--teacher", help=f"teacher checkpoint (--benchmark; default {MODE_DEFAULTS['teacher']})")
@@ -165,8 +168,9 @@ def n_frames(seconds):
 
 
 def check_args(args):
-    """Everything that can be checked before any media is read or any model is loaded. Fills in the
-    defaults of the options only some modes read (MODE_DEFAULTS)."""
+    """Everything that can be checked before any media is read or any model is loaded (the one read:
+    the first bytes of a --stream audio file, last). Fills in the defaults of the options only some
+    modes read (MODE_DEFAULTS), and finds the default checkpoints (default_places)."""
     if args.steps not in (1, 2):
         fail(f"--steps {args.steps}: the student samples with 1 or 2 steps per chunk (it was distilled for 2)")
     for name, value in (("--seconds", args.seconds), ("--long-stream", args.long_stream)):
@@ -192,6 +196,9 @@ def check_args(args):
     for name, default in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    for name, default in DEFAULT_CKPTS.items():
+        if getattr(args, name) == default:                 # the first place that holds it, else as it was
+            setattr(args, name, next((p for p in default_places(default) if os.path.isfile(p)), default))
     if args.benchmark and n_frames(args.seconds) < 1 + L.TEACHER_HOP:
         fail(f"--seconds {args.seconds:g}: the benchmark's teacher needs one {1 + L.TEACHER_HOP}-frame window; "
              f"pass --seconds {(1 + L.TEACHER_HOP) / L.FPS:g} or more")
@@ -241,18 +248,27 @@ def check_args(args):
         check_folder(args.results, "--results", args.results)
     if args.size is not None and not args.benchmark and (path := student_path(args, required=False)):
         student_size(args, path, recorded_extra(path))      # a size it never saw: refused before the media is read
+    if args.stream and args.audio != "-" and os.path.isfile(args.audio):   # its head is there: refused before a
+        with open(args.audio, "rb") as f:                                  # model loads (and --compile warms up)
+            check_not_container(f.read(MAGIC_BYTES), args.audio, ended=False)
 
 
 # -----------------------------------------------------------------------------
 # models
 
 
+def default_places(*paths):
+    """Where default checkpoint paths are looked for, in order: from the current folder (a run's own
+    trained models), then beside this script (the committed ones), so the tool runs from any folder."""
+    elsewhere = os.path.realpath(REPO) != os.path.realpath(os.getcwd())
+    return [*paths, *(os.path.join(REPO, p) for p in paths if elsewhere)]
+
+
 def from_here(path):
-    """' in <the current folder> (run sample.py from the repository's root?)' for a default
-    checkpoint path: they are relative to the repository's root, and a run elsewhere is told where
-    it looked. '' for a path the user chose."""
-    defaults = (*STUDENT_CKPTS, VAE_CKPT, MODE_DEFAULTS["syncnet"], MODE_DEFAULTS["teacher"])
-    return f" in {os.getcwd()} (run sample.py from the repository's root?)" if path in defaults else ""
+    """' in <the current folder> or beside sample.py in <its folder>' for a default checkpoint path
+    (found in neither), so a run is told where it looked. '' for a path the user chose."""
+    beside = f" or beside sample.py in {REPO}" if len(default_places(path)) > 1 else ""
+    return f" in {os.getcwd()}{beside}" if path in (*STUDENT_CKPTS, *DEFAULT_CKPTS.values()) else ""
 
 
 def load(path, config_class, model_class, device, how):
@@ -272,7 +288,7 @@ def student_path(args, required=True):
     """--ckpt, else the first of STUDENT_CKPTS that exists (None if none does and not required)."""
     if args.ckpt:
         return args.ckpt
-    found = [p for p in STUDENT_CKPTS if os.path.isfile(p)]
+    found = [p for p in default_places(*STUDENT_CKPTS) if os.path.isfile(p)]
     if not found and required:
         fail(f"no student checkpoint, {' or '.join(STUDENT_CKPTS)}, found{from_here(STUDENT_CKPTS[0])}: "
              "train one with `python train.py df`, or pass --ckpt")
@@ -530,6 +546,15 @@ def files(args):
 # the live stream
 
 
+def check_not_container(head, path, ended):
+    """Refuse (one line) a head of bytes that begins a container file, not raw PCM. True once the
+    head is long enough to tell (or the input has ended), False while more of it may come."""
+    for kind, (at, magic) in CONTAINER_MAGIC.items():
+        if head[at:at + len(magic)] == magic:
+            fail(f"--stream reads raw PCM, {path} is {kind}: convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
+    return ended or len(head) >= MAGIC_BYTES
+
+
 def pcm_pieces(path):
     """Raw 16-bit little-endian 16 kHz mono PCM as float32 pieces, as it arrives: from stdin (-),
     a named pipe (both end at EOF), or a regular file still being written (read on as it grows; it
@@ -547,12 +572,8 @@ def pcm_pieces(path):
                 continue
             idle_since = None
             b = carry + new
-            if not checked and (ended or len(b) >= MAGIC_BYTES):   # the head is in: is it a container's?
-                for kind, (at, magic) in CONTAINER_MAGIC.items():
-                    if b[at:at + len(magic)] == magic:
-                        fail(f"--stream reads raw PCM, {path} is {kind}: "
-                             f"convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
-                checked = True
+            if not checked:                                # the head is in (or all there will be): a container's?
+                checked = check_not_container(b, path, ended)
             if not checked:                                # a few bytes so far: wait for the rest of the head
                 carry = b
                 continue
@@ -658,7 +679,7 @@ def live(args):
                     writer.write(frames)
                 if t_out is None:
                     t_out = time.perf_counter()
-                    log(args, f"TTFF {1000 * (t_out - t_in):.0f} ms (first audio sample in -> first frame out)")
+                    log(args, f"TTFF {1000 * (t_out - t_in):.0f} ms (first audio sample read -> first frame out)")
                 n += len(frames)
         if n == 0:
             fail(f"no audio arrived from {args.audio}: send raw s16le 16 kHz mono PCM (ffmpeg -f s16le -ar 16000 -ac 1)")

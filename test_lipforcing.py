@@ -1878,6 +1878,23 @@ def test_stream_refuses_a_container_file_as_raw_pcm(tmp_path, capsys, monkeypatc
     assert np.array_equal(np.concatenate(list(sample.pcm_pieces(str(tmp_path / "in")))) * 32768, samples[:4])
 
 
+def test_stream_refuses_a_container_file_before_loading_or_compiling(tmp_path, capsys, monkeypatch):
+    """A wav file given to --stream is refused by its head before any model loads, so --compile
+    does not spend its warm-up first; a raw PCM file gets as far as loading."""
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 3)
+    (tmp_path / "a.pcm").write_bytes(bytes(4000))
+    loaded = []
+    monkeypatch.setattr(sample, "load_student", lambda args: loaded.append(args) or sample.fail("stop here"))
+    argv = ["--stream", "--compile", "--video", tmp_path / "v.mp4", "--out", tmp_path / "o.mp4", "--audio"]
+    code, _, err = run([*argv, tmp_path / "a.wav"], capsys)
+    assert_one_line_error(code, err, "--stream reads raw PCM", "a.wav is a wav", "ffmpeg")
+    assert not loaded
+    code, _, err = run([*argv, tmp_path / "a.pcm"], capsys)
+    assert_one_line_error(code, err, "stop here")
+    assert len(loaded) == 1
+
+
 def test_stream_mp4_audio_lasts_as_long_as_its_frames(tmp_path):
     """Mp4Writer pads the audio with silence to the end of the last frame, as write_video does."""
     w = sample.Mp4Writer(tmp_path / "x.mp4", 64, 64)
@@ -1900,15 +1917,35 @@ def test_missing_student_says_how_to_train_it(tmp_path, capsys, monkeypatch):
     """With no student checkpoint the demo fails in one line naming the command that trains one and
     the folder the default paths were looked for in; a path the user named gets no such hint."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sample, "REPO", str(tmp_path / "repo"))              # a sample.py with no checkpoints beside it
     code, _, err = run([], capsys)
-    assert_one_line_error(code, err, "python train.py df", f"in {tmp_path} (run sample.py from the repository's root?)")
+    assert_one_line_error(code, err, "python train.py df", f"in {tmp_path} or beside sample.py in {tmp_path / 'repo'}")
     assert not (tmp_path / "out").exists()
     student = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128, causal=True))
     L.save_checkpoint(tmp_path / "s.safetensors", student, student.cfg)
     for vae, hint in (("my_vae.safetensors", False), (sample.VAE_CKPT, True)):
         code, _, err = run(["--ckpt", "s.safetensors", "--vae", vae], capsys)
         assert_one_line_error(code, err, f"{vae} not found")
-        assert ("repository's root" in err) == hint, err
+        assert ("beside sample.py" in err) == hint, err
+
+
+def test_default_checkpoints_are_found_from_any_folder_own_ones_first(tmp_path, monkeypatch):
+    """Run from another folder, the default checkpoints are the ones committed beside sample.py; a
+    student trained into ./checkpoints there (even only the DF init) comes before them, and a path
+    the user names is kept as given."""
+    monkeypatch.chdir(tmp_path)
+    args = lambda *argv: (a := sample.get_args(["--benchmark", *argv]), sample.check_args(a))[0]
+    a = args()
+    assert a.vae == os.path.join(HERE, sample.VAE_CKPT) and os.path.isfile(a.vae)
+    assert a.teacher == sample.MODE_DEFAULTS["teacher"] or a.teacher.startswith(HERE)   # not committed: either place
+    assert sample.student_path(a) == os.path.join(HERE, sample.STUDENT_CKPTS[0])
+    os.makedirs("checkpoints")
+    open(sample.STUDENT_CKPTS[1], "wb").close()                            # this folder's own DF-init student
+    assert sample.student_path(a) == sample.STUDENT_CKPTS[1]
+    os.symlink(a.vae, "mine.safetensors")
+    assert args("--vae", "mine.safetensors").vae == "mine.safetensors"
+    monkeypatch.chdir(HERE)                                                  # in the repository: as given
+    assert args().vae == sample.VAE_CKPT and sample.student_path(args()) == sample.STUDENT_CKPTS[0]
 
 
 def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
