@@ -417,10 +417,11 @@ def main(argv=None):
 def analyze(args):
     """Every teacher of --teacher through parts (a)-(c); the CSVs, plots and summary in --out."""
     t_start = time.time()
-    for path in args.teacher:                   # every teacher checked from its header before the first one's work
-        stored = L.checkpoint_header(path, L.DiTConfig, args.size)[0]
-        L.check_dit_kind(path, stored.get("causal"), False, "the analysis")
     ae = L.load_checkpoint(args.vae, L.AEConfig, L.VideoAE, args.device)[0]
+    for path in args.teacher:                   # every teacher checked from its header before the first one's work
+        stored, extra = L.checkpoint_header(path, L.DiTConfig, args.size)
+        L.check_dit_kind(path, stored.get("causal"), False, "the analysis")
+        L.check_dit_latents(path, stored.get("latent_channels", L.DiTConfig.latent_channels), extra, ae, args.vae)
     sync_net = L.load_checkpoint(os.path.join(args.ckpt_dir, "syncnet_eval.safetensors"), L.SyncNetConfig, L.SyncNet,
                                  args.device)[0]
     clips = [L.synthtalk_clip("test", i, args.seconds, args.size) for i in range(args.clips)]

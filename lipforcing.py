@@ -149,6 +149,18 @@ def autocast(device, cpu=False):
     return torch.autocast(kind, torch.bfloat16) if kind == "cuda" or (cpu and kind == "cpu") else contextlib.nullcontext()
 
 
+def weights_digest(model):
+    """A short fingerprint of a model: sha256 over its config and every weight and buffer (name,
+    shape, dtype, bytes). A DiT checkpoint records its autoencoder's (`autoencoder` in its extra),
+    so a DiT is never run on the latents of another autoencoder unnoticed."""
+    h = hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode())
+    for name, v in sorted(model.state_dict().items()):
+        v = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name} {tuple(v.shape)} {v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(path, model, config, extra=None, dtype=None):
     """Weights as safetensors; the dataclass config (and any extra info) as json metadata, so the
     file alone rebuilds its model. Written atomically. dtype (e.g. torch.float16) stores floating
@@ -286,6 +298,18 @@ def check_dit_kind(path, causal, wanted, who):
     None: either)."""
     if wanted is not None and bool(causal) != wanted:
         raise CheckpointError(f"{path} is {DIT_KINDS[bool(causal)]}; {who} takes {DIT_KINDS[wanted]}")
+
+
+def check_dit_latents(path, channels, extra, ae, vae):
+    """CheckpointError unless the DiT at `path` (its latent channels, extra info) reads the latents
+    of the autoencoder `ae` (from the file `vae`): the same channels and, where the checkpoint
+    records its autoencoder's weights_digest (the DiT stages write it), the same autoencoder."""
+    if channels != ae.cfg.latent_channels:
+        raise CheckpointError(f"{path} reads {channels}-channel latents, the autoencoder {vae} makes "
+                              f"{ae.cfg.latent_channels}: use the autoencoder it was trained with")
+    if extra.get("autoencoder") not in (None, weights_digest(ae)):
+        raise CheckpointError(f"{path} was trained on the latents of another autoencoder than {vae}: use the "
+                              "autoencoder it was trained with (the vae.safetensors of its training's --ckpt-dir)")
 
 
 def seeded_rng(*keys):

@@ -354,7 +354,7 @@ def load_student(args):
     args.size = student_size(args, path, extra)
     log(args, f"student {path}: {model.cfg}")
     ae = load_ae(args)
-    check_latents(ae, model, path, args.vae)
+    check_latents(ae, model, extra, path, args.vae)
     if args.compile:
         t0 = time.perf_counter()
         L.compile_blocks(model)
@@ -373,11 +373,13 @@ def load_syncnet(args):
     return load(args.syncnet, L.SyncNetConfig, L.SyncNet, args.device, "train it with `python train.py syncnet --role eval`")[0]
 
 
-def check_latents(ae, model, path, vae):
-    """A DiT must read the autoencoder's latents: refused in one line where their channels differ."""
-    if model.cfg.latent_channels != ae.cfg.latent_channels:
-        fail(f"{path} reads {model.cfg.latent_channels}-channel latents, the autoencoder {vae} makes "
-             f"{ae.cfg.latent_channels}: pass the --vae it was trained on")
+def check_latents(ae, model, extra, path, vae):
+    """A DiT must read the autoencoder's latents (L.check_dit_latents): refused in one line where it
+    was trained on another autoencoder."""
+    try:
+        L.check_dit_latents(path, model.cfg.latent_channels, extra, ae, vae)
+    except L.CheckpointError as e:
+        fail(f"{e}: pass it with --vae")
 
 
 def student_wait(ae, cfg):
@@ -813,7 +815,7 @@ def benchmark(args):
     dev, cuda = args.device, args.device.startswith("cuda")
     # weights from the checkpoints where they exist, else random init: speed does not depend on them.
     # The DiTs wait on the CPU; each goes to the device for its own run, so its peak memory is its own.
-    if os.path.isfile(args.vae):
+    if vae_file := os.path.isfile(args.vae):
         ae, weights = load_ae(args), f"autoencoder {args.vae}"
     else:
         ae, weights = L.VideoAE(L.AEConfig()).to(dev).eval(), "autoencoder random init"
@@ -821,7 +823,7 @@ def benchmark(args):
     extra = {}
     if path:
         student, extra = load_dit(path, "cpu")
-        check_latents(ae, student, path, args.vae)
+        check_latents(ae, student, extra if vae_file else {}, path, args.vae)   # random init: speed only
         weights += f", student {path}"
     else:
         student = L.DiT(L.preset_config(args.shape or "tiny", args.depth, args.patch, args.dim, causal=True,
@@ -830,8 +832,8 @@ def benchmark(args):
                     f"depth {student.cfg.depth})")
     cfg = student.cfg
     if os.path.isfile(args.teacher) and not args.shape:
-        teacher = load_dit(args.teacher, "cpu", causal=False)[0]
-        check_latents(ae, teacher, args.teacher, args.vae)
+        teacher, teacher_extra = load_dit(args.teacher, "cpu", causal=False)
+        check_latents(ae, teacher, teacher_extra if vae_file else {}, args.teacher, args.vae)
         weights += f", teacher {args.teacher}"
     else:
         teacher = L.DiT(dataclasses.replace(cfg, causal=False)).eval()

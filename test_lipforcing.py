@@ -1232,14 +1232,15 @@ def test_teacher_shape_options_reach_its_checkpoint(tmp_path, monkeypatch):
     """`train.py teacher --patch 1 --depth 2 --dim 64 --cfg-drop 0.25 --audio-adaln` trains and saves a
     DiT of 1x1 patches (64 tokens per 8x8 latent frame), 2 blocks and width 64 (2 heads of the preset's
     32, FFN 192) trained with that CFG dropout and the audio in its modulation, its config in the
-    checkpoint; without them the preset's shape, Wan's 2x2 patches, the config's dropout and the
-    audio in the tokens only."""
+    checkpoint with the weights_digest of the autoencoder it read; without them the preset's shape,
+    Wan's 2x2 patches, the config's dropout and the audio in the tokens only."""
     monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
     L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
     train.main(["teacher", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "1.4", "--steps", "1",
                 "--batch", "2", "--latent-frames", "3", "--patch", "1", "--depth", "2", "--dim", "64", "--cfg-drop", "0.25",
                 "--audio-adaln"])
-    model, cfg, _ = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)
+    model, cfg, extra = L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)
+    assert extra["autoencoder"] == L.weights_digest(L.load_checkpoint(tmp_path / "vae.safetensors", L.AEConfig, L.VideoAE)[0])
     assert cfg.patch == 1 and model.patch_in.in_features == cfg.latent_channels + cfg.cond_channels
     assert cfg.depth == 2 and len(model.blocks) == 2
     assert (cfg.dim, cfg.heads, cfg.ffn) == (64, 2, 192) and model.blocks[0].mlp[0].weight.shape == (192, 64)
@@ -1958,6 +1959,49 @@ def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
                         *ckpt, "--ckpt", tmp_path / "t.safetensors"], capsys)
     assert_one_line_error(code, err, "bidirectional")
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_dit_trained_on_another_autoencoder_is_refused_everywhere_it_is_read(tmp_path, capsys, ckpt):
+    """The DiT stages record their autoencoder's weights_digest; sample.py, the training stages that
+    read a DiT and analyze.py refuse (one line) a DiT recorded with another autoencoder than the
+    one they would run it on, and run one recorded with theirs. weights_digest sees one weight or
+    the latent statistics change, and not a save and reload."""
+    ae = L.load_checkpoint(ckpt[ckpt.index("--vae") + 1], L.AEConfig, L.VideoAE)[0]
+    L.save_checkpoint(tmp_path / "vae.safetensors", ae, ae.cfg)
+    same = L.load_checkpoint(tmp_path / "vae.safetensors", L.AEConfig, L.VideoAE)[0]
+    assert L.weights_digest(same) == L.weights_digest(ae)
+    other = L.VideoAE(dataclasses.replace(ae.cfg, latent_mean=(0.5,) * ae.cfg.latent_channels))
+    other.load_state_dict(ae.state_dict())
+    nudged = L.VideoAE(ae.cfg)
+    nudged.load_state_dict(ae.state_dict())
+    next(nudged.parameters()).data.view(-1)[0] += 1e-6
+    assert len({L.weights_digest(m) for m in (ae, other, nudged)}) == 3
+    student = L.load_checkpoint(ckpt[ckpt.index("--ckpt") + 1], L.DiTConfig, L.DiT)[0]
+    face_video(tmp_path / "v.mp4", 3)
+    speech(tmp_path / "a.wav", 3)
+    teacher = L.DiT(dataclasses.replace(student.cfg, causal=False))
+    for name, digest in (("mine", L.weights_digest(ae)), ("theirs", L.weights_digest(other))):
+        L.save_checkpoint(tmp_path / f"{name}.safetensors", student, student.cfg, extra={"size": 32, "autoencoder": digest})
+        L.save_checkpoint(tmp_path / f"t_{name}.safetensors", teacher, teacher.cfg, extra={"size": 32, "autoencoder": digest})
+        code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / f"{name}.mp4",
+                            "--vae", tmp_path / "vae.safetensors", "--ckpt", tmp_path / f"{name}.safetensors"], capsys)
+        if name == "mine":
+            assert code == 0, err
+            continue
+        assert_one_line_error(code, err, "theirs.safetensors was trained on the latents of another autoencoder than",
+                              "vae.safetensors", "--vae")
+        assert not (tmp_path / "theirs.mp4").exists()
+    args = train.get_args(["eval-student", "--size", "32", "--ckpt-dir", str(tmp_path)])
+    assert train.load_dit(args, tmp_path / "mine.safetensors", True, "eval-student", ae)[2]["autoencoder"]
+    with pytest.raises(L.CheckpointError, match="theirs.safetensors was trained on the latents of another autoencoder"):
+        train.load_dit(args, tmp_path / "theirs.safetensors", True, "eval-student", ae)
+    with pytest.raises(SystemExit) as e:
+        A.main(["--teacher", str(tmp_path / "t_mine.safetensors"), "--teacher", str(tmp_path / "t_theirs.safetensors"),
+                "--ckpt-dir", str(tmp_path), "--vae", str(tmp_path / "vae.safetensors"), "--clips", "1", "--size", "32",
+                "--out", str(tmp_path / "analysis")])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "t_theirs.safetensors was trained on the latents of "
+                          "another autoencoder", prog="analyze.py")
+    assert not (tmp_path / "analysis").exists()
 
 
 def test_models_that_do_not_fit_together_are_refused(tmp_path, capsys, ckpt):
@@ -3534,7 +3578,8 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys
     assert_one_line_error(e.value.code, capsys.readouterr().err, "student.safetensors is a causal student; df takes a "
                           "bidirectional teacher", prog="train.py")
     with pytest.raises(L.CheckpointError, match="t32.safetensors is a bidirectional teacher; eval-student takes a causal"):
-        train.load_dit(train.get_args(["eval-student", "--size", "32"]), tmp_path / "t32.safetensors", True, "eval-student")
+        train.load_dit(train.get_args(["eval-student", "--size", "32"]), tmp_path / "t32.safetensors", True, "eval-student",
+                       L.VideoAE(L.AEConfig()))
 
 
 @pytest.mark.parametrize("stage", ["mouthnet", "heldout", "audio-probe"])

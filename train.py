@@ -222,12 +222,13 @@ def test_pool(args, dub_truth=False):
     return clips
 
 
-def load_dit(args, path, causal, who, device="cpu"):
+def load_dit(args, path, causal, who, ae, device="cpu"):
     """(model, config, extra) of the DiT checkpoint at `path` for `who`, the stage or role that reads
     it: refused in one line (CheckpointError) when it is not the kind `causal` asks for (None:
-    either) or was trained at another --size."""
+    either), was trained at another --size or on another autoencoder than `ae` (--ckpt-dir's)."""
     model, cfg, extra = L.load_checkpoint(path, L.DiTConfig, L.DiT, device, args.size)
     L.check_dit_kind(path, cfg.causal, causal, who)
+    L.check_dit_latents(path, cfg.latent_channels, extra, ae, os.path.join(args.ckpt_dir, "vae.safetensors"))
     return model, cfg, extra
 
 
@@ -953,14 +954,15 @@ DIT_CLIPS = 1024         # SynthTalk clips of 4 s in the training pool of the Di
 MOUTH_WEIGHT = 1.0       # the DiT stages' loss counts the mouth box twice: better no-CFG sync and PSNR than 0 or 4 (README)
 
 
-def dit_extra(args, steps, **more):
+def dit_extra(args, steps, ae, **more):
     """What a DiT stage records in its checkpoint beside the weights and config: the steps it
     trained (and, when --stop-after ended it early, the `steps` its learning-rate schedule was
     for), the mouth weight, the frame size it trained at (sample.py samples a student at that
-    size), and `more`."""
+    size), the weights_digest of the autoencoder `ae` whose latents it reads (check_dit_latents),
+    and `more`."""
     done = min(steps, args.stop_after or steps)
     return {"steps": done, **({"schedule_steps": steps} if done < steps else {}), "mouth_weight": args.mouth_weight,
-            "size": args.size, **more}
+            "size": args.size, "autoencoder": L.weights_digest(ae), **more}
 
 
 def train_teacher(args):
@@ -1012,7 +1014,7 @@ def train_teacher(args):
                  run=run_options(args))
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, final_loss=float(np.mean(losses[-50:]))))
+        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, ae, final_loss=float(np.mean(losses[-50:]))))
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -1084,7 +1086,7 @@ def train_df(args):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
-    teacher, tcfg, _ = load_dit(args, args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"), False, "df")
+    teacher, tcfg, _ = load_dit(args, args.init or os.path.join(args.ckpt_dir, "teacher.safetensors"), False, "df", ae)
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
     model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
@@ -1114,7 +1116,7 @@ def train_df(args):
                  run=run_options(args))
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, final_loss=float(np.mean(losses[-50:]))),
+        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, ae, final_loss=float(np.mean(losses[-50:]))),
                           dtype=STUDENT_DTYPE)
         print(f"saved {out} (EMA weights)")
     return model, losses
@@ -1171,11 +1173,11 @@ def train_dmd(args):
     sync_net, _, sync_meta = L.load_checkpoint(ckpt("syncnet_reward"), L.SyncNetConfig, L.SyncNet, dev)
     # the DiTs are loaded on the CPU and placed (or sharded) a pair at a time, so a process's host
     # memory peaks at about three whole models and its device holds only what place_dit puts there
-    teacher, tcfg, _ = load_dit(args, args.teacher or ckpt("teacher"), False, "dmd's --teacher")
+    teacher, tcfg, _ = load_dit(args, args.teacher or ckpt("teacher"), False, "dmd's --teacher", ae)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)        # the critic starts as the teacher
     critic.checkpointing = args.grad_ckpt        # the student rolls out with a KV cache: never checkpointed
     teacher, critic = place_dit(dev, teacher.requires_grad_(False), critic)
-    init, icfg, _ = load_dit(args, args.init or ckpt("student_df"), None, "dmd")
+    init, icfg, _ = load_dit(args, args.init or ckpt("student_df"), None, "dmd", ae)
     # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
     cfg = icfg if icfg.causal else dataclasses.replace(icfg, causal=True, sink=1, window=7)
     cfg = dataclasses.replace(cfg, seed=seed)
@@ -1278,7 +1280,7 @@ def train_dmd(args):
         if state and master() and ((step + 1) % 50 == 0 or step + 1 == end):
             save_train_state(state, student, ema, s_opt, step + 1, rng, dev, run_options(args))
             save_train_state(c_state, critic, None, c_opt, step + 1, None)
-    extra = dit_extra(args, steps, teacher_cfg=args.teacher_cfg, cfg_scale=args.cfg_scale, beta=args.beta,
+    extra = dit_extra(args, steps, ae, teacher_cfg=args.teacher_cfg, cfg_scale=args.cfg_scale, beta=args.beta,
                       reward_scale=reward_scale, final_reward_sync_c=float(np.mean(log["sync_c"][-50:] or [np.nan])))
     ema = unsharded(ema)
     if master():
@@ -1368,7 +1370,7 @@ def clip_metrics(frames, audio, mouth, gt, sync_net, mouth_net):
 def eval_teacher(args):
     args = with_dmd_defaults(args)
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
-    model = load_dit(args, args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), False, "eval-teacher",
+    model = load_dit(args, args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors"), False, "eval-teacher", ae,
                      args.device)[0]
     test, split, words = graded_clips(args)
     rows = {}
@@ -1403,7 +1405,7 @@ def eval_heldout(args):
     identities and more clips (--clips) will help; near 1, it is limited by steps or size."""
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     path = args.ckpt or os.path.join(args.ckpt_dir, "teacher.safetensors")
-    model, cfg, extra = load_dit(args, path, False, "heldout", args.device)
+    model, cfg, extra = load_dit(args, path, False, "heldout", ae, args.device)
     pools = {"training": dit_pool(args, L.TEACHER_LATENT, "heldout")[:HELDOUT_CLIPS],
              "unseen": val_clips(args, HELDOUT_CLIPS)}
     err = {}
@@ -1557,7 +1559,7 @@ def results_json(args, stem, split):
 def eval_student(args):
     ae, sync_eval, _, mouth_net = load_foundation(args.ckpt_dir, args.device)
     path = args.ckpt or os.path.join(args.ckpt_dir, "student_df.safetensors")
-    model, cfg, _ = load_dit(args, path, True, "eval-student", args.device)
+    model, cfg, _ = load_dit(args, path, True, "eval-student", ae, args.device)
     clips, split, words = graded_clips(args)
     rows = {}
     for c in clips:
@@ -1627,7 +1629,7 @@ def eval_ablation(args):
         if not os.path.isfile(path):
             print(f"{name}: {path} not found (made by python {command}); row skipped")
             continue
-        model, _, extra = load_dit(args, path, True, "ablation", args.device)
+        model, _, extra = load_dit(args, path, True, "ablation", ae, args.device)
         student_rows(students, name, model, ae, test, sync_eval, mouth_net)
         found.append({"row": name, "checkpoint": path, **extra})
     teacher, bench = scored_fidelity(read_results(args, "teacher.json")), read_results(args, "benchmark.json")
