@@ -1997,10 +1997,11 @@ def folder_clips(folder):
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def folder_pool(folder, size=FRAME_SIZE, min_frames=16, progress=True):
+def folder_pool(folder, size=FRAME_SIZE, progress=True):
     """Every video under `folder` (aligned face crops with an audio track; folder_clips) as a Clip
     at 25 fps, 16 kHz and size x size, named by its path in the folder without the extension
-    (speaker/video/00001). The audio is cut or zero-padded to 640 samples per frame."""
+    (speaker/video/00001). The audio is cut or zero-padded to 640 samples per frame. Any length:
+    each stage leaves out the clips too short for what it draws (train.py train_pool)."""
     from tqdm import tqdm
     if not os.path.isdir(folder):
         raise MediaError(f"{folder} is not a folder: --data takes a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} clips")
@@ -2011,8 +2012,6 @@ def folder_pool(folder, size=FRAME_SIZE, min_frames=16, progress=True):
     clips = []
     for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
         frames, _ = read_video(p)
-        if len(frames) < min_frames:
-            raise MediaError(f"{p} has {len(frames)} frames at 25 fps, fewer than {min_frames}: use longer clips")
         try:
             audio = read_audio(p)
         except NoAudioTrack:

@@ -475,6 +475,19 @@ def test_training_reads_a_folder_of_clips(tmp_path):
         L.folder_pool(tmp_path / "nothing-here")
 
 
+def test_a_folder_clip_of_any_length_is_read_and_each_stage_leaves_out_the_too_short(tmp_path, capsys):
+    """folder_pool reads a clip of a few frames as any other (no floor of its own); the stage that
+    draws longer windows than it holds leaves it out with a note, the one whose windows fit trains on it."""
+    for name, seconds in (("short", 0.4), ("long", 1.6)):
+        c = L.synthtalk_clip("train", 0, seconds, 32)
+        write_video(tmp_path / f"{name}.mp4", c.frames, c.audio)
+    assert sorted(len(c.frames) for c in L.folder_pool(tmp_path, 32, progress=False)) == [10, 40]
+    args = train.get_args(["teacher", "--data", str(tmp_path), "--size", "32"])
+    assert sorted(len(c.frames) for c in train.train_pool(args, 1, 1.0, "vae", need=9)) == [10, 40]
+    assert [len(c.frames) for c in train.dit_pool(args, 9, "teacher")] == [40]
+    assert "teacher: 1 of 2 clips are shorter than 37 frames" in capsys.readouterr().out
+
+
 def test_dit_stages_leave_out_clips_too_short_for_a_window_and_its_reference(monkeypatch, capsys):
     """A window of n latent frames and a reference frame outside it, on the 4-frame grid, take
     4 n + 1 frames. dit_pool leaves out shorter --data clips (where no reference frame exists),
@@ -3380,6 +3393,7 @@ def test_foundation_stages_resume_identically(stage, argv, tmp_path, monkeypatch
     (["vae", "--state", "checkpoints/vae.safetensors"], "is a model checkpoint, which a run would overwrite"),
     (["vae", "--state", "/proc/lipforcing-test/s.state.safetensors"], "s.state.safetensors: cannot write in /proc"),
     (["export", "--out", "/proc/lipforcing-test"], "cannot write in /proc/lipforcing-test"),
+    (["export", "--out", "/tmp/lipforcing-never-written", "--seconds", "0.01"], "makes clips shorter than a frame"),
     (["foundation", "--results", "/proc/lipforcing-test"], "--results /proc/lipforcing-test: cannot write"),
     (["teacher", "--out", "checkpoints/vae.safetensors"], "is a file this stage reads"),
     (["dmd", "--out", "checkpoints/syncnet_reward.safetensors"], "is a file this stage reads"),
@@ -3414,6 +3428,23 @@ def test_options_a_stage_would_ignore_and_bad_values_are_refused_before_any_work
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
+
+
+def test_a_stages_help_lists_only_the_options_it_reads(capsys):
+    """`train.py STAGE --help` leaves out the options STAGE refuses (STAGE_OPTIONS); `--help` alone
+    lists them all."""
+    def help_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            train.get_args([*argv, "--help"])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+    listed = lambda text, name: re.search(rf"^  {train.option(name)}(?=[ ,\n])", text, re.M) is not None
+    every = help_of()
+    for stage in ("vae", "dmd", "export", "eval-student"):
+        text = help_of(stage)
+        for name, stages in train.STAGE_OPTIONS.items():
+            assert listed(text, name) == (stage in stages), (stage, name)
+            assert listed(every, name), name
 
 
 @pytest.fixture(scope="module")

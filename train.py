@@ -169,6 +169,13 @@ def get_args(argv=None):
     p.add_argument("--threads", type=L.positive_int, default=None,
                    help="torch CPU threads (default: torch's), and the processes that generate a SynthTalk "
                         "pool (default: this process's share of the cores)")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    stage = next((a for a in argv if a in STAGES), None)
+    if stage and {"-h", "--help"} & set(argv):          # a stage's help lists only the options it reads
+        for action in p._actions:
+            if action.dest in STAGE_OPTIONS and stage not in STAGE_OPTIONS[action.dest]:
+                action.help = argparse.SUPPRESS
+        p.epilog = f"(the options of {stage}; python train.py --help lists every stage's)"
     return p.parse_args(argv)
 
 
@@ -1785,10 +1792,9 @@ EXPORT_DIR = "data/synthtalk"
 
 
 def export_synthtalk(args):
-    out = args.out or EXPORT_DIR
-    n = args.clips or 64
+    out, n, seconds = args.out or EXPORT_DIR, args.clips or 64, args.seconds or 4.0
     for i in tqdm(range(n), desc=f"writing {out}"):
-        c = L.synthtalk_clip("train", i, args.seconds or 4.0, args.size)
+        c = L.synthtalk_clip("train", i, seconds, args.size)
         L.write_video(os.path.join(out, f"{c.name}.mp4"), c.frames, c.audio)
     print(f"wrote {n} clip{'' if n == 1 else 's'} to {out}; train on them with --data {out}")
 
@@ -1888,6 +1894,8 @@ def check_options(args):
         fail("--cfg-scale does nothing with --teacher-cfg none: that teacher is sampled without CFG")
     if args.stage == "dmd" and args.beta == 0 and args.reward_scale is not None:
         fail("--reward-scale does nothing with --beta 0: the SyncNet reward is off")
+    if args.stage == "export" and args.seconds and round(args.seconds * L.FPS) < 1:
+        fail(f"export: --seconds {args.seconds:g} makes clips shorter than a frame; pass --seconds {1 / L.FPS:g} or more")
     if args.dim is not None:
         try:
             L.preset_config(args.preset, dim=args.dim)
