@@ -3715,6 +3715,25 @@ def test_teacher_loss_by_t_covers_the_steps_since_the_last_log_line(tmp_path, mo
     assert binned([2, 3]) != binned([0, 1, 2, 3])     # the test can tell the two apart
 
 
+def test_df_loss_by_chunk_covers_the_steps_since_the_last_log_line(tmp_path, monkeypatch, capsys):
+    """df's log line gives the loss of each chunk averaged over the steps since the line before, as
+    the teacher's loss by t: with --log-every 2, the line at step 4 holds steps 3 and 4 only."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    teacher = L.DiT(L.DiTConfig(dim=64, depth=2, heads=2, ffn=128))
+    L.save_checkpoint(tmp_path / "teacher.safetensors", teacher, teacher.cfg, extra={"size": 64})
+    per_chunk, df_loss = [], train.df_loss
+    monkeypatch.setattr(train, "df_loss", lambda *a: per_chunk.append(df_loss(*a)) or per_chunk[-1])
+    train.main(["df", "--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--steps", "4", "--batch", "2",
+                "--latent-frames", "6", "--log-every", "2", "--state", "none", "--out", str(tmp_path / "s.safetensors")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("df step")]
+    mean = lambda steps: "loss by chunk " + " ".join(f"{v:.3f}" for v in
+                                                     torch.stack([per_chunk[i].mean(0) for i in steps]).mean(0).tolist())
+    assert len(lines) == 2 and len(per_chunk) == 4 and per_chunk[0].shape == (2, 2)
+    assert lines[0].endswith(mean([0, 1])) and lines[1].endswith(mean([2, 3])), (lines, mean([3]))
+    assert mean([2, 3]) != mean([3])                 # the test can tell the two apart
+
+
 def test_a_bad_clip_in_a_data_folder_is_one_line_exit_2(tmp_path, capsys):
     """A --data folder holding a clip ffmpeg cannot read ends the run with one line
     `train.py: error: ...` naming the file, exit code 2, no traceback and no checkpoint."""

@@ -1105,6 +1105,9 @@ def train_df(args):
     encoded = L.encode_pool(ae, dit_pool(args, n_latent, "df"), cfg.audio_context, progress=master())
     tokens = n_latent * (args.size // ae.cfg.space_down // cfg.patch) ** 2
 
+    log_every = args.log_every or LOG_EVERY
+    by_chunk = np.zeros((2, n_latent // cfg.chunk))                  # loss sums and steps since the last log line
+
     def step(i):
         x0, cond, audio = teacher_batch(encoded, batch, n_latent, rng, cfg.audio_context, args.device)
         window, sink = DF_CACHES[rng.integers(len(DF_CACHES))]
@@ -1112,14 +1115,18 @@ def train_df(args):
         x0, cond, audio, levels, eps = shard(x0, cond, audio, levels, eps)        # this process's rows
         with L.autocast(args.device):
             per_chunk = df_loss(model, x0, cond, audio, levels, eps, window, sink, args.mouth_weight)
-        text = "loss by chunk " + " ".join(f"{v:.3f}" for v in gather_rows(per_chunk.detach()).mean(0).tolist())
+        by_chunk[0] += gather_rows(per_chunk.detach()).mean(0).cpu().numpy()
+        by_chunk[1] += 1
+        text = "loss by chunk " + " ".join(f"{v:.3f}" for v in by_chunk[0] / by_chunk[1])
+        if (i + 1) % log_every == 0:                           # each log line covers the steps since the one before
+            by_chunk[:] = 0
         return per_chunk.mean(), len(x0) * tokens, text
 
     out = out_path(args)
     state = fresh_state(args, out)
     steps = args.steps or STAGE_STEPS["df"]
     losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
-                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=args.log_every,
+                 stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=log_every,
                  run=run_options(args))
     ema = unsharded(ema)
     if master():
