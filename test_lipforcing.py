@@ -369,11 +369,13 @@ def syncnet_python_scores(feat1, feat2, vshift):
     return vshift - minidx, minval, np.median(mdist) - minval
 
 
-@pytest.mark.parametrize("shift", [0, 4, -7])
+@pytest.mark.parametrize("shift", [0, 4, -7, 15, -15])
 def test_sync_scores_match_the_published_algorithm(shift):
     """sync_scores equals the numpy port of syncnet_python on random embeddings, and recovers a
-    planted offset: audio embeddings that match the video `shift` frames later give av_offset -shift."""
-    rng = np.random.default_rng(shift + 10)
+    planted offset: audio embeddings that match the video `shift` frames later give av_offset -shift,
+    up to the ends of the search (+-15). Also where the zero-padded offsets score worst (embeddings
+    far from 0), which moves the median."""
+    rng = np.random.default_rng(shift + 20)
     N, D = 120, 32
     v = rng.normal(size=(N, D)).astype(np.float32)
     a = np.roll(v, shift, axis=0) + 0.3 * rng.normal(size=(N, D)).astype(np.float32)
@@ -383,8 +385,9 @@ def test_sync_scores_match_the_published_algorithm(shift):
     assert abs(ours[1] - ref[1]) < 1e-4 and abs(ours[2] - ref[2]) < 1e-4
     # and on unrelated embeddings (no planted offset) they still agree
     b = rng.normal(size=(N, D)).astype(np.float32)
-    ours, ref = L.sync_scores(torch.from_numpy(v), torch.from_numpy(b)), syncnet_python_scores(v, b, 15)
-    assert ours[0] == ref[0] and abs(ours[1] - ref[1]) < 1e-4 and abs(ours[2] - ref[2]) < 1e-4
+    for x, y in ((v, b), (v + 3, a + 3)):
+        ours, ref = L.sync_scores(torch.from_numpy(x), torch.from_numpy(y)), syncnet_python_scores(x, y, 15)
+        assert ours[0] == ref[0] and abs(ours[1] - ref[1]) < 1e-4 and abs(ours[2] - ref[2]) < 1e-4
 
 
 def test_sync_embeddings_window_count():
@@ -1340,7 +1343,8 @@ def test_streaming_with_cache_equals_block_causal_forward(patch, audio_adaln):
 def test_a_student_run_without_a_cache_attends_block_causally():
     """cfg.causal is what makes a DiT a student: run without a cache or a mask (a whole window at
     once, as analyze.py runs a checkpoint), it takes block_causal_mask itself, so a chunk never
-    sees the chunks after it; the teacher's config (causal=False) stays bidirectional."""
+    sees the chunks after it, and a frame sees every frame of its own chunk; the teacher's config
+    (causal=False) stays bidirectional."""
     x, t, cond, audio = stream_inputs(9)
     student = bitey_dit(causal=True)
     own = student(x, t, cond, audio)
@@ -1348,6 +1352,9 @@ def test_a_student_run_without_a_cache_attends_block_causally():
     later = x.clone()
     later[:, 3:] += 1.0                                            # change every chunk after the first
     assert_close(student(later, t, cond, audio)[:, :3], own[:, :3], 1e-12, "first chunk, later chunks changed")
+    within = x.clone()
+    within[:, 2] += 1.0                                            # the first chunk's last frame: its own chunk sees it
+    assert (student(within, t, cond, audio) - own)[:, 0].abs().max() > 1e-3
     teacher = bitey_dit(causal=False)
     assert (teacher(later, t, cond, audio) - teacher(x, t, cond, audio))[:, :3].abs().max() > 1e-3
 
