@@ -1968,7 +1968,7 @@ def synthtalk_clip(split, index, seconds=TEST_SECONDS, size=FRAME_SIZE):
 # -----------------------------------------------------------------------------
 # 10. data: pools of clips from SynthTalk or from a folder of real clips
 
-VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv")
+VIDEO_EXTS = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg")
 RESIZE_VALUES = 2 ** 24   # float values resize_frames holds at a time: 64 MB (a 150-frame 720p clip is 1.7 GB)
 
 
@@ -2009,9 +2009,10 @@ def folder_pool(folder, size=FRAME_SIZE, progress=True):
     if not paths:
         raise MediaError(f"{folder} holds no {'/'.join(VIDEO_EXTS)} files, nor do its subfolders: put aligned face-crop "
                          "clips with audio there")
-    clips = []
+    clips, oblong = [], 0
     for p in tqdm(paths, desc=f"reading {folder}", disable=not progress):
         frames, _ = read_video(p)
+        oblong += frames.shape[1] != frames.shape[2]
         try:
             audio = read_audio(p)
         except NoAudioTrack:
@@ -2020,6 +2021,9 @@ def folder_pool(folder, size=FRAME_SIZE, progress=True):
         n = len(frames) * SAMPLES_PER_FRAME
         audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
         clips.append(Clip(resize_frames(frames, size), audio, name=p.relative_to(folder).with_suffix("").as_posix()))
+    if oblong:
+        print(f"note: {oblong} of {len(paths)} clips in {folder} are not square: squeezed to {size}x{size} (the "
+              "models train on square face crops; crop them square to keep the face's shape)")
     return clips
 
 

@@ -480,11 +480,19 @@ def test_training_reads_a_folder_of_clips(tmp_path):
 
 def test_a_folder_clip_of_any_length_is_read_and_each_stage_leaves_out_the_too_short(tmp_path, capsys):
     """folder_pool reads a clip of a few frames as any other (no floor of its own); the stage that
-    draws longer windows than it holds leaves it out with a note, the one whose windows fit trains on it."""
+    draws longer windows than it holds leaves it out with a note, the one whose windows fit trains on it.
+    An m4v is a clip too, and one that is not square is squeezed with a note."""
     for name, seconds in (("short", 0.4), ("long", 1.6)):
         c = L.synthtalk_clip("train", 0, seconds, 32)
         write_video(tmp_path / f"{name}.mp4", c.frames, c.audio)
     assert sorted(len(c.frames) for c in L.folder_pool(tmp_path, 32, progress=False)) == [10, 40]
+    assert "not square" not in capsys.readouterr().out
+    wide = L.synthtalk_clip("train", 1, 0.4, 32)
+    write_video(tmp_path / "sub" / "wide.m4v", np.concatenate([wide.frames, wide.frames[:, :, :16]], axis=2), wide.audio)
+    pool = L.folder_pool(tmp_path, 32, progress=False)
+    assert [c.name for c in pool] == ["long", "short", "sub/wide"] and pool[2].frames.shape == (10, 32, 32, 3)
+    assert "note: 1 of 3 clips in" in capsys.readouterr().out
+    (tmp_path / "sub" / "wide.m4v").unlink()
     args = train.get_args(["teacher", "--data", str(tmp_path), "--size", "32"])
     assert sorted(len(c.frames) for c in train.train_pool(args, 1, 1.0, "vae", need=9)) == [10, 40]
     assert [len(c.frames) for c in train.dit_pool(args, 9, "teacher")] == [40]
