@@ -297,7 +297,7 @@ def student_path(args, required=True):
 
 DIT_HINTS = {   # causal: (how to make one, what a checkpoint of the other kind is told)
     True: ("train a student with `python train.py df`",
-           "{path} is a bidirectional teacher, not the causal student: pass --ckpt checkpoints/student_df.safetensors"),
+           "{path} is a bidirectional teacher, not the causal student: pass --ckpt {beside}"),
     False: ("train it with `python train.py teacher`",
             "--teacher {path} is a causal student, not the bidirectional teacher: pass the teacher's checkpoint"),
 }
@@ -309,7 +309,8 @@ def load_dit(path, device, causal=True):
     how, other_kind = DIT_HINTS[causal]
     model, extra = load(path, L.DiTConfig, L.DiT, device, how)
     if model.cfg.causal != causal:
-        fail(other_kind.format(path=path))
+        beside = os.path.join(os.path.dirname(path), os.path.basename(STUDENT_CKPTS[1]))    # its run's student
+        fail(other_kind.format(path=path, beside=beside if os.path.isfile(beside) else STUDENT_CKPTS[1]))
     return model, extra
 
 

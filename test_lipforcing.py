@@ -1978,15 +1978,20 @@ def test_default_checkpoints_are_found_from_any_folder_own_ones_first(tmp_path, 
 
 
 def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
-    """A bidirectional checkpoint passed as --ckpt is an error (one line), not a silent wrong model."""
+    """A bidirectional checkpoint passed as --ckpt is an error (one line), not a silent wrong model;
+    it names the student beside that teacher where its run left one."""
     teacher = L.DiT(L.DiTConfig(dim=64, depth=2, heads=4, ffn=128))
     L.save_checkpoint(tmp_path / "t.safetensors", teacher, teacher.cfg)
     face_video(tmp_path / "v.mp4", 3)
     speech(tmp_path / "a.wav", 3)
-    code, _, err = run(["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4",
-                        *ckpt, "--ckpt", tmp_path / "t.safetensors"], capsys)
-    assert_one_line_error(code, err, "bidirectional")
+    argv = ["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4", *ckpt,
+            "--ckpt", tmp_path / "t.safetensors"]
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, "bidirectional", "pass --ckpt checkpoints/student_df.safetensors")
     assert not (tmp_path / "o.mp4").exists()
+    (tmp_path / "student_df.safetensors").write_bytes(b"")       # its run's student, beside it: that is the advice
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, "bidirectional", f"pass --ckpt {tmp_path / 'student_df.safetensors'}")
 
 
 def test_a_dit_trained_on_another_autoencoder_is_refused_everywhere_it_is_read(tmp_path, capsys, ckpt):
