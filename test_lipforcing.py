@@ -1422,6 +1422,26 @@ def test_dynamic_rope_output_depends_only_on_cache_contents():
     assert (outs[5] - first).abs().max() > 1e-4       # the cache does matter
 
 
+def test_a_rolled_chunk_equals_a_fresh_forward_over_the_frames_its_cache_holds():
+    """Dynamic RoPE against a reference with no cache: in a one-block DiT a cached frame's keys
+    depend on that frame alone, so chunk 6 of a stream (rolled: the sink, frame 0, and the 3 frames
+    before it) must equal a fresh forward over just those 7 frames, at positions 0-6, each frame
+    with its own input and audio. Queries placed by stream position instead (15-17) fail it."""
+    model = bitey_dit(depth=1, causal=True)
+    chunk, sink, window = 3, 1, 7
+    x, t, cond, audio = stream_inputs(6 * chunk)                 # 6 chunks, all different
+    cache = L.KVCache(1, sink=sink, window=window, chunk=chunk)
+    with torch.no_grad():
+        for c in range(6):
+            part = [v[:, c * chunk:(c + 1) * chunk] for v in (x, t, cond, audio)]
+            out = model(*part, cache=cache)
+            model(*part, cache=cache, update_cache=True)
+        held = [0, 12, 13, 14, 15, 16, 17]                       # sink | recent | the chunk
+        fresh = model(*[v[:, held] for v in (x, t, cond, audio)], mask=torch.ones(7 * 4, 7 * 4, dtype=torch.bool))
+    assert_close(out, fresh[:, -chunk:], 1e-10, "rolled chunk vs fresh forward over the held frames")
+    assert (out - model(*[v[:, 12:18] for v in (x, t, cond, audio)])[:, -chunk:]).abs().max() > 1e-4   # the sink counts
+
+
 def test_compiled_blocks_stream_as_eager_with_graphs_independent_of_depth():
     """compile_blocks (regional torch.compile) streams the same outputs as the eager model, and
     compiles the same number of graphs for 1 block as for 3, fewer than dynamo's recompile limit
