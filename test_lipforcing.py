@@ -1070,6 +1070,21 @@ def test_qk_norm_runs_in_fp32_under_bf16_autocast():
     assert (y.float() - attn(x, rope)).abs().max() < 0.05
 
 
+def test_the_flow_matching_target_is_the_velocity_the_sampler_integrates():
+    """For data that is one point x0, the true velocity at x_t is (x_t - x0) / t. On add_noise's
+    pairs it is the loss's target exactly (loss 0; its negative is not), and the 50-step Euler
+    sampler driven by it from eps stays on add_noise's straight path at every step and lands on x0:
+    the noising, the v target and the sampler's direction are one flow."""
+    x0, eps = dit_inputs(B=2, Fr=3, seed=3)[0], dit_inputs(B=2, Fr=3, seed=4)[0]
+    oracle = lambda x, t, cond, audio: (x - x0) / t[..., None, None, None]
+    t = torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.7, 0.999]])
+    v = oracle(L.add_noise(x0, eps, t), t, None, None)
+    assert L.flow_matching_loss(v, x0, eps).max() < 1e-10 and L.flow_matching_loss(-v, x0, eps).min() > 1
+    for j, t_j, x, _ in L.ode_trajectory(oracle, None, None, eps, cfg=1.0):     # on the straight path all along
+        assert_close(x, L.add_noise(x0, eps, torch.full((2, 3), t_j)), 1e-5, f"ODE step {j}")
+    assert_close(L.sample_ode(oracle, None, None, eps, cfg=1.0), x0, 1e-5, "sample of the one-point flow")
+
+
 def test_ode_schedule_landmarks():
     """The teacher's shifted 50-step ODE: t_20 = 0.882, t_30 = 0.769, t_40 = 0.556 (the paper's); the
     student's two steps sit at t = 0.999 and at the teacher's step 30."""
