@@ -150,10 +150,14 @@ def autocast(device, cpu=False):
 
 
 def weights_digest(model):
-    """A short fingerprint of a model: sha256 over its config and every weight and buffer (name,
-    shape, dtype, bytes). A DiT checkpoint records its autoencoder's (`autoencoder` in its extra),
-    so a DiT is never run on the latents of another autoencoder unnoticed."""
-    h = hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode())
+    """A short fingerprint of a model: sha256 over its config's fields that differ from their
+    defaults (so a field added to the class later, at its default, leaves old digests as they were)
+    and every weight and buffer (name, shape, dtype, bytes). A DiT checkpoint records its
+    autoencoder's (`autoencoder` in its extra), so a DiT is never run on the latents of another
+    autoencoder unnoticed."""
+    cfg = model.cfg
+    own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    h = hashlib.sha256(json.dumps(own, sort_keys=True).encode())
     for name, v in sorted(model.state_dict().items()):
         v = v.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name} {tuple(v.shape)} {v.dtype}".encode())
@@ -730,7 +734,7 @@ def read_video(path, fps=FPS):
     if "Stream #" not in info:
         raise _not_media(path, info)
     if not _VIDEO_RE.search(info):
-        raise MediaError(f"{path} has no video stream: pass a video file (mp4/mov/webm/avi/mkv)")
+        raise MediaError(f"{path} has no video stream: pass a video file ({'/'.join(e[1:] for e in VIDEO_EXTS)})")
     end = _stream_end(_check_whole(path, "v"))
     _check_decodes(path, "v")
     rate = Fraction(fps).limit_denominator(1001)
@@ -2001,7 +2005,8 @@ def folder_pool(folder, size=FRAME_SIZE, progress=True):
     """Every video under `folder` (aligned face crops with an audio track; folder_clips) as a Clip
     at 25 fps, 16 kHz and size x size, named by its path in the folder without the extension
     (speaker/video/00001). The audio is cut or zero-padded to 640 samples per frame. Any length:
-    each stage leaves out the clips too short for what it draws (train.py train_pool)."""
+    each stage leaves out the clips too short for what it draws (train.py train_pool). progress:
+    the reading's bar and notes (one process of a torchrun run)."""
     from tqdm import tqdm
     if not os.path.isdir(folder):
         raise MediaError(f"{folder} is not a folder: --data takes a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} clips")
@@ -2021,7 +2026,7 @@ def folder_pool(folder, size=FRAME_SIZE, progress=True):
         n = len(frames) * SAMPLES_PER_FRAME
         audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
         clips.append(Clip(resize_frames(frames, size), audio, name=p.relative_to(folder).with_suffix("").as_posix()))
-    if oblong:
+    if oblong and progress:
         print(f"note: {oblong} of {len(paths)} clips in {folder} are not square: squeezed to {size}x{size} (the "
               "models train on square face crops; crop them square to keep the face's shape)")
     return clips

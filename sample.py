@@ -77,7 +77,7 @@ except KeyboardInterrupt:
     raise SystemExit(130)
 
 SPF = L.SAMPLES_PER_FRAME
-REPO = os.path.dirname(os.path.abspath(__file__))   # the committed checkpoints/ are beside this script
+REPO = os.path.dirname(os.path.realpath(__file__))   # the committed checkpoints/ are beside this script
 STUDENT_CKPTS = ("checkpoints/student.safetensors", "checkpoints/student_df.safetensors")  # DMD, then DF init
 OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
 CONTAINER_MAGIC = {"a wav": (0, b"RIFF"), "an mp3": (0, b"ID3"), "a flac": (0, b"fLaC"),   # (offset, bytes)
@@ -249,8 +249,12 @@ def check_args(args):
     if args.size is not None and not args.benchmark and (path := student_path(args, required=False)):
         student_size(args, path, recorded_extra(path))      # a size it never saw: refused before the media is read
     if args.stream and args.audio != "-" and os.path.isfile(args.audio):   # its head is there: refused before a
-        with open(args.audio, "rb") as f:                                  # model loads (and --compile warms up)
-            check_not_container(f.read(MAGIC_BYTES), args.audio, ended=False)
+        try:                                                               # model loads (and --compile warms up)
+            with open(args.audio, "rb") as f:
+                head = f.read(MAGIC_BYTES)
+        except OSError as e:
+            fail(f"--audio {args.audio}: {e.strerror or e}")
+        check_not_container(head, args.audio, ended=False)
 
 
 # -----------------------------------------------------------------------------
@@ -297,7 +301,7 @@ def student_path(args, required=True):
 
 DIT_HINTS = {   # causal: (how to make one, what a checkpoint of the other kind is told)
     True: ("train a student with `python train.py df`",
-           "{path} is a bidirectional teacher, not the causal student: pass --ckpt {beside}"),
+           "{path} is a bidirectional teacher, not the causal student: {advice}"),
     False: ("train it with `python train.py teacher`",
             "--teacher {path} is a causal student, not the bidirectional teacher: pass the teacher's checkpoint"),
 }
@@ -310,7 +314,8 @@ def load_dit(path, device, causal=True):
     model, extra = load(path, L.DiTConfig, L.DiT, device, how)
     if model.cfg.causal != causal:
         beside = os.path.join(os.path.dirname(path), os.path.basename(STUDENT_CKPTS[1]))    # its run's student
-        fail(other_kind.format(path=path, beside=beside if os.path.isfile(beside) else STUDENT_CKPTS[1]))
+        fail(other_kind.format(path=path, advice=f"pass --ckpt {beside}" if os.path.isfile(beside) else
+                               "pass a student's checkpoint, or leave out --ckpt for the default student"))
     return model, extra
 
 

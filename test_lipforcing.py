@@ -489,7 +489,7 @@ def test_a_folder_clip_of_any_length_is_read_and_each_stage_leaves_out_the_too_s
     assert "not square" not in capsys.readouterr().out
     wide = L.synthtalk_clip("train", 1, 0.4, 32)
     write_video(tmp_path / "sub" / "wide.m4v", np.concatenate([wide.frames, wide.frames[:, :, :16]], axis=2), wide.audio)
-    pool = L.folder_pool(tmp_path, 32, progress=False)
+    pool = L.folder_pool(tmp_path, 32)                           # with its progress: the notes too
     assert [c.name for c in pool] == ["long", "short", "sub/wide"] and pool[2].frames.shape == (10, 32, 32, 3)
     assert "note: 1 of 3 clips in" in capsys.readouterr().out
     (tmp_path / "sub" / "wide.m4v").unlink()
@@ -507,7 +507,7 @@ def test_dit_stages_leave_out_clips_too_short_for_a_window_and_its_reference(mon
     (the autoencoder's 9-frame windows, the SyncNet's 5 frames at 16 starts), and a SynthTalk
     --seconds too short is refused before a clip is made."""
     clip = lambda T: SimpleNamespace(frames=np.zeros((T, 1)))
-    monkeypatch.setattr(L, "folder_pool", lambda folder, size: [clip(36), clip(37), clip(40)])
+    monkeypatch.setattr(L, "folder_pool", lambda folder, size, progress: [clip(36), clip(37), clip(40)])
     args = train.get_args(["teacher", "--data", "clips"])
     assert [len(c.frames) for c in train.dit_pool(args, 9, "teacher")] == [37, 40]
     assert "teacher: 1 of 3 clips are shorter than 37 frames (1.48 s at 25 fps)" in capsys.readouterr().out
@@ -1957,6 +1957,13 @@ def test_stream_refuses_a_container_file_before_loading_or_compiling(tmp_path, c
     code, _, err = run([*argv, tmp_path / "a.pcm"], capsys)
     assert_one_line_error(code, err, "stop here")
     assert len(loaded) == 1
+    real_open = open
+    refuse = lambda path, *a, **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))) \
+        if str(path) == str(tmp_path / "a.pcm") else real_open(path, *a, **kw)
+    monkeypatch.setattr("builtins.open", refuse)                 # a file we may not read: one line, not a traceback
+    code, _, err = run([*argv, tmp_path / "a.pcm"], capsys)
+    assert_one_line_error(code, err, "a.pcm: Permission denied")
+    assert len(loaded) == 1
 
 
 def test_stream_mp4_audio_lasts_as_long_as_its_frames(tmp_path):
@@ -2022,7 +2029,7 @@ def test_a_teacher_checkpoint_is_refused_as_the_student(tmp_path, capsys, ckpt):
     argv = ["--video", tmp_path / "v.mp4", "--audio", tmp_path / "a.wav", "--out", tmp_path / "o.mp4", *ckpt,
             "--ckpt", tmp_path / "t.safetensors"]
     code, _, err = run(argv, capsys)
-    assert_one_line_error(code, err, "bidirectional", "pass --ckpt checkpoints/student_df.safetensors")
+    assert_one_line_error(code, err, "bidirectional", "or leave out --ckpt for the default student")
     assert not (tmp_path / "o.mp4").exists()
     (tmp_path / "student_df.safetensors").write_bytes(b"")       # its run's student, beside it: that is the advice
     code, _, err = run(argv, capsys)
@@ -2033,7 +2040,7 @@ def test_a_dit_trained_on_another_autoencoder_is_refused_everywhere_it_is_read(t
     """The DiT stages record their autoencoder's weights_digest; sample.py, the training stages that
     read a DiT and analyze.py refuse (one line) a DiT recorded with another autoencoder than the
     one they would run it on, and run one recorded with theirs. weights_digest sees one weight or
-    the latent statistics change, and not a save and reload."""
+    the latent statistics change, and not a save and reload, nor a config field added at its default."""
     ae = L.load_checkpoint(ckpt[ckpt.index("--vae") + 1], L.AEConfig, L.VideoAE)[0]
     L.save_checkpoint(tmp_path / "vae.safetensors", ae, ae.cfg)
     same = L.load_checkpoint(tmp_path / "vae.safetensors", L.AEConfig, L.VideoAE)[0]
@@ -2044,6 +2051,10 @@ def test_a_dit_trained_on_another_autoencoder_is_refused_everywhere_it_is_read(t
     nudged.load_state_dict(ae.state_dict())
     next(nudged.parameters()).data.view(-1)[0] += 1e-6
     assert len({L.weights_digest(m) for m in (ae, other, nudged)}) == 3
+    grown = L.VideoAE(dataclasses.make_dataclass("Grown", [("new_field", int, 0)], bases=(L.AEConfig,))(
+        **dataclasses.asdict(ae.cfg)))                         # a field added to the class later, at its default
+    grown.load_state_dict(ae.state_dict())
+    assert L.weights_digest(grown) == L.weights_digest(ae)
     student = L.load_checkpoint(ckpt[ckpt.index("--ckpt") + 1], L.DiTConfig, L.DiT)[0]
     face_video(tmp_path / "v.mp4", 3)
     speech(tmp_path / "a.wav", 3)
@@ -3485,7 +3496,7 @@ def test_options_a_stage_would_ignore_and_bad_values_are_refused_before_any_work
     assert_one_line_error(e.value.code, capsys.readouterr().err, words, prog="train.py")
 
 
-def test_a_stages_help_lists_only_the_options_it_reads(capsys):
+def test_a_stages_help_leaves_out_the_options_it_refuses(capsys):
     """`train.py STAGE --help` leaves out the options STAGE refuses (STAGE_OPTIONS); `--help` alone
     lists them all."""
     def help_of(*argv):

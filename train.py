@@ -171,11 +171,11 @@ def get_args(argv=None):
                         "pool (default: this process's share of the cores)")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     stage = next((a for a in argv if a in STAGES), None)
-    if stage and {"-h", "--help"} & set(argv):          # a stage's help lists only the options it reads
+    if stage and {"-h", "--help"} & set(argv):          # a stage's help leaves out the options it refuses
         for action in p._actions:
             if action.dest in STAGE_OPTIONS and stage not in STAGE_OPTIONS[action.dest]:
                 action.help = argparse.SUPPRESS
-        p.epilog = f"(the options of {stage}; python train.py --help lists every stage's)"
+        p.epilog = f"(without the options {stage} refuses; python train.py --help lists them all)"
     return p.parse_args(argv)
 
 
@@ -210,7 +210,7 @@ def train_pool(args, n_default, seconds_default, stage, need=1, what="a frame", 
         if round(seconds * L.FPS) < need:
             fail(f"{stage}: --seconds {seconds:g} makes clips {why}; pass --seconds {need / L.FPS:g} or more{or_else}")
         return L.synthtalk_pool("train", args.clips or n_default, seconds, args.size, workers=pool_workers(args))
-    clips = L.folder_pool(args.data, args.size)
+    clips = L.folder_pool(args.data, args.size, progress=master())
     keep = [c for c in clips if len(c.frames) >= need]
     if not keep:
         fail(f"{stage}: every clip in {args.data} is {why}; use longer clips{or_else}")
