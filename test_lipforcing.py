@@ -390,6 +390,17 @@ def test_sync_scores_match_the_published_algorithm(shift):
         assert ours[0] == ref[0] and abs(ours[1] - ref[1]) < 1e-4 and abs(ours[2] - ref[2]) < 1e-4
 
 
+def test_the_committed_eval_syncnet_finds_a_clips_own_audio_in_sync_and_a_delay_at_its_offset():
+    """End to end (corpus, mels, SyncNet, the offset search): a SynthTalk test clip with its own
+    audio is at AV offset 0; its audio delayed by k frames is found at -k (syncnet_python's sign,
+    as the planted embeddings above), early by k at +k."""
+    net = L.load_checkpoint(os.path.join(HERE, "checkpoints", "syncnet_eval.safetensors"), L.SyncNetConfig, L.SyncNet)[0]
+    clip = L.synthtalk_clip("test", 0, 4.0)
+    for k in (0, 3, -3):
+        res = L.evaluate_sync(net, [clip.frames], [np.roll(clip.audio, k * SAMPLES_PER_FRAME)])
+        assert res["offsets"] == [-k] and res["sync_c"] > 10, (k, res)
+
+
 def test_sync_embeddings_window_count():
     """syncnet_python evaluates T - 5 windows of a T-frame clip; so do we."""
     net = L.SyncNet(L.SyncNetConfig()).eval()
