@@ -261,17 +261,21 @@ def check_args(args):
 # models
 
 
+def run_elsewhere():
+    """Whether this run's current folder is not the one sample.py is in."""
+    return os.path.realpath(REPO) != os.path.realpath(os.getcwd())
+
+
 def default_places(*paths):
     """Where default checkpoint paths are looked for, in order: from the current folder (a run's own
     trained models), then beside this script (the committed ones), so the tool runs from any folder."""
-    elsewhere = os.path.realpath(REPO) != os.path.realpath(os.getcwd())
-    return [*paths, *(os.path.join(REPO, p) for p in paths if elsewhere)]
+    return [*paths, *(os.path.join(REPO, p) for p in paths if run_elsewhere())]
 
 
 def from_here(path):
     """' in <the current folder> or beside sample.py in <its folder>' for a default checkpoint path
     (found in neither), so a run is told where it looked. '' for a path the user chose."""
-    beside = f" or beside sample.py in {REPO}" if len(default_places(path)) > 1 else ""
+    beside = f" or beside sample.py in {REPO}" if run_elsewhere() else ""
     return f" in {os.getcwd()}{beside}" if path in (*STUDENT_CKPTS, *DEFAULT_CKPTS.values()) else ""
 
 

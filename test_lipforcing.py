@@ -1969,9 +1969,12 @@ def test_stream_refuses_a_container_file_before_loading_or_compiling(tmp_path, c
     assert_one_line_error(code, err, "stop here")
     assert len(loaded) == 1
     real_open = open
-    refuse = lambda path, *a, **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))) \
-        if str(path) == str(tmp_path / "a.pcm") else real_open(path, *a, **kw)
-    monkeypatch.setattr("builtins.open", refuse)                 # a file we may not read: one line, not a traceback
+
+    def refuse(path, *a, **kw):                                    # a file we may not read: one line, not a traceback
+        if str(path) == str(tmp_path / "a.pcm"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr("builtins.open", refuse)
     code, _, err = run([*argv, tmp_path / "a.pcm"], capsys)
     assert_one_line_error(code, err, "a.pcm: Permission denied")
     assert len(loaded) == 1
