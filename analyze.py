@@ -126,7 +126,7 @@ def make_batch(model, ae, clips, device):
     context = model.cfg.audio_context
     cond, audio, noise, fresh = [], [], [], []
     for i, c in enumerate(clips):
-        enc = L.encode_clip(ae, c.frames, c.audio, context)
+        enc = L.encode_clip(ae, c.frames, c.audio, context, encoder=model.audio_encoder)
         x0, cd, au = T.teacher_windows(enc, len(c.frames), context)             # (S, F, ...)
         g = torch.Generator().manual_seed(i)
         cond.append(cd), audio.append(au)

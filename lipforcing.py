@@ -908,6 +908,7 @@ class DiTConfig:
     audio_context: int = 2         # video frames of audio on each side of a latent frame's 4
     audio_every: int = 1           # audio is added in every k-th block
     audio_adaln: bool = False      # the audio embedding also joins the timestep's in every block's adaLN input
+    audio_encoder: bool = False    # per-frame audio features from the frozen reward SyncNet's audio stream (AudioEncoder)
     rope_theta: float = 10000.0
     cfg_drop: float = 0.1          # probability of dropping the condition in training (CFG)
     drop_mode: str = "audio"       # "audio": drop only the audio; "all": audio and spatial conditions
@@ -923,7 +924,12 @@ class DiTConfig:
 
     @property
     def audio_channels(self):      # one latent frame's packed audio (pack_audio): its 4 video frames and the context's
-        return (FRAMES_PER_LATENT + 2 * self.audio_context) * MELS_PER_FRAME * N_MELS
+        per_frame = SyncNetConfig.embed if self.audio_encoder else MELS_PER_FRAME * N_MELS
+        return (FRAMES_PER_LATENT + 2 * self.audio_context) * per_frame
+
+    @property
+    def audio_reach(self):         # video frames of audio either side of a latent frame's 4 that its features read
+        return self.audio_context + (AudioEncoder.reach if self.audio_encoder else 0)
 
 
 DIT_PRESETS = {
@@ -1128,6 +1134,9 @@ class DiT(nn.Module):
         d, p, zc = cfg.dim, cfg.patch, cfg.latent_channels
         self.patch_in = nn.Linear((zc + cfg.cond_channels) * p * p, d)
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        # the audio encoder's weights travel in the DiT's checkpoint; it runs once per video frame where
+        # the features are made (frame_features), not in each of a sampler's passes
+        self.audio_encoder = AudioEncoder() if cfg.audio_encoder else None     # (section 8, beside SyncNet)
         self.audio_embed = nn.Sequential(nn.Linear(cfg.audio_channels, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg, audio=(i % cfg.audio_every == 0)) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -1352,11 +1361,14 @@ def lower_face_mask(H, W, device=None):
     return m
 
 
-def frame_features(audio, v0, v1, offset=0):
-    """Normalised log-mel of video frames v0 .. v1-1: (v1 - v0, 160), 4 mel frames per row.
+def frame_features(audio, v0, v1, offset=0, encoder=None):
+    """Normalised log-mel of video frames v0 .. v1-1: (v1 - v0, 160), 4 mel frames per row; with an
+    AudioEncoder, its embedding of each frame's window instead: (v1 - v0, embed).
     `audio` holds the waveform from sample `offset` on; samples outside it are silence. A frame's
     mel windows reach 120 samples into its neighbours, so one frame of margin on each side makes
     any range equal to the same rows of the whole clip (a stream computes them piece by piece)."""
+    if encoder is not None:
+        return encoder(frame_features(audio, v0 - encoder.reach, v1 + encoder.reach, offset))
     a = torch.as_tensor(audio).float()
     s0, s1 = (v0 - 1) * SAMPLES_PER_FRAME, (v1 + 1) * SAMPLES_PER_FRAME
     x = torch.zeros(s1 - s0)
@@ -1367,17 +1379,17 @@ def frame_features(audio, v0, v1, offset=0):
     return mel[MELS_PER_FRAME:-MELS_PER_FRAME].reshape(v1 - v0, MELS_PER_FRAME * N_MELS)
 
 
-def audio_frame_features(audio, context):
-    """A whole clip's features, padded for packing: (T * 640,) -> (T + 3 + 2c, 160). Row i holds
-    video frame i - 3 - c; frames before the clip and after its end are silence."""
+def audio_frame_features(audio, context, encoder=None):
+    """A whole clip's features, padded for packing: (T * 640,) -> (T + 3 + 2c, 160 or embed). Row i
+    holds video frame i - 3 - c; frames before the clip and after its end are silence."""
     T = -(-len(audio) // SAMPLES_PER_FRAME)
-    return frame_features(audio, -3 - context, T + context)
+    return frame_features(audio, -3 - context, T + context, encoder=encoder)
 
 
-def audio_lookahead(context):
-    """Audio samples past a frame's end that its features need: `context` frames of audio context,
+def audio_lookahead(reach):
+    """Audio samples past a frame's end that its features need: `reach` frames (DiTConfig.audio_reach),
     plus the 120 samples a mel window reaches into the next frame. What a stream waits for."""
-    return context * SAMPLES_PER_FRAME + (MEL_WIN - MEL_HOP) // 2
+    return reach * SAMPLES_PER_FRAME + (MEL_WIN - MEL_HOP) // 2
 
 
 def pack_audio(feats, start, n_latent, context):
@@ -1408,8 +1420,9 @@ class EncodedClip:
 
 
 @torch.no_grad()
-def encode_clip(ae, frames, audio, context, batch=64):
-    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip (the first 1 + 4 ((T - 1) // 4) frames).
+def encode_clip(ae, frames, audio, context, batch=64, encoder=None):
+    """frames uint8 (T, H, W, 3), audio (T * 640,) -> EncodedClip (the first 1 + 4 ((T - 1) // 4) frames;
+    audio features by the DiT's AudioEncoder, if it has one).
     At most `batch` single frames or 4-frame groups go through the encoder at once, so a long clip
     at a large size needs no more memory than a 10 s one."""
     dev = next(ae.parameters()).device
@@ -1426,20 +1439,20 @@ def encode_clip(ae, frames, audio, context, batch=64):
         return single.cpu(), groups.cpu()
 
     (s, g), (ms, mg) = enc(x), enc(masked)
-    return EncodedClip(s, g, ms, mg, audio_frame_features(audio, context))
+    return EncodedClip(s, g, ms, mg, audio_frame_features(audio, context, encoder))
 
 
-def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encoding the training clips"):
+def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encoding the training clips", encoder=None):
     """encode_clip of every clip, cached on disk. The cache file is named by a hash of the
-    autoencoder's weights and config, the audio context and every clip's frames and audio, so it is found
-    only for exactly this input (SynthTalk or a folder of real clips) and a retrained autoencoder
-    never reads stale latents. The code that encodes is not in the name: a cache is used only when
+    autoencoder's weights and config, the audio context, the AudioEncoder's weights (if any) and
+    every clip's frames and audio, so it is found only for exactly this input (SynthTalk or a
+    folder of real clips) and a retrained autoencoder never reads stale latents. The code that encodes is not in the name: a cache is used only when
     its first clip equals (within 1%) that clip encoded afresh, so a changed mask, condition or audio feature
     (a fork's) encodes the pool again. The DiT stages all train on one pool: only the first encodes it."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
     h = hashlib.sha1(f"{context} {ae.cfg}".encode())      # the config holds the latent statistics
-    for v in ae.state_dict().values():
+    for v in [*ae.state_dict().values(), *(encoder.state_dict().values() if encoder is not None else [])]:
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     for c in clips:
         h.update(np.ascontiguousarray(c.frames).tobytes()), h.update(np.ascontiguousarray(c.audio).tobytes())
@@ -1447,14 +1460,14 @@ def encode_pool(ae, clips, context, cache_dir=None, progress=True, desc="encodin
     names = [f.name for f in fields(EncodedClip)]
     if os.path.isfile(path):
         t = load_file(path)
-        first = encode_clip(ae, clips[0].frames, clips[0].audio, context)
+        first = encode_clip(ae, clips[0].frames, clips[0].audio, context, encoder=encoder)
         cached = [t.get(f"0.{k}") for k in names]
         # within 1% (relative norm): another device or TF32 convolutions differ by less, other code by more
         if all(c is not None and c.shape == getattr(first, k).shape and (c - getattr(first, k)).norm() <= 0.01 * c.norm()
                for c, k in zip(cached, names)):
             return [EncodedClip(*(t[f"{i}.{k}"] for k in names)) for i in range(len(clips))]
         print(f"{path} holds latents of other encoding code; encoding the clips again")
-    encoded = [encode_clip(ae, c.frames, c.audio, context)
+    encoded = [encode_clip(ae, c.frames, c.audio, context, encoder=encoder)
                for c in tqdm(clips, desc=desc, disable=not progress)]
     with atomic_path(path) as tmp:
         save_file({f"{i}.{k}": getattr(e, k).contiguous() for i, e in enumerate(encoded) for k in names}, tmp)
@@ -1537,6 +1550,43 @@ class SyncNet(nn.Module):
     def embed_audio(self, mel):
         """mel (B, 20, N_MELS) -> (B, embed)."""
         return self.audio(mel.transpose(1, 2)[:, None])
+
+
+AUDIO_EMBED_STD = 1.5     # spread of the reward SyncNet's audio embeddings on SynthTalk: AudioEncoder's output at unit scale
+
+
+class AudioEncoder(nn.Module):
+    """The DiT's frozen audio encoder (DiTConfig.audio_encoder), this world's wav2vec2: a video
+    frame's feature is the reward SyncNet's audio embedding of the 5-frame window (20 mel frames)
+    centred on it, `reach` frames either side. The weights are buffers, copied from the reward
+    SyncNet when a teacher starts (load_syncnet_audio) and saved with the DiT: no optimiser,
+    requires_grad_ or train() reaches them, and it always runs as evaluated (BatchNorm's running
+    statistics)."""
+    reach = (SyncNetConfig.frames - 1) // 2
+
+    def __init__(self):
+        super().__init__()
+        tower = SyncNet(SyncNetConfig()).audio.eval().requires_grad_(False)
+        self.names = list(tower.state_dict())
+        for k, v in tower.state_dict().items():
+            self.register_buffer(k.replace(".", "_"), v.clone())
+        self.tower = [tower]      # in a list, not a submodule: its weights are the buffers above
+
+    def load_syncnet_audio(self, net):
+        """Copy a SyncNet's audio stream (SyncNetConfig's default shape) into the buffers."""
+        for k, v in net.audio.state_dict().items():
+            getattr(self, k.replace(".", "_")).copy_(v)
+
+    @torch.no_grad()
+    def forward(self, mel, batch=1024):
+        """mel (n + 4, 160) frame_features rows -> (n, embed): the frames with a whole window."""
+        weights = {k: getattr(self, k.replace(".", "_")) for k in self.names}
+        dev = weights[self.names[0]].device
+        mel = (mel.to(dev) * MEL_STD + MEL_MEAN).view(len(mel), MELS_PER_FRAME, N_MELS)   # unnormalised, as SyncNet reads it
+        win = mel.unfold(0, SyncNetConfig.frames, 1).permute(0, 3, 1, 2)                  # (n, 5, 4, 40)
+        x = win.reshape(len(win), 1, -1, N_MELS).transpose(2, 3)                         # (n, 1, 40, 20)
+        out = [torch.func.functional_call(self.tower[0], weights, (x[i:i + batch],)) for i in range(0, len(x), batch)]
+        return (torch.cat(out) / AUDIO_EMBED_STD).float().cpu() if out else torch.zeros(0, SyncNetConfig.embed)
 
 
 def contrastive_loss(d, same, margin, weight=None):
@@ -2148,9 +2198,10 @@ class LipSyncStream:
 
     Chunk k is latent frames 3k .. 3k+2 of the stream: video frames 0-8 for the first chunk (its
     first latent frame holds frame 0 alone), then 12 frames per chunk. A chunk runs as soon as its
-    source frames and its audio have arrived; the audio of a latent frame reaches `audio_context`
-    frames (plus one 120-sample mel half-window) past its last video frame, so that is the
-    lookahead. Per chunk: encode the masked source frames, the student's two denoising passes and
+    source frames and its audio have arrived; the audio of a latent frame reaches `audio_reach`
+    frames (its audio context, and the AudioEncoder's half-window if it has one; plus one
+    120-sample mel half-window) past its last video frame, so that is the lookahead. Per chunk:
+    encode the masked source frames, the student's two denoising passes and
     the KV refresh, the autoencoder's streaming decoder, then the lower face is composited into
     the source frames. Everything kept is bounded: the KV cache (sink + window), the decoder's
     one-latent memory, and the input not yet used: less than two chunks of it when frames and audio
@@ -2165,7 +2216,7 @@ class LipSyncStream:
         self.model, self.ae, self.composite, self.steps = student, ae, composite, tuple(steps)
         self.device = next(student.parameters()).device
         self.cache = KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk)
-        self.chunk, self.context = cfg.chunk, cfg.audio_context
+        self.chunk, self.context, self.reach = cfg.chunk, cfg.audio_context, cfg.audio_reach
         self.tf = ae.cfg.time_down
         self.gen = torch.Generator().manual_seed(seed)
         self.reference = reference
@@ -2180,7 +2231,7 @@ class LipSyncStream:
     def _need(self):
         """(source frames, audio samples since the start of the stream) the next chunk needs."""
         n = self.tf * self.chunk - (self.tf - 1 if self.latents == 0 else 0)    # 9, then 12
-        return n, (self.done + n) * SAMPLES_PER_FRAME + audio_lookahead(self.context)
+        return n, (self.done + n) * SAMPLES_PER_FRAME + audio_lookahead(self.reach)
 
     def push(self, frames=(), audio=None):
         """Add source frames (uint8 (n, H, W, 3)) and/or audio (16 kHz mono float samples).
@@ -2229,7 +2280,8 @@ class LipSyncStream:
         cond = torch.cat([self.ref.expand(1, Fr, -1, -1, -1), mask, z_src], 2)  # (1, F, 33, h, w)
         # audio rows of video frames 4g - 3 - c .. 4g + c for the chunk's latent frames g
         v0 = self.tf * self.latents - (self.tf - 1) - self.context
-        feats = frame_features(self.audio, v0, v0 + self.tf * Fr + 2 * self.context, self.audio_start)
+        feats = frame_features(self.audio, v0, v0 + self.tf * Fr + 2 * self.context, self.audio_start,
+                               self.model.audio_encoder)
         audio = pack_audio(feats, 0, Fr, self.context)[None].to(self.device)    # (1, F, A)
         noises = torch.randn((len(self.steps), 1, Fr, *z_src.shape[2:]), generator=self.gen).to(self.device)
         z = sample_chunk(self.model, cond, audio, noises, self.cache, self.steps)
@@ -2239,8 +2291,9 @@ class LipSyncStream:
             out = composite(src, out)
         self.latents += Fr
         self.done += n
-        # drop audio no later chunk reads (its rows start at frame v0 + 4F, with one frame of margin)
-        keep_from = (v0 + self.tf * Fr - 1) * SAMPLES_PER_FRAME
+        # drop audio no later chunk reads (its rows start at frame v0 + 4F, their audio up to the
+        # encoder's half-window before, with one frame of margin)
+        keep_from = (v0 + self.tf * Fr - 1 - (self.reach - self.context)) * SAMPLES_PER_FRAME
         if keep_from > self.audio_start:
             cut = min(keep_from - self.audio_start, len(self.audio))
             self.audio, self.audio_start = self.audio[cut:], self.audio_start + cut

@@ -31,7 +31,8 @@ TTFF (time to first frame), as the benchmark reports it:
                  first output frame returned (the first chunk: encode, DiT, decode).
   live TTFF    = input wait + compute TTFF, where the input wait is the media time that must have
                  arrived before the first chunk can run: the student needs its first chunk's 9 frames
-                 plus the audio lookahead (audio_context frames and a 120-sample mel half-window), the
+                 plus the audio lookahead (audio_reach frames: the audio context, and the audio
+                 encoder's half-window if the DiT has one; and a 120-sample mel half-window), the
                  teacher a whole 33-frame window plus the same lookahead.
 --stream measures TTFF directly: from the first audio sample read to the first frame written.
 """
@@ -396,12 +397,12 @@ def student_wait(ae, cfg):
     """Seconds of live input before the student's first chunk can run: its 9 frames (the first
     latent frame holds one frame, the other chunk - 1 hold 4) and the audio lookahead after them."""
     first = ae.cfg.time_down * cfg.chunk - (ae.cfg.time_down - 1)
-    return (first * SPF + L.audio_lookahead(cfg.audio_context)) / L.SAMPLE_RATE
+    return (first * SPF + L.audio_lookahead(cfg.audio_reach)) / L.SAMPLE_RATE
 
 
 def teacher_wait(cfg):
     """Seconds of live input before the teacher's first window can run: 33 frames and the lookahead."""
-    return ((1 + L.TEACHER_HOP) * SPF + L.audio_lookahead(cfg.audio_context)) / L.SAMPLE_RATE
+    return ((1 + L.TEACHER_HOP) * SPF + L.audio_lookahead(cfg.audio_reach)) / L.SAMPLE_RATE
 
 
 # -----------------------------------------------------------------------------
@@ -720,6 +721,7 @@ class Timed(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.cfg, self.wall, self.events = model, model.cfg, 0.0, []
+        self.audio_encoder = model.audio_encoder      # outside the timed passes, as the autoencoder is
         self.device = next(model.parameters()).device
 
     def forward(self, *args, **kw):
@@ -767,7 +769,7 @@ def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_ST
     lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies."""
     timed = Timed(student)
     stream = L.LipSyncStream(timed, ae, seed=seed, composite=False, steps=steps)
-    look = L.audio_lookahead(student.cfg.audio_context)
+    look = L.audio_lookahead(student.cfg.audio_reach)
     lat, n, ttff = [], 0, None
     sync(device)
     t0 = time.perf_counter()
@@ -803,7 +805,7 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
     starts = range(0, len(frames) - T + 1, L.TEACHER_HOP)
     sync(device)
     t0 = time.perf_counter()
-    feats = L.audio_frame_features(audio, ctx)            # row i = frame i - 3 - ctx (all audio is in)
+    feats = L.audio_frame_features(audio, ctx, teacher.audio_encoder)   # row i = frame i - 3 - ctx (all audio is in)
     for k, s in enumerate(starts):
         # encode_clip of the window alone; its audio rows come from the whole clip (the window's
         # first latent frame hears the 3 + ctx frames before it)

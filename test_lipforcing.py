@@ -1374,6 +1374,69 @@ def test_streaming_with_cache_equals_block_causal_forward(patch, audio_adaln):
     assert (bidirectional - full)[:, :-chunk].abs().max() > 1e-3    # the mask really changes the result
 
 
+def random_syncnet(seed=0):
+    """A SyncNet in evaluation mode with random weights and BatchNorm statistics (none at their init)."""
+    torch.manual_seed(seed)
+    net = L.SyncNet(L.SyncNetConfig()).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def test_audio_encoder_is_the_syncnet_audio_stream_on_each_frames_window():
+    """With an AudioEncoder, a clip's features (audio_frame_features) are SyncNet.embed_audio, as
+    sync_embeddings calls it on the whole clip's raw log-mel, of the 5-frame window centred on
+    each video frame (scaled by AUDIO_EMBED_STD); frames whose window leaves the clip hear silence
+    there; a range of frames from a piece of the audio (as a stream computes them) equals the
+    same rows of the whole clip's."""
+    net = random_syncnet()
+    enc = L.AudioEncoder()
+    enc.load_syncnet_audio(net)
+    clip = L.synthtalk_clip("test", 0, seconds=2)
+    ctx, spf = 2, L.MELS_PER_FRAME
+    feats = L.audio_frame_features(clip.audio, ctx, enc)                  # row i: frame i - 3 - ctx
+    T = len(clip.audio) // L.SAMPLES_PER_FRAME
+    assert feats.shape == (T + 3 + 2 * ctx, L.SyncNetConfig.embed)
+    mel = L.log_mel(torch.as_tensor(clip.audio).float())                      # (4 T, 40), unnormalised
+    with torch.no_grad():
+        for v in (2, 3, 17, T - 3):                                           # windows inside the clip
+            ref = net.embed_audio(mel[(v - 2) * spf:(v + 3) * spf][None])[0] / L.AUDIO_EMBED_STD
+            assert_close(feats[v + 3 + ctx], ref, 1e-5, f"frame {v}")
+        silent = torch.cat([torch.zeros(2 * L.SAMPLES_PER_FRAME), torch.as_tensor(clip.audio[:3 * L.SAMPLES_PER_FRAME])])
+        ref = net.embed_audio(L.log_mel(silent)[None, :5 * spf])[0] / L.AUDIO_EMBED_STD
+        assert_close(feats[3 + ctx], ref, 5e-5, "frame 0, two frames of silence before it")
+    v0, offset = 20, 14 * L.SAMPLES_PER_FRAME + 100
+    piece = L.frame_features(clip.audio[offset:offset + 16 * L.SAMPLES_PER_FRAME], v0, v0 + 8, offset, enc)
+    assert_close(piece, feats[v0 + 3 + ctx:v0 + 11 + ctx], 1e-5, "a piece of the audio")
+    assert (feats - L.audio_frame_features(clip.audio, ctx, L.AudioEncoder())).abs().max() > 1e-2   # the weights count
+
+
+def test_audio_encoder_is_frozen_and_saved_with_the_dit(tmp_path):
+    """A DiT with audio_encoder reads (4 + 2c) embeddings per latent frame; the encoder's weights
+    are buffers, in the checkpoint but not in parameters(), so training mode, requires_grad_ and an
+    optimiser step leave them and the features unchanged (BatchNorm's running statistics), and a
+    saved and loaded DiT makes the same features."""
+    model = tiny_dit(audio_encoder=True)
+    assert model.audio_embed[0].in_features == model.cfg.audio_channels == (4 + 2 * 2) * L.SyncNetConfig.embed
+    model.audio_encoder.load_syncnet_audio(random_syncnet())
+    names = {f"audio_encoder.{k}" for k, _ in model.audio_encoder.named_buffers()}
+    assert names and names <= set(model.state_dict()) and not names & {k for k, _ in model.named_parameters()}
+    audio = L.synthtalk_clip("test", 0, seconds=1).audio
+    feats = L.audio_frame_features(audio, 2, model.audio_encoder)
+    before = copy.deepcopy(model.audio_encoder.state_dict())
+    model.train().requires_grad_(True)
+    x, t, cond, a = dit_inputs(B=2, Fr=3, hw=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(x, t, cond, torch.randn(2, 3, model.cfg.audio_channels)).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.audio_encoder.state_dict().items())
+    assert torch.equal(L.audio_frame_features(audio, 2, model.audio_encoder), feats)
+    L.save_checkpoint(tmp_path / "t.safetensors", model, model.cfg)
+    loaded = L.load_checkpoint(tmp_path / "t.safetensors", L.DiTConfig, L.DiT)[0]
+    assert torch.equal(L.audio_frame_features(audio, 2, loaded.audio_encoder), feats)
+
+
 def test_a_student_run_without_a_cache_attends_block_causally():
     """cfg.causal is what makes a DiT a student: run without a cache or a mask (a whole window at
     once, as analyze.py runs a checkpoint), it takes block_causal_mask itself, so a chunk never
@@ -1543,21 +1606,26 @@ def test_two_step_chunks_with_kv_refresh_equal_a_block_causal_reference():
     assert (streamed[2] - streamed[1]).abs().max() > 1e-3
 
 
-def tiny_stream_models(seed=0):
-    """A random autoencoder and a perturbed tiny causal DiT (float32), as the stream runs them."""
+def tiny_stream_models(seed=0, audio_encoder=False):
+    """A random autoencoder and a perturbed tiny causal DiT (float32), as the stream runs them;
+    with audio_encoder, a random SyncNet's audio stream makes its features."""
     torch.manual_seed(seed)
     ae = L.VideoAE(L.AEConfig(width=8)).eval()
-    model = tiny_dit(causal=True).eval()
+    model = tiny_dit(causal=True, audio_encoder=audio_encoder).eval()
     for p in model.parameters():
         p.data += 0.05 * torch.randn_like(p)
+    if audio_encoder:
+        model.audio_encoder.load_syncnet_audio(random_syncnet(seed))
     return ae, model
 
 
-def test_stream_output_does_not_depend_on_how_the_input_arrives():
+@pytest.mark.parametrize("audio_encoder", [False, True])
+def test_stream_output_does_not_depend_on_how_the_input_arrives(audio_encoder):
     """The stream's frames are the same whether the clip is pushed at once or in ragged pieces
     (audio ahead of or behind the frames), one output frame per source frame; frames come out only
-    once their chunk's input (9, then 12 frames, plus the audio lookahead) is in."""
-    ae, model = tiny_stream_models()
+    once their chunk's input (9, then 12 frames, plus the audio lookahead) is in; with an audio
+    encoder too, whose windows reach 2 frames further."""
+    ae, model = tiny_stream_models(audio_encoder=audio_encoder)
     clip = L.synthtalk_clip("test", 1, seconds=2.3, size=32)              # 57 frames: 4 chunks and a partial one
     T = len(clip.frames)
     whole = L.lipsync(model, ae, clip.frames, clip.audio, seed=3)
@@ -1565,7 +1633,7 @@ def test_stream_output_does_not_depend_on_how_the_input_arrives():
     rng = np.random.default_rng(0)
     stream = L.LipSyncStream(model, ae, seed=3)
     out, f, a = [], 0, 0
-    audio_for = lambda n: (n + L.DiTConfig().audio_context) * SAMPLES_PER_FRAME + 120   # frames 0..n-1 need
+    audio_for = lambda n: (n + 2 + 2 * audio_encoder) * SAMPLES_PER_FRAME + 120   # frames 0..n-1 need
     while f < T or a < len(clip.audio):
         nf, na = int(rng.integers(0, 7)), int(rng.integers(0, 9 * SAMPLES_PER_FRAME))
         got = stream.push(clip.frames[f:f + nf], clip.audio[a:a + na])
@@ -1580,6 +1648,9 @@ def test_stream_output_does_not_depend_on_how_the_input_arrives():
     out.append(stream.flush())
     pieces = np.concatenate(out)
     assert np.array_equal(pieces, whole)
+    stream = L.LipSyncStream(model, ae, seed=3)                           # the first chunk waits for its last sample
+    assert len(stream.push(clip.frames[:9], clip.audio[:audio_for(9) - 1])) == 0
+    assert len(stream.push(audio=clip.audio[audio_for(9) - 1:audio_for(9)])) == 9
     # the generated lower face differs from the source, the upper face is the source
     assert np.abs(whole[:, 20:].astype(int) - clip.frames[:, 20:]).mean() > 1
     assert np.array_equal(whole[:, :14], clip.frames[:, :14])
@@ -1623,12 +1694,14 @@ def test_the_regions_are_the_lower_half_and_the_mouth_box():
     assert np.array_equal(crop, L.mouth_crop(torch.from_numpy(a).movedim(-1, -3)).movedim(-3, -1).numpy())
 
 
-def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_training_inputs(monkeypatch):
+@pytest.mark.parametrize("audio_encoder", [False, True])
+def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_training_inputs(monkeypatch, audio_encoder):
     """A clip that ends mid-chunk streams as the same clip padded by hand with its last frame; every
     chunk gets the conditions (reference latent | lower-face mask | masked source latent) and packed
-    audio that latent_window builds for training from the whole (padded) clip, and fresh noise for
-    each of its steps, drawn from the stream's seeded generator."""
-    ae, model = tiny_stream_models()
+    audio that latent_window builds for training from the whole (padded) clip (with the DiT's audio
+    encoder, if it has one), and fresh noise for each of its steps, drawn from the stream's seeded
+    generator."""
+    ae, model = tiny_stream_models(audio_encoder=audio_encoder)
     clip = L.synthtalk_clip("test", 1, seconds=2.3, size=32)
     frames = clip.frames[:50]                                              # 9 + 12 + 12 + 12, then 5
     padded = np.concatenate([frames, frames[-1:].repeat(7, 0)])
@@ -1638,7 +1711,8 @@ def test_stream_flush_repeats_the_last_frame_and_feeds_each_chunk_its_training_i
                         or sample_chunk(m, cond, audio, noises, *a))
     out = L.lipsync(model, ae, frames, clip.audio, seed=2)
     ctx = model.cfg.audio_context
-    _, cond, audio = L.latent_window(L.encode_clip(ae, padded, clip.audio, ctx), 0, 15, 0, ctx)  # latents 0..14
+    enc = L.encode_clip(ae, padded, clip.audio, ctx, encoder=model.audio_encoder)
+    _, cond, audio = L.latent_window(enc, 0, 15, 0, ctx)                                 # latents 0..14
     assert_close(torch.cat([c for c, _, _ in fed]), cond, 1e-5, "conditions")
     assert_close(torch.cat([a for _, a, _ in fed]), audio, 1e-5, "packed audio")
     gen = torch.Generator().manual_seed(2)
@@ -3793,6 +3867,26 @@ def test_teacher_loss_by_t_covers_the_steps_since_the_last_log_line(tmp_path, mo
     assert len(lines) == 2 and len(ts) == len(per_sample) == 4
     assert lines[0].endswith(binned([0, 1])) and lines[1].endswith(binned([2, 3])), (lines, binned([0, 1, 2, 3]))
     assert binned([2, 3]) != binned([0, 1, 2, 3])     # the test can tell the two apart
+
+
+def test_teacher_audio_encoder_is_the_reward_syncnets_and_df_inherits_it(tmp_path, monkeypatch):
+    """`train.py teacher --audio-encoder` copies <ckpt-dir>/syncnet_reward's audio stream into the
+    DiT's AudioEncoder and records its weights_digest; df's student, initialised from that teacher,
+    keeps the flag and the same encoder weights."""
+    monkeypatch.setenv("LIPFORCING_CACHE", str(tmp_path / "cache"))
+    L.save_checkpoint(tmp_path / "vae.safetensors", L.VideoAE(L.AEConfig()), L.AEConfig())
+    net = random_syncnet()
+    L.save_checkpoint(tmp_path / "syncnet_reward.safetensors", net, net.cfg)
+    common = ["--ckpt-dir", str(tmp_path), "--clips", "2", "--seconds", "2", "--steps", "1", "--batch", "2", "--state", "none"]
+    train.main(["teacher", *common, "--latent-frames", "3", "--depth", "2", "--dim", "64", "--audio-encoder"])
+    train.main(["df", *common, "--latent-frames", "6", "--out", str(tmp_path / "s.safetensors")])
+    expect = {k: v for k, v in net.audio.state_dict().items()}
+    for name in ("teacher", "s"):
+        model, cfg, _ = L.load_checkpoint(tmp_path / f"{name}.safetensors", L.DiTConfig, L.DiT)
+        assert cfg.audio_encoder
+        for k, v in expect.items():
+            assert_close(getattr(model.audio_encoder, k.replace(".", "_")), v, 1e-3 * (1 + v.abs().max()), k)  # df stores fp16
+    assert L.load_checkpoint(tmp_path / "teacher.safetensors", L.DiTConfig, L.DiT)[2]["audio_encoder"] == L.weights_digest(net)
 
 
 def test_df_loss_by_chunk_covers_the_steps_since_the_last_log_line(tmp_path, monkeypatch, capsys):

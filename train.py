@@ -123,6 +123,10 @@ def get_args(argv=None):
     p.add_argument("--audio-adaln", action="store_true",
                    help="the audio embedding also joins the timestep's in every block's adaLN input (teacher; "
                         "df and dmd inherit it): a stronger model without CFG and a better student (README)")
+    p.add_argument("--audio-encoder", action="store_true",
+                   help="the DiT reads per-frame embeddings of the frozen reward SyncNet's audio stream, not the "
+                        "raw log-mel (teacher; df and dmd inherit it; <ckpt-dir>/syncnet_reward.safetensors): "
+                        "a teacher that syncs better with CFG (README)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (teacher; pipeline passes it to teacher)")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing of the DiT blocks (teacher, the dmd critic): each block's "
@@ -490,7 +494,7 @@ def fit(model, step_fn, steps, lr, desc, weight_decay=0.0, log_every=None, unit=
     return losses
 
 
-RUN_SHAPE = ("size", "preset", "depth", "dim", "patch", "audio_adaln")   # a resumed run must keep these
+RUN_SHAPE = ("size", "preset", "depth", "dim", "patch", "audio_adaln", "audio_encoder")   # a resumed run must keep these
 RUN_OPTIONS = (*RUN_SHAPE, "data", "clips", "seconds", "batch", "latent_frames", "mouth_weight", "steps", "lr", "seed",
                "init", "teacher", "drop_mode", "cfg_drop", "teacher_cfg", "cfg_scale", "beta", "reward_scale",
                "critic_lr", "critic_steps")
@@ -978,10 +982,23 @@ def train_teacher(args):
     rng = np.random.default_rng(seed)
     ae = L.load_checkpoint(os.path.join(args.ckpt_dir, "vae.safetensors"), L.AEConfig, L.VideoAE, args.device)[0]
     cfg = L.preset_config(args.preset, args.depth, args.patch, args.dim, drop_mode=args.drop_mode,
-                          cfg_drop=args.cfg_drop, audio_adaln=args.audio_adaln, seed=seed)
+                          cfg_drop=args.cfg_drop, audio_adaln=args.audio_adaln, audio_encoder=args.audio_encoder,
+                          seed=seed)
     n_latent, batch = args.latent_frames or 9, args.batch or STAGE_BATCH["teacher"]
-    encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master())
+    encoder, more = None, {}
+    if cfg.audio_encoder:               # a frozen copy of the reward SyncNet's audio stream (AudioEncoder)
+        net, net_cfg, _ = L.load_checkpoint(os.path.join(args.ckpt_dir, "syncnet_reward.safetensors"),
+                                            L.SyncNetConfig, L.SyncNet)
+        shape = ("frames", "width", "embed")
+        if any(getattr(net_cfg, k) != getattr(L.SyncNetConfig, k) for k in shape):
+            fail(f"--audio-encoder needs a reward SyncNet of the default shape ({', '.join(shape)}); this one is {net_cfg}")
+        encoder = L.AudioEncoder()
+        encoder.load_syncnet_audio(net)
+        more["audio_encoder"] = L.weights_digest(net)
+    encoded = L.encode_pool(ae, dit_pool(args, n_latent, "teacher"), cfg.audio_context, progress=master(), encoder=encoder)
     model = L.DiT(cfg)
+    if encoder is not None:
+        model.audio_encoder.load_state_dict(encoder.state_dict())
     model.checkpointing = args.grad_ckpt
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
@@ -1021,7 +1038,7 @@ def train_teacher(args):
                  run=run_options(args))
     ema = unsharded(ema)
     if master():
-        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, ae, final_loss=float(np.mean(losses[-50:]))))
+        L.save_checkpoint(out, ema, cfg, extra=dit_extra(args, steps, ae, final_loss=float(np.mean(losses[-50:])), **more))
         print(f"saved {out} (EMA weights)")
     return model, losses
 
@@ -1097,12 +1114,13 @@ def train_df(args):
     cfg = dataclasses.replace(tcfg, causal=True, sink=1, window=7, seed=seed)
     model = L.DiT(cfg)
     model.load_state_dict(teacher.state_dict())                     # the student starts as the teacher
+    encoder = teacher.audio_encoder                                 # its audio features are the teacher's
     del teacher
     ema = copy.deepcopy(model).requires_grad_(False)
     model, ema = place_dit(args.device, model, ema)
     n_latent, batch = args.latent_frames or 12, args.batch or STAGE_BATCH["df"]
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
-    encoded = L.encode_pool(ae, dit_pool(args, n_latent, "df"), cfg.audio_context, progress=master())
+    encoded = L.encode_pool(ae, dit_pool(args, n_latent, "df"), cfg.audio_context, progress=master(), encoder=encoder)
     tokens = n_latent * (args.size // ae.cfg.space_down // cfg.patch) ** 2
 
     log_every = args.log_every or LOG_EVERY
@@ -1177,6 +1195,12 @@ def critic_loss(critic, x, cond, audio, t, eps, mouth_weight=None):
     return L.flow_matching_loss(v, x, eps, mouth_weight).mean()
 
 
+def same_weights(a, b):
+    """Two modules' tensors equal up to half-precision rounding (a student is stored in fp16)."""
+    return all(torch.allclose(x.float().cpu(), y.float().cpu(), rtol=2e-3, atol=1e-4)
+               for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def train_dmd(args):
     args = with_dmd_defaults(args)
     seed = args.seed if args.seed is not None else 0
@@ -1195,9 +1219,10 @@ def train_dmd(args):
     # a bidirectional init (no Diffusion-Forcing stage) becomes causal with the inference cache
     cfg = icfg if icfg.causal else dataclasses.replace(icfg, causal=True, sink=1, window=7)
     cfg = dataclasses.replace(cfg, seed=seed)
-    if (cfg.audio_context, cfg.latent_channels) != (tcfg.audio_context, tcfg.latent_channels):
-        fail(f"dmd: the student (audio context {cfg.audio_context}, {cfg.latent_channels} latent channels) and the "
-             f"teacher ({tcfg.audio_context}, {tcfg.latent_channels}) must read the same latents and packed audio: "
+    reads = lambda c: (c.audio_context, c.latent_channels, c.audio_encoder)
+    if reads(cfg) != reads(tcfg) or (cfg.audio_encoder and not same_weights(init.audio_encoder, teacher.audio_encoder)):
+        fail(f"dmd: the student (audio context, latent channels, audio encoder: {reads(cfg)}) and the teacher "
+             f"({reads(tcfg)}) must read the same latents and packed audio, by the same audio encoder: "
              "pass a --teacher and --init of one chain")
     student = L.DiT(cfg)
     student.load_state_dict(init.state_dict())
@@ -1214,7 +1239,7 @@ def train_dmd(args):
     n_latent, batch = args.latent_frames or 12, args.batch or STAGE_BATCH["dmd"]
     assert n_latent % cfg.chunk == 0, f"--latent-frames must be a multiple of the chunk ({cfg.chunk})"
     clips = dit_pool(args, n_latent, "dmd")
-    encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master())
+    encoded = L.encode_pool(ae, clips, cfg.audio_context, progress=master(), encoder=student.audio_encoder)
     audios = [c.audio for c in clips]                               # EncodedClip keeps features only
     del clips
     scale = 1.0 if args.teacher_cfg == "none" else args.cfg_scale
@@ -1392,10 +1417,10 @@ def eval_teacher(args):
         T = 1 + segment_starts(len(c.frames))[-1] + L.TEACHER_HOP
         gt = c.frames[:T]
         add = reference_rows(rows, ae, c, T, sync_eval, mouth_net, args.device)
-        enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context)
+        enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context, encoder=model.audio_encoder)
         for task, audio, mouth, truth in tasks(c):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
-            enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context))
+            enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context, model.audio_encoder))
             for name, scale in ((f"CFG {args.cfg_scale:g}", args.cfg_scale), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
@@ -1424,7 +1449,8 @@ def eval_heldout(args):
              "unseen": val_clips(args, HELDOUT_CLIPS)}
     err = {}
     for kind, clips in pools.items():
-        enc = L.encode_pool(ae, clips, cfg.audio_context, progress=master(), desc=f"encoding the {kind} clips")
+        enc = L.encode_pool(ae, clips, cfg.audio_context, progress=master(), desc=f"encoding the {kind} clips",
+                            encoder=model.audio_encoder)
         rng = np.random.default_rng(0)
         torch.manual_seed(0)
         x0, cond, audio = teacher_batch(enc, 2 * HELDOUT_CLIPS, L.TEACHER_LATENT, rng, cfg.audio_context, args.device)
@@ -1839,7 +1865,7 @@ STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS, "out": (*TRAINING_STAGES, "ex
                  "ckpt": ("eval-teacher", "eval-student", "heldout"), "teacher": ("dmd",),
                  "latent_frames": ("teacher", "df", "dmd"), "cfg_scale": ("dmd", "eval-teacher"),
                  **{name: ("dmd",) for name in ("teacher_cfg", "beta", "reward_scale", "critic_lr", "critic_steps")},
-                 "audio_adaln": ("teacher",),
+                 "audio_adaln": ("teacher",), "audio_encoder": ("teacher",),
                  "grad_ckpt": ("teacher", "dmd", "pipeline"),
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
                  "channels_last": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
