@@ -62,7 +62,8 @@ def terminated(signum, frame):
 SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]   # Windows: no SIGHUP
 if __name__ == "__main__":                   # the command only: not a library's to set for its host
     for sig in SIGNALS:                      # from here on, before the imports below take their second or so
-        signal.signal(sig, terminated)
+        if signal.getsignal(sig) is not signal.SIG_IGN:      # nohup's ignored SIGHUP stays ignored
+            signal.signal(sig, terminated)
 
 try:                     # Ctrl-C (or a signal above) while torch loads ends the command as it does later
     import numpy as np

@@ -4272,25 +4272,53 @@ def test_hangup_leaves_no_output_and_no_temp_folder(tmp_path, ckpt):
     assert os.listdir(tmp) == [] and os.listdir(out) == []
 
 
+def sample_held_in_its_imports(tmp_path, ignore=None):
+    """sample.py started with its imports held still by a tqdm module on PYTHONPATH that waits in
+    10 ms naps (a signal that lands on one of torch's threads interrupts no nap of the main one,
+    which sees it at its next bytecode; one 60 s sleep would hold it that long), returned once
+    they are held. The child's SIGINT, SIGTERM and SIGHUP start at their defaults, as in a
+    terminal's foreground process (a background job of a shell script inherits an ignored
+    SIGINT, a nohup'd one an ignored SIGHUP), or ignored where `ignore` names one."""
+    import signal
+    import time
+    (tmp_path / "tqdm.py").write_text("import pathlib, time\n"
+                                     f"pathlib.Path({str(tmp_path / 'importing')!r}).touch()\nfor _ in range(6000):\n    time.sleep(0.01)\n")
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    dispositions = lambda: [signal.signal(getattr(signal, n), signal.SIG_IGN if n == ignore else signal.SIG_DFL)
+                            for n in names]
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tmp_path)}, preexec_fn=dispositions)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "importing").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return p
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_signal_while_torch_loads_is_one_line_and_exit_130(tmp_path, name):
     """sample.py's imports take a second or so; a kill, a closed terminal or Ctrl-C in that second
     ends it as one later does (one line, exit code 130), not with an import traceback or a bare
-    -15. The imports are held still by a tqdm module on PYTHONPATH that waits until signalled, in
-    10 ms naps: a signal that lands on one of torch's threads interrupts no nap of the main one,
-    which sees it at its next bytecode (a single 60 s sleep would hold it that long)."""
+    -15."""
+    import signal
+    p = sample_held_in_its_imports(tmp_path)
+    p.send_signal(getattr(signal, name))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.decode().strip().splitlines() == ["sample.py: interrupted; no output file was written"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP")
+def test_nohup_keeps_sample_running_through_sighup(tmp_path):
+    """Under nohup (SIGHUP ignored) the closed terminal's SIGHUP does not end sample.py: it keeps
+    the disposition it inherited, and a later SIGTERM still ends it in one line."""
     import signal
     import time
-    if not hasattr(signal, name):
-        pytest.skip(f"no {name} on this platform")
-    (tmp_path / "tqdm.py").write_text("import pathlib, time\n"
-                                     f"pathlib.Path({str(tmp_path / 'importing')!r}).touch()\nfor _ in range(6000):\n    time.sleep(0.01)\n")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py")], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "importing").exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    p.send_signal(getattr(signal, name))
+    p = sample_held_in_its_imports(tmp_path, ignore="SIGHUP")
+    p.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, (p.returncode, err)
     assert err.decode().strip().splitlines() == ["sample.py: interrupted; no output file was written"]
