@@ -1567,21 +1567,21 @@ class AudioEncoder(nn.Module):
     def __init__(self):
         super().__init__()
         tower = SyncNet(SyncNetConfig()).audio.eval().requires_grad_(False)
-        self.names = list(tower.state_dict())
+        self.names = {k: k.replace(".", "_") for k in tower.state_dict()}   # the tower's names -> buffer names
         for k, v in tower.state_dict().items():
-            self.register_buffer(k.replace(".", "_"), v.clone())
+            self.register_buffer(self.names[k], v.clone())
         self.tower = [tower]      # in a list, not a submodule: its weights are the buffers above
 
     def load_syncnet_audio(self, net):
         """Copy a SyncNet's audio stream (SyncNetConfig's default shape) into the buffers."""
         for k, v in net.audio.state_dict().items():
-            getattr(self, k.replace(".", "_")).copy_(v)
+            getattr(self, self.names[k]).copy_(v)
 
     @torch.no_grad()
     def forward(self, mel, batch=1024):
         """mel (n + 4, 160) frame_features rows -> (n, embed): the frames with a whole window."""
-        weights = {k: getattr(self, k.replace(".", "_")) for k in self.names}
-        dev = weights[self.names[0]].device
+        weights = {k: getattr(self, b) for k, b in self.names.items()}
+        dev = next(iter(weights.values())).device
         mel = (mel.to(dev) * MEL_STD + MEL_MEAN).view(len(mel), MELS_PER_FRAME, N_MELS)   # unnormalised, as SyncNet reads it
         win = mel.unfold(0, SyncNetConfig.frames, 1).permute(0, 3, 1, 2)                  # (n, 5, 4, 40)
         x = win.reshape(len(win), 1, -1, N_MELS).transpose(2, 3)                         # (n, 1, 40, 20)
