@@ -57,6 +57,7 @@ import lipforcing as L
 
 RESULTS = "results"       # --results: where the tables' JSON goes (the committed ones are here)
 CKPT_DIR = "checkpoints"  # --ckpt-dir: where checkpoints are read and written
+PATH_DEFAULTS = {"ckpt_dir": CKPT_DIR, "results": RESULTS}   # filled in after parsing, once it is known whether they were given
 STAGE_OUT = {"vae": "vae", "syncnet": "syncnet_{role}", "mouthnet": "mouthnet", "teacher": "teacher",
              "df": "student_df", "dmd": "student"}   # each training stage's checkpoint in --ckpt-dir, unless --out
 
@@ -90,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=L.positive_float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=L.seed_int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
-    p.add_argument("--ckpt-dir", default=CKPT_DIR, help="where checkpoints are read and written")
+    p.add_argument("--ckpt-dir", default=None, help=f"where checkpoints are read and written (default {CKPT_DIR})")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights and config (vae: fine-tuning; "
                                                 "df: the teacher it starts from; dmd: the student it starts from)")
     p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: <ckpt-dir>/teacher.safetensors; "
@@ -98,7 +99,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="checkpoint path (default: <ckpt-dir>/<stage>.safetensors; syncnet: "
                                               "syncnet_<role>, df: student_df, dmd: student); export: the folder "
                                               "of clips (default data/synthtalk)")
-    p.add_argument("--results", default=RESULTS, help="folder for JSON results")
+    p.add_argument("--results", default=None, help=f"folder for JSON results (default {RESULTS})")
     p.add_argument("--test-clips", type=L.positive_int, default=L.TEST_CLIPS, help="test clips to evaluate on")
     p.add_argument("--split", choices=["test", "val"], default=None,
                    help="eval-teacher, eval-student: the test split (default), or val: 16 unseen training-distribution clips as "
@@ -180,7 +181,11 @@ def get_args(argv=None):
             if action.dest in STAGE_OPTIONS and stage not in STAGE_OPTIONS[action.dest]:
                 action.help = argparse.SUPPRESS
         p.epilog = f"(without the options {stage} refuses; python train.py --help lists them all)"
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.paths_given = [name for name in PATH_DEFAULTS if getattr(args, name) is not None]   # for check_options
+    for name, default in PATH_DEFAULTS.items():
+        setattr(args, name, getattr(args, name) or default)
+    return args
 
 
 def lr_at(step, steps, peak, warmup=100):
@@ -1870,7 +1875,9 @@ STAGE_OPTIONS = {"seed": TRAINERS, "lr": TRAINERS, "out": (*TRAINING_STAGES, "ex
                  "bf16_convs": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
                  "channels_last": ("vae", "syncnet", "mouthnet", "foundation", "pipeline"),
                  "resume": TRAINING_STAGES, "state": TRAINING_STAGES, "stop_after": TRAINING_STAGES,
-                 "data": ("vae", "syncnet", "teacher", "df", "dmd", "foundation", "pipeline")}
+                 "data": ("vae", "syncnet", "teacher", "df", "dmd", "foundation", "pipeline"),
+                 "ckpt_dir": tuple(stage for stage in STAGES if stage not in ("export", "audio-probe")),
+                 "results": ("eval", "foundation", "eval-teacher", "eval-student", "ablation", "heldout", "audio-probe")}
 OPTION_NOTES = {"data": "the evaluations grade SynthTalk's test split; mouthnet, heldout and audio-probe "
                         "need SynthTalk's ground-truth mouths or identities"}
 FLAGS = ("compile", "bf16_convs", "channels_last", "grad_ckpt")
@@ -1894,6 +1901,8 @@ def fail(msg):
 
 def given(args, name):
     """Whether an option was set on the command line: not None and not an unset flag (0 is set)."""
+    if name in PATH_DEFAULTS:
+        return name in getattr(args, "paths_given", ())
     value = getattr(args, name)
     return value is not None and value is not False
 
