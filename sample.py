@@ -85,7 +85,8 @@ OUT_EXTS = (".mp4", ".mov", ".mkv")      # containers that hold H.264 + AAC
 CONTAINER_MAGIC = {"a wav": (0, b"RIFF"), "an mp3": (0, b"ID3"), "a flac": (0, b"fLaC"),   # (offset, bytes)
                    "an ogg": (0, b"OggS"), "an mp4/m4a": (4, b"ftyp"),                     # that are not raw PCM
                    "a webm/mkv": (0, b"\x1aE\xdf\xa3"), "an aiff": (0, b"FORM"), "an au": (0, b".snd")}
-MAGIC_BYTES = max(at + len(magic) for at, magic in CONTAINER_MAGIC.values())  # read before the check
+TEXT_BYTES = 64              # a head this long that is all printable ASCII is text: speech as s16le never is
+HEAD_BYTES = max(TEXT_BYTES, *(at + len(magic) for at, magic in CONTAINER_MAGIC.values()))  # read before the check
 GROW_IDLE = 1.0               # --stream from a growing file: it has ended after this many seconds without new data
 
 # -----------------------------------------------------------------------------
@@ -253,10 +254,10 @@ def check_args(args):
     if args.stream and args.audio != "-" and os.path.isfile(args.audio):   # its head is there: refused before a
         try:                                                               # model loads (and --compile warms up)
             with open(args.audio, "rb") as f:
-                head = f.read(MAGIC_BYTES)
+                head = f.read(HEAD_BYTES)
         except OSError as e:
             fail(f"--audio {args.audio}: {e.strerror or e}")
-        check_not_container(head, args.audio, ended=False)
+        check_raw_pcm(head, args.audio, ended=False)
 
 
 # -----------------------------------------------------------------------------
@@ -560,13 +561,17 @@ def files(args):
 # the live stream
 
 
-def check_not_container(head, path, ended):
-    """Refuse (one line) a head of bytes that begins a container file, not raw PCM. True once the
-    head is long enough to tell (or the input has ended), False while more of it may come."""
+def check_raw_pcm(head, path, ended):
+    """Refuse (one line) a head of bytes that begins a container file or is text, not raw PCM. True
+    once the head is long enough to tell (or the input has ended), False while more of it may come."""
+    convert = "convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`"
     for kind, (at, magic) in CONTAINER_MAGIC.items():
         if head[at:at + len(magic)] == magic:
-            fail(f"--stream reads raw PCM, {path} is {kind}: convert with `ffmpeg -i IN -f s16le -ar 16000 -ac 1 -`")
-    return ended or len(head) >= MAGIC_BYTES
+            fail(f"--stream reads raw PCM, {path} is {kind}: {convert}")
+    done = ended or len(head) >= HEAD_BYTES
+    if done and head and all(32 <= b < 127 or b in b"\t\n\r" for b in head[:TEXT_BYTES]):
+        fail(f"--stream reads raw PCM, {path} is text: {convert}")
+    return done
 
 
 def pcm_pieces(path):
@@ -587,7 +592,7 @@ def pcm_pieces(path):
             idle_since = None
             b = carry + new
             if not checked:                                # the head is in (or all there will be): a container's?
-                checked = check_not_container(b, path, ended)
+                checked = check_raw_pcm(b, path, ended)
             if not checked:                                # a few bytes so far: wait for the rest of the head
                 carry = b
                 continue

@@ -2006,9 +2006,10 @@ def test_options_a_mode_does_not_read_and_unwritable_outputs_fail_first(tmp_path
 
 
 def test_stream_refuses_a_container_file_as_raw_pcm(tmp_path, capsys, monkeypatch):
-    """--stream reads raw PCM: an mp3 (ID3-tagged), flac, ogg, wav, mp4, webm/mkv, aiff or au fed
-    to it is refused in one line, not played as noise driving the lips, also when the pipe hands
-    over its first bytes a few at a time; raw PCM, however it arrives, comes out whole."""
+    """--stream reads raw PCM: an mp3 (ID3-tagged), flac, ogg, wav, mp4, webm/mkv, aiff or au, or
+    a text file, fed to it is refused in one line, not played as noise driving the lips, also when
+    the pipe hands over its first bytes a few at a time; raw PCM, however it arrives, comes out
+    whole, a loud clip of speech included."""
     heads = (b"ID3\x04\x00", b"fLaC\x00\x00", b"OggS\x00\x02", b"RIFF$\x00\x00", b"\x00\x00\x00\x18ftypM4A ",
              b"\x1aE\xdf\xa3\x9fB\x86", b"FORM\x00\x00\x10\x00AIFF", b".snd\x00\x00\x00\x18")
     for head in heads:
@@ -2017,6 +2018,16 @@ def test_stream_refuses_a_container_file_as_raw_pcm(tmp_path, capsys, monkeypatc
             with pytest.raises(SystemExit) as e:
                 list(sample.pcm_pieces("-"))
             assert e.value.code == 2 and "reads raw PCM" in capsys.readouterr().err, (head, most)
+    for text in (b"speech.wav\n" * 20, b"0.1\t-0.2\r\n"):                         # a list of names; a short table
+        (tmp_path / "in").write_bytes(text)
+        with pytest.raises(SystemExit) as e:
+            list(sample.pcm_pieces(str(tmp_path / "in")))
+        assert e.value.code == 2 and "in is text" in capsys.readouterr().err, text
+    for i in range(4):                                                       # speech at full scale is not text
+        audio = L.synthtalk_clip("test", i, seconds=2).audio
+        pcm = (audio / np.abs(audio).max() * 32767).astype("<i2")
+        for at in range(0, len(pcm) - 32, 16):
+            assert not all(32 <= b < 127 or b in b"\t\n\r" for b in pcm[at:at + 32].tobytes()), (i, at)
     samples = (np.arange(-7, 8) * 1000).astype("<i2")                        # 15 samples, 30 bytes
     for most in (1 << 16, 4, 2):                                             # 2: one byte per read
         monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=Trickle(samples.tobytes(), most=most)))
