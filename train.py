@@ -1425,7 +1425,9 @@ def eval_teacher(args):
         enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context, encoder=model.audio_encoder)
         for task, audio, mouth, truth in tasks(c):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
-            enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context, model.audio_encoder))
+            if audio is not c.audio:                  # encode_clip made the features of the clip's own
+                enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context,
+                                                                            model.audio_encoder))
             for name, scale in ((f"CFG {args.cfg_scale:g}", args.cfg_scale), ("no CFG", 1.0)):
                 out = teacher_generate(model, ae, enc, len(c.frames), scale, seed=ci, device=args.device)
                 out = L.composite(gt, out)                    # the lower face pasted into the source, as the tool does
@@ -1902,7 +1904,7 @@ def fail(msg):
 def given(args, name):
     """Whether an option was set on the command line: not None and not an unset flag (0 is set)."""
     if name in PATH_DEFAULTS:
-        return name in getattr(args, "paths_given", ())
+        return name in args.paths_given
     value = getattr(args, name)
     return value is not None and value is not False
 
