@@ -88,7 +88,10 @@ def get_args(argv=None):
     p.add_argument("--seconds", type=L.positive_float, default=None, help="seconds per SynthTalk training clip")
     p.add_argument("--steps", type=L.positive_int, default=None, help="optimiser steps")
     p.add_argument("--batch", type=L.positive_int, default=None, help="global batch size")
-    p.add_argument("--lr", type=L.positive_float, default=None, help="peak learning rate")
+    p.add_argument("--lr", type=L.positive_float, default=None,
+                   help=f"peak learning rate (default: vae {VAE_LR:g}, syncnet {SYNCNET_LR['reward']:g} (reward) "
+                        f"or {SYNCNET_LR['eval']:g} (eval), mouthnet {MOUTHNET_LR:g}, teacher {TEACHER_LR:g}, "
+                        f"df {DF_LR:g}, dmd {DMD_LR:g}, audio-probe {PROBE_LR:g})")
     p.add_argument("--seed", type=L.seed_int, default=None)
     p.add_argument("--role", choices=["reward", "eval"], default="eval", help="which SyncNet (syncnet stage)")
     p.add_argument("--ckpt-dir", default=None, help=f"where checkpoints are read and written (default {CKPT_DIR})")
@@ -674,6 +677,7 @@ def load_train_state(path, model, ema, opt, rng, device="cpu"):
 
 
 VAE_STEPS = 5000         # then 2000 more at a lower rate (foundation: the committed autoencoder's recipe)
+VAE_LR = 2e-3
 
 
 def train_vae(args):
@@ -700,7 +704,7 @@ def train_vae(args):
         return loss, len(x) * n_frames
 
     out = out_path(args)
-    losses = fit(ae, step, args.steps or STAGE_STEPS["vae"], args.lr or 2e-3, "vae", unit="frames",
+    losses = fit(ae, step, args.steps or STAGE_STEPS["vae"], args.lr or VAE_LR, "vae", unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every, run=run_options(args))
     if not master():
@@ -873,7 +877,7 @@ def eval_syncnet(net, test, val):
 # stage: MouthNet
 
 
-MOUTHNET_STEPS = 1500
+MOUTHNET_STEPS, MOUTHNET_LR = 1500, 1e-3
 
 
 def train_mouthnet(args):
@@ -897,7 +901,7 @@ def train_mouthnet(args):
         return F.mse_loss(pred, y), len(idx)
 
     out = out_path(args)
-    losses = fit(net, step, args.steps or STAGE_STEPS["mouthnet"], args.lr or 1e-3, "mouthnet", weight_decay=1e-4,
+    losses = fit(net, step, args.steps or STAGE_STEPS["mouthnet"], args.lr or MOUTHNET_LR, "mouthnet", weight_decay=1e-4,
                  unit="frames",
                  state=fresh_state(args, out), stop_after=args.stop_after, rng=rng, device=args.device,
                  log_every=args.log_every, run=run_options(args))
@@ -1107,7 +1111,8 @@ def df_loss(model, x0, cond, audio, levels, eps, window, sink, mouth_weight=None
     return torch.stack(losses, 1)                                   # (B, chunks)
 
 
-DF_STEPS = 500      # the paper: 5000 at lr 1e-5; here 500 at 1e-4. 1000 synced 0.02-0.04 better after DMD (README)
+DF_STEPS = 500      # the paper: 5000 at lr 1e-5; here 500 at DF_LR. 1000 synced 0.02-0.04 better after DMD (README)
+DF_LR = 1e-4
 
 
 def train_df(args):
@@ -1148,7 +1153,7 @@ def train_df(args):
     out = out_path(args)
     state = fresh_state(args, out)
     steps = args.steps or STAGE_STEPS["df"]
-    losses = fit(model, step, steps, args.lr or 1e-4, "df", unit="tokens", ema=ema, state=state,
+    losses = fit(model, step, steps, args.lr or DF_LR, "df", unit="tokens", ema=ema, state=state,
                  stop_after=args.stop_after, rng=rng, betas=(0.9, 0.99), device=args.device, log_every=log_every,
                  run=run_options(args))
     ema = unsharded(ema)
@@ -1167,7 +1172,7 @@ DMD_CLIP = 10.0             # grad-norm clip of student and critic, as Self Forc
 DMD_EMA = 0.99              # the student's EMA decay cap (Self Forcing's); at 50 steps the warm-up's 0.85 holds (ema_update)
 DMD_STEPS, DMD_BATCH = 50, 8    # paper: 600 at 16; 2.5-3.9 s per step on 2 CPU cores; sync peaks by step 25-75 and falls after (README, "Why 50 steps")
 DMD_LOG_EVERY = 10          # a log line every 10 student steps
-DMD_LR = 2e-5               # student and critic; paper: 2e-6 for both, a fifth of its stage-1 lr (1e-5); our df runs at 1e-4
+DMD_LR = 2e-5               # student and critic; paper: 2e-6 for both, a fifth of its stage-1 lr (1e-5); our df runs at DF_LR
 TEACHER_CFG = ("none", "fixed", "window")   # the ablation's teacher guidance in DMD
 # the dmd options' defaults (--cfg-scale's for eval-teacher too), filled in by the stages that read
 # them, so that any other stage can refuse them (STAGE_OPTIONS)
