@@ -1430,7 +1430,7 @@ def eval_teacher(args):
         enc = L.encode_clip(ae, c.frames, c.audio, model.cfg.audio_context, encoder=model.audio_encoder)
         for task, audio, mouth, truth in tasks(c):
             # the frames (and so the latents) are the same for both tasks: only the audio changes
-            if audio is not c.audio:                  # encode_clip made the features of the clip's own
+            if task != "recon":                       # encode_clip made the features of the clip's own audio
                 enc = dataclasses.replace(enc, feats=L.audio_frame_features(audio, model.cfg.audio_context,
                                                                             model.audio_encoder))
             for name, scale in ((f"CFG {args.cfg_scale:g}", args.cfg_scale), ("no CFG", 1.0)):
