@@ -7,7 +7,7 @@ Lip-sync with the causal student: a demo, real files, a live stream, and a bench
       python sample.py --stream --video face.mp4 --audio - --out live.mp4    # live: audio from a pipe
   python sample.py --stream --video face.mp4 --audio - --out - < speech.pcm | \\
       ffplay -f rawvideo -pixel_format rgb24 -video_size WxH -framerate 25 -  # raw frames on stdout
-  python sample.py --benchmark [--device cuda] [--shape wan1.3b --size 512]  # student vs teacher speed
+  python sample.py --benchmark [--device cuda] [--shape wan1.3b --size 512] [--flops]  # student vs teacher speed
   python sample.py --long-stream 180                                # memory and sync over a 3-minute stream
 
 The student is checkpoints/student.safetensors (the DMD student) if it exists, else
@@ -96,11 +96,11 @@ GROW_IDLE = 1.0               # --stream from a growing file: it has ended after
 # given to another mode they are an error, not silently ignored. Their defaults, filled in by check_args:
 MODE_OPTIONS = {"seconds": ("demo", "--benchmark"), "syncnet": ("demo", "--long-stream"),
                 "reference": ("demo", "files", "--stream"), "seed": ("demo", "files", "--stream", "--long-stream"),
-                "teacher": ("--benchmark",), "shape": ("--benchmark",),
+                "teacher": ("--benchmark",), "shape": ("--benchmark",), "flops": ("--benchmark",),
                 "results": ("--benchmark", "--long-stream"), "out": ("demo", "files", "--stream")}
 VAE_CKPT = "checkpoints/vae.safetensors"
 MODE_DEFAULTS = {"seconds": 10.0, "syncnet": "checkpoints/syncnet_eval.safetensors",
-                 "teacher": "checkpoints/teacher.safetensors", "results": "results", "seed": 0}
+                 "teacher": "checkpoints/teacher.safetensors", "results": "results", "seed": 0, "flops": False}
 DEFAULT_CKPTS = {"vae": VAE_CKPT, "syncnet": MODE_DEFAULTS["syncnet"], "teacher": MODE_DEFAULTS["teacher"]}
 
 
@@ -144,6 +144,9 @@ def get_args(argv=None):
                    help=f"with --shape: the DiTs' spatial patch (default {L.DiTConfig.patch})")
     p.add_argument("--depth", type=L.positive_int, help="with --shape: the DiTs' number of blocks (default: the preset's)")
     p.add_argument("--dim", type=L.positive_int, help="with --shape: the DiTs' width, in whole heads (default: the preset's)")
+    p.add_argument("--flops", action="store_true", default=None,
+                   help="--benchmark: also count FLOPs per frame, end to end and in the DiT, in one more untimed "
+                        "run of each model (eager; about 3x its time on a CPU)")
     p.add_argument("--seconds", type=float, help=f"SynthTalk clip length (demo, --benchmark; default {MODE_DEFAULTS['seconds']:g})")
     p.add_argument("--long-stream", type=float, metavar="SECONDS", help="stream one clip this long: memory and Sync-C")
     p.add_argument("--results", help=f"folder for the JSON of --benchmark and --long-stream (default {MODE_DEFAULTS['results']})")
@@ -720,17 +723,37 @@ def live(args):
 # benchmark: the causal student streaming vs the bidirectional teacher
 
 
+def count_flops():
+    """torch's FlopCounterMode (matrix products, convolutions, attention; 2 FLOPs a multiply-add;
+    elementwise work and the mel spectrogram's FFT are not counted), taught the CPU's fused
+    attention kernel, which its table leaves out."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    cpu_attention = lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)    # shapes in
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention})
+
+
 class Timed(torch.nn.Module):
     """The model, plus the time spent in its forward passes (for DiT-only FPS). On a CPU the wall
     time of each call; on a GPU the time between CUDA events recorded around each call on the
-    stream, so that timing the DiT adds no host-device sync to the end-to-end run it sits in."""
-    def __init__(self, model):
+    stream, so that timing the DiT adds no host-device sync to the end-to-end run it sits in.
+    count=True also counts the passes' FLOPs (count_flops), for a run whose timings are not used."""
+    def __init__(self, model, count=False):
         super().__init__()
         self.model, self.cfg, self.wall, self.events = model, model.cfg, 0.0, []
         self.audio_encoder = model.audio_encoder      # outside the timed passes, as the autoencoder is
         self.device = next(model.parameters()).device
+        self.count, self.flops = count, 0
 
     def forward(self, *args, **kw):
+        if not self.count:
+            return self.timed(*args, **kw)
+        with count_flops() as counter:
+            out = self.timed(*args, **kw)
+        self.flops += counter.get_total_flops()
+        return out
+
+    def timed(self, *args, **kw):
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -770,10 +793,11 @@ def rss_mb():
         return None
 
 
-def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_STEPS):
+def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_STEPS, count=False):
     """Stream the clip as live input would arrive (frame i with the audio up to its end plus the
-    lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies."""
-    timed = Timed(student)
+    lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies.
+    dit_flops: the DiT's FLOPs where count=True (0 otherwise; the timings of such a run are not used)."""
+    timed = Timed(student, count)
     stream = L.LipSyncStream(timed, ae, seed=seed, composite=False, steps=steps)
     look = L.audio_lookahead(student.cfg.audio_reach)
     lat, n, ttff = [], 0, None
@@ -795,17 +819,17 @@ def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_ST
     return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
             "input_wait_ms": 1000 * student_wait(ae, student.cfg),
             "chunk_p50_ms": 1000 * float(np.percentile(lat, 50)), "chunk_p95_ms": 1000 * float(np.percentile(lat, 95)),
-            "peak_memory_mb": peak_memory_mb(device), "state_mb": stream.nbytes() / 2 ** 20}
+            "peak_memory_mb": peak_memory_mb(device), "state_mb": stream.nbytes() / 2 ** 20, "dit_flops": timed.flops}
 
 
 @torch.inference_mode()
-def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS):
+def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS, count=False):
     """The teacher as it samples: 33-frame windows with a 32-frame hop, each encoded, sampled with
     50 Euler steps and CFG 4.5 (batch 2: conditional and unconditional), decoded, one after another.
     (encode_clip also encodes the unmasked frames, of which sampling uses only frame 0, the
-    reference: a few % of encode time on top of 100 DiT passes per window.)"""
+    reference: a few % of encode time on top of 100 DiT passes per window.) count: as bench_student's."""
     ctx, T = teacher.cfg.audio_context, 1 + L.TEACHER_HOP
-    timed = Timed(teacher)
+    timed = Timed(teacher, count)
     g = torch.Generator().manual_seed(seed)
     n, ttff = 0, None
     starts = range(0, len(frames) - T + 1, L.TEACHER_HOP)
@@ -826,7 +850,8 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS)
     dt = time.perf_counter() - t0
     return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
             "input_wait_ms": 1000 * teacher_wait(teacher.cfg),
-            "chunk_p50_ms": None, "chunk_p95_ms": None, "peak_memory_mb": peak_memory_mb(device), "state_mb": None}
+            "chunk_p50_ms": None, "chunk_p95_ms": None, "peak_memory_mb": peak_memory_mb(device), "state_mb": None,
+            "dit_flops": timed.flops}
 
 
 def benchmark(args):
@@ -861,8 +886,17 @@ def benchmark(args):
     frames, audio = clip.frames, clip.dub_audio
     warm = max(1 + L.TEACHER_HOP, warm_up_frames(ae, cfg))     # a teacher window, and every cache state of a stream
 
+    def counted(fn, model, kw):
+        """FLOPs per frame of one more run, end to end and in the DiT: they do not depend on speed,
+        so it is untimed, and eager."""
+        with count_flops() as total:
+            r = fn(model, ae, frames, audio, dev, count=True, **kw)
+        return {"gflop_per_frame": total.get_total_flops() / r["frames"] / 1e9,
+                "dit_gflop_per_frame": r["dit_flops"] / r["frames"] / 1e9}
+
     def run(fn, model, kw, warm_kw):
         model.to(dev)
+        flops = counted(fn, model, kw) if args.flops else {"gflop_per_frame": None, "dit_gflop_per_frame": None}
         model = L.compile_blocks(model) if args.compile else model    # both or neither: a like-for-like ratio
         sync(dev)
         t0 = time.perf_counter()
@@ -873,16 +907,21 @@ def benchmark(args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         r = fn(model, ae, frames, audio, dev, **kw)
+        del r["dit_flops"]                                    # 0: counted apart (flops)
         r["live_ttff_ms"] = r["input_wait_ms"] + r["ttff_compute_ms"]
         r["warm_up_s"] = warm_s
+        r.update(flops)
         model.to("cpu")
         return r
 
     res = {"student": run(bench_student, student, {"steps": args.schedule}, {}),
            "teacher": run(bench_teacher, teacher, {}, {"steps": 2})}
     res["throughput_ratio"] = res["student"]["fps"] / res["teacher"]["fps"]
+    if args.flops:       # the throughput ratio if every FLOP ran at one speed
+        res["flop_ratio"] = {k: res["teacher"][f"{k}gflop_per_frame"] / res["student"][f"{k}gflop_per_frame"]
+                             for k in ("", "dit_")}
     res["setup"] = {"device": dev, "threads": torch.get_num_threads(), "size": args.size, "seconds": args.seconds,
-                    "compile": args.compile,
+                    "compile": args.compile, "flops": "counted by sample.count_flops" if args.flops else None,
                     "dit": dataclasses.asdict(cfg), "weights": weights, "student_steps": args.steps,
                     "teacher": f"{L.ODE_STEPS} Euler steps, CFG {L.CFG_SCALE}, {L.TEACHER_LATENT}-latent windows, "
                                f"{L.TEACHER_HOP}-frame hop",
@@ -907,9 +946,17 @@ def print_benchmark(res):
             ("live TTFF (ms)", "live_ttff_ms", "{:.0f}"), ("chunk latency p50 (ms)", "chunk_p50_ms", "{:.1f}"),
             ("chunk latency p95 (ms)", "chunk_p95_ms", "{:.1f}"), ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
             ("stream state (MB)", "state_mb", "{:.2f}"), ("warm-up, untimed (s)", "warm_up_s", "{:.1f}")]
+    if "flop_ratio" in res:
+        rows += [("GFLOP per frame, end to end", "gflop_per_frame", "{:.4g}"),
+                 ("GFLOP per frame, DiT only", "dit_gflop_per_frame", "{:.4g}")]
     for label, key, f in rows:
         print(f"| {label} | {fmt(s[key], f)} | {fmt(t[key], f)} |")
     print(f"\nthroughput student / teacher: {res['throughput_ratio']:.1f}x; memory: {setup['memory']}")
+    if "flop_ratio" in res:
+        r = res["flop_ratio"]
+        print(f"FLOP ratio teacher / student (the throughput ratio if every FLOP ran at one speed): {r['']:.1f}x end "
+              f"to end, {r['dit_']:.1f}x DiT only; FLOPs of matrix products, convolutions and attention, counted in "
+              f"one more untimed run of each")
 
 
 # -----------------------------------------------------------------------------

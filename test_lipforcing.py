@@ -1976,6 +1976,7 @@ def test_frames_that_are_not_square_are_dubbed_with_a_note(tmp_path, capsys, ckp
     (["--seed", str(2 ** 64)], ("--seed", "2**63 - 1")),
     (["--benchmark", "--out", "{tmp}/x.mp4"], ("--out is read by", "not by --benchmark")),
     (["--benchmark", "--seed", "3"], ("--seed is read by", "not by --benchmark")),
+    (["--flops"], ("--flops is read by --benchmark", "not by demo")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--seconds", "2"], ("--seconds is read by", "not by files")),
     (["--video", "{tmp}/v.mp4", "--audio", "{tmp}/a.wav", "--teacher", "t.safetensors"], ("--teacher", "not by files")),
     (["--video", "{tmp}/v.mp4", "--audio", "-"], ("--audio -", "is for --stream")),
@@ -2387,9 +2388,10 @@ def test_demo_writes_side_by_side_and_reports(tmp_path, capsys, ckpt):
 def test_benchmark_smoke(tmp_path, capsys, ckpt, monkeypatch):
     """--benchmark at a toy size prints the markdown table and writes results/benchmark.json with
     positive speeds for both models, the teacher stitched from 33-frame windows (random init where
-    the default teacher checkpoint is missing)."""
+    the default teacher checkpoint is missing); --flops adds FLOPs per frame and their ratios, the
+    end-to-end one below the DiT's (the autoencoder is a larger share of the student's work)."""
     monkeypatch.setitem(sample.MODE_DEFAULTS, "teacher", str(tmp_path / "none.safetensors"))
-    code, out, err = run(["--benchmark", *ckpt, "--seconds", "1.4", "--results", tmp_path / "res"], capsys)
+    code, out, err = run(["--benchmark", *ckpt, "--seconds", "1.4", "--flops", "--results", tmp_path / "res"], capsys)
     assert code == 0, err
     assert "| FPS, end to end |" in out and "live TTFF" in out and "teacher random init" in out
     res = json.loads((tmp_path / "res" / "benchmark.json").read_text())
@@ -2398,6 +2400,45 @@ def test_benchmark_smoke(tmp_path, capsys, ckpt, monkeypatch):
     assert min(s["fps"], s["dit_fps"], t["fps"], t["dit_fps"], res["throughput_ratio"]) > 0
     assert s["live_ttff_ms"] == pytest.approx(s["input_wait_ms"] + s["ttff_compute_ms"])
     assert t["input_wait_ms"] > s["input_wait_ms"] and s["chunk_p95_ms"] >= s["chunk_p50_ms"] > 0
+    for r in (s, t):
+        assert r["gflop_per_frame"] > r["dit_gflop_per_frame"] > 0 and "dit_flops" not in r
+    ratio = res["flop_ratio"]
+    assert ratio[""] == pytest.approx(t["gflop_per_frame"] / s["gflop_per_frame"])
+    assert ratio["dit_"] == pytest.approx(t["dit_gflop_per_frame"] / s["dit_gflop_per_frame"]) and ratio["dit_"] > ratio[""] > 1
+    assert "| GFLOP per frame, DiT only |" in out and f"{ratio['']:.1f}x end to end, {ratio['dit_']:.1f}x DiT only" in out
+
+
+def dit_pass_flops(cfg, B, Fr, N, past=0):
+    """A DiT forward pass's FLOPs by hand (2 a multiply-add): every nn.Linear on its rows (tokens or
+    frames) and attention's two products over the (past + Fr) N keys."""
+    D, P = cfg.dim, cfg.patch ** 2
+    T, R, keys = B * Fr * N, B * Fr, (past + Fr) * N                       # tokens, frame rows, keys per query
+    per_token = (cfg.latent_channels + cfg.cond_channels) * P * D + cfg.depth * (4 * D * D + 2 * D * cfg.ffn) + D * cfg.latent_channels * P
+    audio_blocks = len(range(0, cfg.depth, cfg.audio_every))
+    per_row = 256 * D + D * D + cfg.audio_channels * D + D * D + cfg.depth * 6 * D * D + audio_blocks * D * D + 2 * D * D
+    attention = cfg.depth * 2 * T * keys * D                                # Q K^T and A V, all heads
+    return 2 * (T * per_token + R * per_row + attention)
+
+
+def test_the_benchmarks_flop_count_is_the_hand_count_attention_included():
+    """sample.count_flops, as the benchmark's --flops counts a DiT pass (Timed, count=True): equal
+    to the hand count for the teacher's bidirectional pass and for a student's pass on a KV cache,
+    attention included, whose CPU kernel torch's FlopCounterMode does not count by itself."""
+    torch.manual_seed(0)
+    x = lambda *shape: torch.randn(*shape)
+    for causal, past in ((False, 0), (True, 3)):
+        cfg = L.DiTConfig(dim=64, depth=3, heads=2, ffn=96, causal=causal, audio_every=2)
+        model = L.DiT(cfg).eval()
+        counted = sample.Timed(model, count=True)
+        cache = L.KVCache(cfg.depth, cfg.sink, cfg.window, cfg.chunk) if causal else None
+        B, Fr, h = (1, 3, 4) if causal else (2, 5, 4)
+        with torch.inference_mode():
+            if past:
+                model(x(B, past, 16, h, h), torch.zeros(B, past), x(B, past, cfg.cond_channels, h, h),
+                      x(B, past, cfg.audio_channels), cache=cache, update_cache=True)
+            counted(x(B, Fr, 16, h, h), torch.rand(B, Fr), x(B, Fr, cfg.cond_channels, h, h),
+                    x(B, Fr, cfg.audio_channels), cache=cache)
+        assert counted.flops == dit_pass_flops(cfg, B, Fr, (h // cfg.patch) ** 2, past), causal
 
 
 def test_the_benchmark_and_training_need_no_media_libraries(tmp_path):
