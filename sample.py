@@ -887,16 +887,18 @@ def benchmark(args):
     warm = max(1 + L.TEACHER_HOP, warm_up_frames(ae, cfg))     # a teacher window, and every cache state of a stream
 
     def counted(fn, model, kw):
-        """FLOPs per frame of one more run, end to end and in the DiT: they do not depend on speed,
-        so it is untimed, and eager."""
+        """FLOPs per frame of one more run, end to end and in the DiT. They do not depend on speed,
+        so it is untimed, after the timed one (whose peak memory stays its own), and eager."""
+        if not args.flops:
+            return {"gflop_per_frame": None, "dit_gflop_per_frame": None}
         with count_flops() as total:
-            r = fn(model, ae, frames, audio, dev, count=True, **kw)
+            r = fn(model.to(dev), ae, frames, audio, dev, count=True, **kw)
+        model.to("cpu")
         return {"gflop_per_frame": total.get_total_flops() / r["frames"] / 1e9,
                 "dit_gflop_per_frame": r["dit_flops"] / r["frames"] / 1e9}
 
     def run(fn, model, kw, warm_kw):
         model.to(dev)
-        flops = counted(fn, model, kw) if args.flops else {"gflop_per_frame": None, "dit_gflop_per_frame": None}
         model = L.compile_blocks(model) if args.compile else model    # both or neither: a like-for-like ratio
         sync(dev)
         t0 = time.perf_counter()
@@ -910,8 +912,12 @@ def benchmark(args):
         del r["dit_flops"]                                    # 0: counted apart (flops)
         r["live_ttff_ms"] = r["input_wait_ms"] + r["ttff_compute_ms"]
         r["warm_up_s"] = warm_s
-        r.update(flops)
         model.to("cpu")
+        if args.flops and args.compile:            # compile_blocks worked in place: count on an eager copy
+            eager = L.DiT(model.cfg).eval()
+            eager.load_state_dict(model.state_dict())
+            model = eager
+        r.update(counted(fn, model, kw))
         return r
 
     res = {"student": run(bench_student, student, {"steps": args.schedule}, {}),
@@ -926,7 +932,8 @@ def benchmark(args):
                     "teacher": f"{L.ODE_STEPS} Euler steps, CFG {L.CFG_SCALE}, {L.TEACHER_LATENT}-latent windows, "
                                f"{L.TEACHER_HOP}-frame hop",
                     "memory": "torch.cuda.max_memory_allocated (one DiT on the GPU at a time; fp32 weights, bf16 "
-                              "autocast)" if cuda else "process peak RSS so far (the teacher's includes the student's run)"}
+                              "autocast)" if cuda else "process peak RSS so far (the teacher's includes the student's run"
+                              + (" and its FLOP count)" if args.flops else ")")}
     print_benchmark(res)
     L.save_json(os.path.join(args.results, "benchmark.json"), res)
 
