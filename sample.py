@@ -924,8 +924,8 @@ def benchmark(args):
            "teacher": run(bench_teacher, teacher, {}, {"steps": 2})}
     res["throughput_ratio"] = res["student"]["fps"] / res["teacher"]["fps"]
     if args.flops:       # the throughput ratio if every FLOP ran at one speed
-        res["flop_ratio"] = {k: res["teacher"][f"{k}gflop_per_frame"] / res["student"][f"{k}gflop_per_frame"]
-                             for k in ("", "dit_")}
+        res["flop_ratio"] = {name: res["teacher"][key] / res["student"][key]
+                             for name, key in (("end_to_end", "gflop_per_frame"), ("dit_only", "dit_gflop_per_frame"))}
     res["setup"] = {"device": dev, "threads": torch.get_num_threads(), "size": args.size, "seconds": args.seconds,
                     "compile": args.compile, "flops": "counted by sample.count_flops" if args.flops else None,
                     "dit": dataclasses.asdict(cfg), "weights": weights, "student_steps": args.steps,
@@ -961,8 +961,8 @@ def print_benchmark(res):
     print(f"\nthroughput student / teacher: {res['throughput_ratio']:.1f}x; memory: {setup['memory']}")
     if "flop_ratio" in res:
         r = res["flop_ratio"]
-        print(f"FLOP ratio teacher / student (the throughput ratio if every FLOP ran at one speed): {r['']:.1f}x end "
-              f"to end, {r['dit_']:.1f}x DiT only; FLOPs of matrix products, convolutions and attention, counted in "
+        print(f"FLOP ratio teacher / student (the throughput ratio if every FLOP ran at one speed): {r['end_to_end']:.1f}x "
+              f"end to end, {r['dit_only']:.1f}x DiT only; FLOPs of matrix products, convolutions and attention, counted in "
               f"one more untimed run of each")
 
 
