@@ -737,23 +737,14 @@ class Timed(torch.nn.Module):
     """The model, plus the time spent in its forward passes (for DiT-only FPS). On a CPU the wall
     time of each call; on a GPU the time between CUDA events recorded around each call on the
     stream, so that timing the DiT adds no host-device sync to the end-to-end run it sits in.
-    count=True also counts the passes' FLOPs (count_flops), for a run whose timings are not used."""
-    def __init__(self, model, count=False):
+    (Its passes are also what count_flops files under the name "Timed": the DiT's FLOPs.)"""
+    def __init__(self, model):
         super().__init__()
         self.model, self.cfg, self.wall, self.events = model, model.cfg, 0.0, []
         self.audio_encoder = model.audio_encoder      # outside the timed passes, as the autoencoder is
         self.device = next(model.parameters()).device
-        self.count, self.flops = count, 0
 
     def forward(self, *args, **kw):
-        if not self.count:
-            return self.timed(*args, **kw)
-        with count_flops() as counter:
-            out = self.timed(*args, **kw)
-        self.flops += counter.get_total_flops()
-        return out
-
-    def timed(self, *args, **kw):
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -793,11 +784,10 @@ def rss_mb():
         return None
 
 
-def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_STEPS, count=False):
+def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_STEPS):
     """Stream the clip as live input would arrive (frame i with the audio up to its end plus the
-    lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies.
-    dit_flops: the DiT's FLOPs where count=True (0 otherwise; the timings of such a run are not used)."""
-    timed = Timed(student, count)
+    lookahead), all of it available at once: FPS, DiT-only FPS, compute TTFF, chunk latencies."""
+    timed = Timed(student)
     stream = L.LipSyncStream(timed, ae, seed=seed, composite=False, steps=steps)
     look = L.audio_lookahead(student.cfg.audio_reach)
     lat, n, ttff = [], 0, None
@@ -819,17 +809,17 @@ def bench_student(student, ae, frames, audio, device, seed=0, steps=L.STUDENT_ST
     return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
             "input_wait_ms": 1000 * student_wait(ae, student.cfg),
             "chunk_p50_ms": 1000 * float(np.percentile(lat, 50)), "chunk_p95_ms": 1000 * float(np.percentile(lat, 95)),
-            "peak_memory_mb": peak_memory_mb(device), "state_mb": stream.nbytes() / 2 ** 20, "dit_flops": timed.flops}
+            "peak_memory_mb": peak_memory_mb(device), "state_mb": stream.nbytes() / 2 ** 20}
 
 
 @torch.inference_mode()
-def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS, count=False):
+def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS):
     """The teacher as it samples: 33-frame windows with a 32-frame hop, each encoded, sampled with
     50 Euler steps and CFG 4.5 (batch 2: conditional and unconditional), decoded, one after another.
     (encode_clip also encodes the unmasked frames, of which sampling uses only frame 0, the
-    reference: a few % of encode time on top of 100 DiT passes per window.) count: as bench_student's."""
+    reference: a few % of encode time on top of 100 DiT passes per window.)"""
     ctx, T = teacher.cfg.audio_context, 1 + L.TEACHER_HOP
-    timed = Timed(teacher, count)
+    timed = Timed(teacher)
     g = torch.Generator().manual_seed(seed)
     n, ttff = 0, None
     starts = range(0, len(frames) - T + 1, L.TEACHER_HOP)
@@ -850,8 +840,7 @@ def bench_teacher(teacher, ae, frames, audio, device, seed=0, steps=L.ODE_STEPS,
     dt = time.perf_counter() - t0
     return {"frames": n, "fps": n / dt, "dit_fps": n / timed.seconds, "ttff_compute_ms": 1000 * ttff,
             "input_wait_ms": 1000 * teacher_wait(teacher.cfg),
-            "chunk_p50_ms": None, "chunk_p95_ms": None, "peak_memory_mb": peak_memory_mb(device), "state_mb": None,
-            "dit_flops": timed.flops}
+            "chunk_p50_ms": None, "chunk_p95_ms": None, "peak_memory_mb": peak_memory_mb(device), "state_mb": None}
 
 
 def benchmark(args):
@@ -892,10 +881,11 @@ def benchmark(args):
         if not args.flops:
             return {"gflop_per_frame": None, "dit_gflop_per_frame": None}
         with count_flops() as total:
-            r = fn(model.to(dev), ae, frames, audio, dev, count=True, **kw)
+            r = fn(model.to(dev), ae, frames, audio, dev, **kw)
         model.to("cpu")
+        dit = sum(total.get_flop_counts()[Timed.__name__].values())        # the passes of fn's Timed DiT
         return {"gflop_per_frame": total.get_total_flops() / r["frames"] / 1e9,
-                "dit_gflop_per_frame": r["dit_flops"] / r["frames"] / 1e9}
+                "dit_gflop_per_frame": dit / r["frames"] / 1e9}
 
     def run(fn, model, kw, warm_kw):
         model.to(dev)
@@ -909,7 +899,6 @@ def benchmark(args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         r = fn(model, ae, frames, audio, dev, **kw)
-        del r["dit_flops"]                                    # 0: counted apart (flops)
         r["live_ttff_ms"] = r["input_wait_ms"] + r["ttff_compute_ms"]
         r["warm_up_s"] = warm_s
         model.to("cpu")
